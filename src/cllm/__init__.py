@@ -1,0 +1,17 @@
+"""cllm: Consistency Large Language Models -- Jacobi decoding and consistency training for any HF causal LM."""
+
+from cllm.decoding import DecodeOutput, DecodeStats, ar, hf_generate, jacobi
+from cllm.errors import CllmError
+from cllm.models import LoadedModel, load_model
+
+__all__ = [
+    "CllmError",
+    "DecodeOutput",
+    "DecodeStats",
+    "LoadedModel",
+    "ar",
+    "hf_generate",
+    "jacobi",
+    "load_model",
+]
+__version__ = "0.1.0"

