@@ -51,7 +51,7 @@ def test_jacobi_equals_ar_equals_generate(arch, seed, batch):
                 assert stats.new_tokens == len(tokens)
                 assert 1 <= stats.forward_passes <= len(tokens)
                 assert stats.fast_forward == stats.new_tokens - stats.forward_passes
-                assert sum(stats.block_iterations) == stats.forward_passes
+                assert sum(stats.block_iterations) == stats.forward_passes - 1  # the prefill yields token 0
                 assert all(1 <= k <= n for k in stats.block_iterations)
     assert len(expected[0]) < max_new_tokens and expected[0][-1] == eos
 
@@ -94,9 +94,10 @@ def test_trajectory_states_are_consecutive_jacobi_iterates(arch_name):
     out = jacobi(model, torch.tensor([prompt]), block_size=6, max_new_tokens=20, return_trajectory=True)
     tokens = out.token_ids[0]
     blocks = out.trajectories[0]
-    assert [len(b[-1]) for b in blocks] == [6, 6, 6, 2]
-    assert torch.cat([b[-1] for b in blocks]).tolist() == tokens
-    prefix = list(prompt)
+    # Token 0 comes from the prompt prefill; the blocks cover the other 19.
+    assert [len(b[-1]) for b in blocks] == [6, 6, 6, 1]
+    assert torch.cat([b[-1] for b in blocks]).tolist() == tokens[1:]
+    prefix = prompt + tokens[:1]
     with torch.no_grad():
         for states, iterations in zip(blocks, out.stats[0].block_iterations):
             assert len(states) == iterations + 1

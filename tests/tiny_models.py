@@ -28,3 +28,25 @@ def tiny_model(arch: str, seed: int = 0, dtype: torch.dtype = torch.float64) -> 
     model.generation_config.eos_token_id = None
     model.generation_config.pad_token_id = 0
     return model.eval()
+
+
+def tiny_tokenizer():
+    """A character-level fast tokenizer over VOCAB ids: id 0 = <pad>, 1 = <eos>, then printable ASCII."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    chars = [chr(c) for c in range(32, 32 + VOCAB - 2)]
+    vocab = {"<pad>": 0, "<eos>": 1} | {c: i + 2 for i, c in enumerate(chars)}
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<pad>"))
+    backend.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    backend.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", eos_token="<eos>")
+
+
+def save_tiny_model(path, arch: str = "llama", seed: int = 0, eos_token_id: int | None = None):
+    """A tiny model + tokenizer directory that every cllm command can load with --model PATH."""
+    model = tiny_model(arch, seed=seed, dtype=torch.float32)
+    model.generation_config.eos_token_id = eos_token_id
+    model.save_pretrained(path)
+    tiny_tokenizer().save_pretrained(path)
+    return path

@@ -55,6 +55,7 @@ class DecoderSpec:
 class RunRecord:
     decoder: str
     prompt_index: int
+    repeat: int
     seconds: float
     new_tokens: int
     forward_passes: int
@@ -93,14 +94,16 @@ def run_benchmark(
     prompts: Sequence[list[int]],
     specs: Sequence[DecoderSpec],
     max_new_tokens: int,
+    repeats: int = 1,
     on_step: Callable[[], None] | None = None,
 ) -> list[RunRecord]:
-    """Time every decoder on every prompt (batch size 1), after one warm-up run of each."""
+    """Time every decoder on every prompt `repeats` times (batch size 1), after one warm-up run of each."""
     for spec in specs:
         decode_once(loaded, spec, prompts[0], min(max_new_tokens, 16))
     records = []
-    for index, prompt in enumerate(prompts):
-        rotation = index % len(specs)
+    for step, (repeat, index) in enumerate((r, i) for r in range(repeats) for i in range(len(prompts))):
+        prompt = prompts[index]
+        rotation = step % len(specs)
         for spec in list(specs[rotation:]) + list(specs[:rotation]):
             output, seconds = decode_once(loaded, spec, prompt, max_new_tokens)
             stats = output.stats[0]
@@ -108,6 +111,7 @@ def run_benchmark(
                 RunRecord(
                     decoder=spec.label,
                     prompt_index=index,
+                    repeat=repeat,
                     seconds=seconds,
                     new_tokens=stats.new_tokens,
                     forward_passes=stats.forward_passes,
@@ -127,9 +131,10 @@ class DecoderSummary:
     median_tokens_per_second: float
     p25_tokens_per_second: float
     p75_tokens_per_second: float
-    speedup_vs_ar: float | None  # median over prompts of (this tokens/s) / (ar tokens/s)
+    speedup_vs_ar: float | None  # median over runs of (this tokens/s) / (ar tokens/s on the same prompt and repeat)
     tokens_per_forward: float  # all new tokens / all decode forwards
-    agreement_with_ar: float | None  # fraction of prompts whose token ids equal ar's exactly
+    agreement_with_ar: float | None  # fraction of runs whose token ids equal ar's exactly
+    common_prefix_with_ar: float | None  # mean tokens before the first difference from ar
     mean_new_tokens: float
     fast_forward_per_prompt: float
     stationary_per_prompt: float
@@ -139,18 +144,24 @@ def _quantile(values: list[float], q: float) -> float:
     return statistics.quantiles(values, n=4, method="inclusive")[int(q * 4) - 1] if len(values) > 1 else values[0]
 
 
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+
+
 def summarize(records: Sequence[RunRecord]) -> list[DecoderSummary]:
     by_decoder: dict[str, list[RunRecord]] = {}
     for record in records:
         by_decoder.setdefault(record.decoder, []).append(record)
-    reference = {r.prompt_index: r for r in by_decoder.get("ar", [])}
+    reference = {(r.prompt_index, r.repeat): r for r in by_decoder.get("ar", [])}
     summaries = []
     for decoder, runs in by_decoder.items():
         speeds = [r.tokens_per_second for r in runs]
-        speedup = agreement = None
+        speedup = agreement = common_prefix = None
         if reference:
-            speedup = statistics.median(r.tokens_per_second / reference[r.prompt_index].tokens_per_second for r in runs)
-            agreement = sum(r.token_ids == reference[r.prompt_index].token_ids for r in runs) / len(runs)
+            paired = [(r, reference[r.prompt_index, r.repeat]) for r in runs]
+            speedup = statistics.median(r.tokens_per_second / ref.tokens_per_second for r, ref in paired)
+            agreement = sum(r.token_ids == ref.token_ids for r, ref in paired) / len(runs)
+            common_prefix = statistics.mean(_common_prefix(r.token_ids, ref.token_ids) for r, ref in paired)
         summaries.append(
             DecoderSummary(
                 decoder=decoder,
@@ -160,6 +171,7 @@ def summarize(records: Sequence[RunRecord]) -> list[DecoderSummary]:
                 speedup_vs_ar=speedup,
                 tokens_per_forward=sum(r.new_tokens for r in runs) / max(1, sum(r.forward_passes for r in runs)),
                 agreement_with_ar=agreement,
+                common_prefix_with_ar=common_prefix,
                 mean_new_tokens=statistics.mean(r.new_tokens for r in runs),
                 fast_forward_per_prompt=statistics.mean(r.fast_forward for r in runs),
                 stationary_per_prompt=statistics.mean(r.stationary for r in runs),
@@ -176,17 +188,19 @@ def machine_description(device: torch.device) -> str:
 
 def markdown_table(summaries: Sequence[DecoderSummary]) -> str:
     header = (
-        "| decoder | median tok/s | p25-p75 tok/s | speedup vs ar | tokens/forward | agreement with ar "
-        "| fast-forward/prompt | stationary/prompt |\n|---|---|---|---|---|---|---|---|"
+        "| decoder | median tok/s | p25-p75 tok/s | speedup vs ar | tokens/forward | identical to ar "
+        "| common prefix with ar | mean new tokens | fast-forward/prompt | stationary/prompt |\n"
+        "|---|---|---|---|---|---|---|---|---|---|"
     )
     lines = [header]
     for s in summaries:
         speedup = f"{s.speedup_vs_ar:.2f}x" if s.speedup_vs_ar is not None else "-"
         agreement = f"{s.agreement_with_ar:.0%}" if s.agreement_with_ar is not None else "-"
+        prefix = f"{s.common_prefix_with_ar:.1f}" if s.common_prefix_with_ar is not None else "-"
         lines.append(
             f"| {s.decoder} | {s.median_tokens_per_second:.1f} | {s.p25_tokens_per_second:.1f}-"
-            f"{s.p75_tokens_per_second:.1f} | {speedup} | {s.tokens_per_forward:.3f} | {agreement} "
-            f"| {s.fast_forward_per_prompt:.1f} | {s.stationary_per_prompt:.1f} |"
+            f"{s.p75_tokens_per_second:.1f} | {speedup} | {s.tokens_per_forward:.3f} | {agreement} | {prefix} "
+            f"| {s.mean_new_tokens:.1f} | {s.fast_forward_per_prompt:.1f} | {s.stationary_per_prompt:.1f} |"
         )
     return "\n".join(lines)
 

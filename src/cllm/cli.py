@@ -103,6 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bench.add_argument("--max-new-tokens", type=_positive_int, default=128, help="tokens per prompt at most (default: %(default)s)")
     bench.add_argument("--limit", type=_positive_int, help="use only the first N prompts")
+    bench.add_argument("--repeats", type=_positive_int, default=1, help="timed runs per prompt and decoder (default: %(default)s)")
     bench.add_argument("--out", type=Path, default=Path("runs/bench"), help="report directory (default: %(default)s)")
     _add_model_args(bench)
 
@@ -268,13 +269,15 @@ def _progress() -> Progress:
     )
 
 
-def _bench(loaded, args, prompt_texts: Sequence[str], specs, out_dir: Path | None) -> list:
+def _bench(loaded, args, prompt_texts: Sequence[str], specs, out_dir: Path | None, repeats: int = 1) -> list:
     from cllm.bench import machine_description, markdown_table, run_benchmark, summarize, write_report
 
     encoded = _encode_all(loaded, prompt_texts, args.raw, args.max_new_tokens)
     with _progress() as progress:
-        task = progress.add_task("benchmarking", total=len(encoded) * len(specs))
-        records = run_benchmark(loaded, encoded, specs, args.max_new_tokens, on_step=lambda: progress.advance(task))
+        task = progress.add_task("benchmarking", total=len(encoded) * len(specs) * repeats)
+        records = run_benchmark(
+            loaded, encoded, specs, args.max_new_tokens, repeats=repeats, on_step=lambda: progress.advance(task)
+        )
     summaries = summarize(records)
     print(markdown_table(summaries))
     if out_dir is not None:
@@ -284,6 +287,7 @@ def _bench(loaded, args, prompt_texts: Sequence[str], specs, out_dir: Path | Non
             "device": machine_description(loaded.model.device),
             "prompts": len(encoded),
             "max_new_tokens": args.max_new_tokens,
+            "repeats": repeats,
             "batch_size": 1,
             "command": "cllm " + " ".join(sys.argv[1:]),
         }
@@ -302,7 +306,7 @@ def cmd_bench(args: argparse.Namespace) -> None:
     prompts = read_prompts_jsonl(args.prompts) if args.prompts else BUILTIN_PROMPTS
     prompts = prompts[: args.limit] if args.limit else prompts
     loaded = _load(args)
-    _bench(loaded, args, prompts, specs, args.out)
+    _bench(loaded, args, prompts, specs, args.out, repeats=args.repeats)
 
 
 def cmd_demo(args: argparse.Namespace) -> None:

@@ -9,7 +9,8 @@ row or a hole (left padding, a padded input column, or KV of a rejected Jacobi g
 row's longer acceptance kept from being cropped); `_Rows.slot_mask` marks the real ones and is
 the attention mask, and position ids count real tokens only, so holes change nothing but cost.
 The last accepted token of every row (`pending`) is never in the cache: it is the first input of
-the next forward, whose prediction at that column is the next token.
+the next forward, whose prediction at that column is the next token. The prefill of the prompts
+yields the first token; Jacobi blocks cover the tokens after it.
 
 Jacobi iteration (block of n positions, `fixed` of them already known to be right):
   1. guess    -- input = [pending, unfixed guesses except the last]          (B, m)
@@ -39,7 +40,8 @@ TokenCallback = Callable[[int, list[int]], None]
 class DecodeStats:
     """What one row's decoding cost and gained.
 
-    forward_passes: decode forwards this row took part in (the prompt prefill is not counted).
+    forward_passes: forwards this row took part in, the prompt prefill included (it yields the
+        first token), so AR takes exactly one forward per token.
     new_tokens: tokens emitted (EOS included when produced).
     block_iterations: Jacobi iterations per block (for AR: one per token).
     fast_forward: sum over iterations of (tokens accepted - 1), i.e. correct tokens gained in an
@@ -138,32 +140,47 @@ def _eos_tensor(eos_token_id: int | Sequence[int] | None, device: torch.device) 
 def _prefill(
     model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor, scratch: int
 ) -> tuple[DynamicCache, _Rows]:
-    """Run the prompt minus its last token into a fresh cache; that last token becomes `pending`."""
-    batch, width = input_ids.shape
+    """Run the prompts into a fresh cache; the prediction after the last prompt token is `pending`.
+
+    That first token is not emitted here: callers do it with `_emit`, so EOS and streaming
+    treat it like any other token.
+    """
+    batch = input_ids.shape[0]
     device = input_ids.device
     cache = DynamicCache(config=model.config)
-    context_mask = attention_mask[:, :-1]
-    if width > 1:
-        positions = (context_mask.cumsum(1) - 1).clamp(min=0)
-        model(
-            input_ids=input_ids[:, :-1],
-            attention_mask=context_mask,
-            position_ids=positions,
-            past_key_values=cache,
-            use_cache=True,
-            logits_to_keep=1,
-        )
+    positions = (attention_mask.cumsum(1) - 1).clamp(min=0)
+    logits = model(
+        input_ids=input_ids,
+        attention_mask=None if bool(attention_mask.all()) else attention_mask,
+        position_ids=positions,
+        past_key_values=cache,
+        use_cache=True,
+        logits_to_keep=1,
+    ).logits  # (B, 1, V)
     rows = _Rows(
         index=torch.arange(batch, device=device),
-        slot_mask=context_mask.clone(),
-        n_real=context_mask.sum(1),
-        pending=input_ids[:, -1].clone(),
+        slot_mask=attention_mask.clone(),
+        n_real=attention_mask.sum(1),
+        pending=logits[:, -1].argmax(dim=-1),
         out=torch.zeros((batch, scratch), dtype=torch.long, device=device),
         n_out=torch.zeros(batch, dtype=torch.long, device=device),
         prompt=input_ids,
         prompt_len=attention_mask.sum(1),
     )
     return cache, rows
+
+
+def _emit_first_token(
+    rows: _Rows, cache: DynamicCache, eos: torch.Tensor, max_new_tokens: int,
+    results: list[list[int] | None], on_tokens: TokenCallback | None,
+) -> None:
+    """Emit the prefill's prediction and retire rows that it already finished."""
+    first = rows.pending[:, None]  # (B, 1)
+    count, hit_eos = _truncate_at_eos(first, torch.ones_like(rows.n_out), eos)
+    _emit(rows, first, count, on_tokens)
+    done = hit_eos | (rows.n_out >= max_new_tokens)
+    if done.any():
+        _retire(rows, cache, done, results)
 
 
 def _forward(
@@ -253,6 +270,7 @@ def ar(
     eos = _eos_tensor(eos_token_id, input_ids.device)
     cache, rows = _prefill(model, input_ids, attention_mask, scratch=max_new_tokens + 1)
     results: list[list[int] | None] = [None] * batch
+    _emit_first_token(rows, cache, eos, max_new_tokens, results, on_tokens)
     one = torch.ones((batch, 1), dtype=torch.bool, device=input_ids.device)
     while len(rows.index):
         prediction = _forward(model, cache, rows, rows.pending[:, None], one[: len(rows.index)])  # (B, 1)
@@ -285,6 +303,8 @@ class _GuessMaker:
     def __call__(self, rows: _Rows, which: torch.Tensor, n: int) -> torch.Tensor:
         """Guesses (len(which), n) for the rows at batch positions `which`."""
         device = rows.pending.device
+        if len(which) == 0:
+            return torch.empty((0, n), dtype=torch.long, device=device)
         if self.strategy == "repeat":
             return rows.pending[which, None].expand(-1, n).clone()
         if self.strategy == "pad":
@@ -340,17 +360,18 @@ def jacobi(
     cache, rows = _prefill(model, input_ids, attention_mask, scratch=max_new_tokens + n)
     make_guess = _GuessMaker(init, seed, batch, pad_token_id)
     results: list[list[int] | None] = [None] * batch
-    stats = [DecodeStats() for _ in range(batch)]
+    stats = [DecodeStats(forward_passes=1) for _ in range(batch)]  # the prefill yields the first token
     trajectories: list[list[torch.Tensor]] = [[] for _ in range(batch)]
-    states: list[list[torch.Tensor]] = [[] for _ in range(batch)]  # current block's states per row
+    _emit_first_token(rows, cache, eos, max_new_tokens, results, on_tokens)
 
-    everyone = torch.arange(batch, device=device)
-    block = make_guess(rows, everyone, n)  # (B, n) current iterate y(j)
-    fixed = torch.zeros(batch, dtype=torch.long, device=device)  # leading positions known right
-    block_start = torch.zeros(batch, dtype=torch.long, device=device)  # n_out when the block began
-    block_iters = torch.zeros(batch, dtype=torch.long, device=device)
-    for i in range(batch):
-        states[i].append(block[i])
+    active = len(rows.index)
+    block = make_guess(rows, torch.arange(active, device=device), n)  # (B, n) current iterate y(j)
+    fixed = torch.zeros(active, dtype=torch.long, device=device)  # leading positions known right
+    block_start = rows.n_out.clone()  # n_out when the block began
+    block_iters = torch.zeros(active, dtype=torch.long, device=device)
+    # The current block's states y(0), y(1), ... per row. Entries are rows of `block` tensors that
+    # are never written in place after being appended, except rows of just-converged blocks.
+    states: dict[int, list[torch.Tensor]] = {row: [state] for row, state in zip(rows.index.tolist(), block)}
 
     def finish_block(i: int, length: int) -> None:
         row = int(rows.index[i])
@@ -389,10 +410,10 @@ def jacobi(
         _emit(rows, prediction, count, on_tokens)
         fixed = fixed + accepted
         block_iters += 1
-        for i, row in enumerate(rows.index.tolist()):
+        for row, emitted, state in zip(rows.index.tolist(), count.tolist(), block):
             stats[row].forward_passes += 1
-            stats[row].fast_forward += int(count[i]) - 1
-            states[row].append(block[i])
+            stats[row].fast_forward += emitted - 1
+            states[row].append(state)
 
         done = hit_eos | (rows.n_out >= max_new_tokens)
         converged = (fixed >= block_len) | done
