@@ -290,15 +290,19 @@ class _GuessMaker:
     """Initial guesses y(0) for a new block, per the chosen strategy.
 
     `prompt` (the paper's choice) draws n tokens uniformly from the row's own prompt; every row has
-    its own generator seeded `seed + row`, so a row's guesses do not depend on its batch mates.
+    its own generator, seeded `seed + row` or by its entry of a per-row `seed` list, so a row's
+    guesses do not depend on its batch mates.
     """
 
-    def __init__(self, strategy: str, seed: int, batch: int, pad_token_id: int) -> None:
+    def __init__(self, strategy: str, seed: int | Sequence[int], batch: int, pad_token_id: int) -> None:
         if strategy not in INIT_STRATEGIES:
             raise ValueError(f"unknown init strategy {strategy!r}; choose one of {', '.join(INIT_STRATEGIES)}")
+        seeds = [seed + row for row in range(batch)] if isinstance(seed, int) else list(seed)
+        if len(seeds) != batch:
+            raise ValueError(f"got {len(seeds)} seeds for a batch of {batch}")
         self.strategy = strategy
         self.pad_token_id = pad_token_id
-        self.generators = [torch.Generator().manual_seed(seed + row) for row in range(batch)]
+        self.generators = [torch.Generator().manual_seed(s) for s in seeds]
 
     def __call__(self, rows: _Rows, which: torch.Tensor, n: int) -> torch.Tensor:
         """Guesses (len(which), n) for the rows at batch positions `which`."""
@@ -331,6 +335,21 @@ def count_stationary(states: torch.Tensor) -> int:
     return int((stays_correct & wrong_before).any(0).sum())
 
 
+def accepted_per_iteration(states: torch.Tensor) -> list[int]:
+    """Tokens the decoder accepted at each iteration of a block trajectory `states` (k+1, L).
+
+    Recomputes the acceptance rule from consecutive states: the longest prefix of the unfixed part
+    where the new state equals the old one, plus one.
+    """
+    length = states.shape[1]
+    fixed, accepted = 0, []
+    for before, after in zip(states[:-1], states[1:]):
+        matched = int((after[fixed:] == before[fixed:]).long().cumprod(0).sum())
+        accepted.append(min(matched + 1, length - fixed))
+        fixed += accepted[-1]
+    return accepted
+
+
 @torch.inference_mode()
 def jacobi(
     model: PreTrainedModel,
@@ -342,7 +361,7 @@ def jacobi(
     eos_token_id: int | Sequence[int] | None = None,
     pad_token_id: int = 0,
     init: str = "prompt",
-    seed: int = 0,
+    seed: int | Sequence[int] = 0,
     return_trajectory: bool = False,
     on_tokens: TokenCallback | None = None,
 ) -> DecodeOutput:
@@ -438,6 +457,75 @@ def jacobi(
     for row, tokens in enumerate(token_ids):
         stats[row].new_tokens = len(tokens)
     return DecodeOutput(token_ids=token_ids, stats=stats, trajectories=trajectories if return_trajectory else None)
+
+
+@torch.inference_mode()
+def jacobi_no_cache(
+    model: PreTrainedModel,
+    input_ids: torch.Tensor,
+    *,
+    block_size: int = 16,
+    max_new_tokens: int = 128,
+    eos_token_id: int | Sequence[int] | None = None,
+    pad_token_id: int = 0,
+    init: str = "prompt",
+    seed: int | Sequence[int] = 0,
+    return_trajectory: bool = False,
+) -> DecodeOutput:
+    """Jacobi decoding the way the original CLLM code collects trajectories: one prompt (B = 1),
+    no KV cache, every iteration a forward over the whole prompt + output so far + block.
+
+    Same guesses, acceptance rule and outputs as `jacobi`; kept as the reference it is tested
+    against and as the baseline that `cllm collect --engine nokv` times.
+    """
+    if input_ids.ndim != 2 or input_ids.shape[0] != 1:
+        raise ValueError("jacobi_no_cache decodes one prompt: input_ids must be (1, P)")
+    _validate(input_ids, torch.ones_like(input_ids), max_new_tokens, block_size)
+    eos = _eos_tensor(eos_token_id, input_ids.device)
+    def greedy(tokens: torch.Tensor) -> torch.Tensor:  # (T,) -> argmax after every position
+        return model(input_ids=tokens[None], attention_mask=torch.ones_like(tokens)[None]).logits[0].argmax(-1)
+
+    first = greedy(input_ids[0])[-1]
+    sequence = torch.cat([input_ids[0], first[None]])  # prompt + output so far
+    stats = DecodeStats(forward_passes=1)
+    blocks: list[torch.Tensor] = []
+    rows = _Rows(  # only what the guess maker reads
+        index=torch.zeros(1, dtype=torch.long), slot_mask=input_ids, n_real=torch.zeros(1, dtype=torch.long),
+        pending=first[None], out=input_ids, n_out=torch.zeros(1, dtype=torch.long), prompt=input_ids,
+        prompt_len=torch.tensor([input_ids.shape[1]]),
+    )
+    make_guess = _GuessMaker(init, seed, 1, pad_token_id)
+    produced, finished = 1, bool(torch.isin(first, eos))
+    while produced < max_new_tokens and not finished:
+        length = min(block_size, max_new_tokens - produced)
+        rows.pending = sequence[-1:]
+        block = make_guess(rows, torch.zeros(1, dtype=torch.long), block_size)[0, :length]
+        states, fixed = [block], 0
+        while fixed < length:
+            prediction = greedy(torch.cat([sequence, block[:-1]]))[len(sequence) - 1 :]  # (length,) f(block)
+            matched = int((prediction[fixed:] == block[fixed:]).long().cumprod(0).sum())
+            accepted = min(matched + 1, length - fixed)
+            block = torch.cat([block[:fixed], prediction[fixed:]])
+            new = block[fixed : fixed + accepted]
+            is_eos = torch.isin(new, eos)
+            if bool(is_eos.any()):
+                finished = True
+                accepted = int(is_eos.long().argmax()) + 1
+            fixed += accepted
+            stats.forward_passes += 1
+            stats.fast_forward += accepted - 1
+            states.append(block)
+            if finished:
+                break
+        trajectory = torch.stack(states)[:, :fixed]
+        stats.block_iterations.append(len(states) - 1)
+        stats.stationary += count_stationary(trajectory)
+        blocks.append(trajectory)
+        sequence = torch.cat([sequence, block[:fixed]])
+        produced += fixed
+    tokens = sequence[input_ids.shape[1] :].tolist()
+    stats.new_tokens = len(tokens)
+    return DecodeOutput(token_ids=[tokens], stats=[stats], trajectories=[blocks] if return_trajectory else None)
 
 
 @torch.inference_mode()

