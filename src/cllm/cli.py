@@ -434,7 +434,7 @@ def cmd_collect(args: argparse.Namespace) -> None:
     with progress:
         task = progress.add_task("collect", total=total, speed="")
         summary = collect(loaded, records, config, args.out, shard_index, num_shards, on_batch=on_batch)
-    table = Table(title=f"collection {args.out} (shard {shard_index + 1} of {num_shards})")
+    table = Table(title=f"{args.out}: shard {shard_index + 1}/{num_shards}")
     table.add_column("")
     table.add_column("value", justify="right")
     for key, value in summary.to_dict().items():

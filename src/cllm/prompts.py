@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from cllm.errors import CllmError
@@ -28,22 +27,9 @@ DEMO_PROMPTS: list[str] = BUILTIN_PROMPTS[:3]
 
 def read_prompts_jsonl(path: str | Path, field: str = "prompt") -> list[str]:
     """Prompts from a JSONL file with one `{"prompt": ...}` object per line (blank lines skipped)."""
-    path = Path(path)
-    if not path.is_file():
-        raise CllmError(f"prompts file not found: {path}")
-    prompts = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise CllmError(f"{path}:{number}: not valid JSON ({exc.msg})") from exc
-        if not isinstance(record, dict) or not isinstance(record.get(field), str):
-            raise CllmError(f'{path}:{number}: expected an object with a string "{field}" field')
-        if not record[field].strip():
-            raise CllmError(f"{path}:{number}: empty prompt")
-        prompts.append(record[field])
+    from cllm.data import SourceOptions, jsonl
+
+    prompts = [record.text for record in jsonl(SourceOptions(path=str(path), prompt_field=field))]
     if not prompts:
         raise CllmError(f"{path} holds no prompts")
     return prompts
