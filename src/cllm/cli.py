@@ -137,6 +137,42 @@ def build_parser() -> argparse.ArgumentParser:
     collect.add_argument("--num-shards", type=_positive_int, help="number of shares (default: $WORLD_SIZE or 1)")
     _add_model_args(collect)
 
+    train = commands.add_parser(
+        "train",
+        help="consistency-train a model on collected trajectories (a CLLM)",
+        description="Fine-tunes --model so that from any Jacobi state it predicts the fixed point: "
+        "L = L_consistency (gc or lc) + ar-weight * L_AR. Checkpoints go to OUT/checkpoints (--resume "
+        "continues from the last one); the final model is saved to OUT, loadable with --model OUT. "
+        "Runs as one CPU process or under `accelerate launch` (see configs/).",
+    )
+    train.add_argument("--trajectories", required=True, type=Path, help="a directory written by cllm collect")
+    train.add_argument("--out", required=True, type=Path, help="output directory for the trained model")
+    train.add_argument("--lr", type=float, default=2e-5, help="learning rate (default: %(default)s)")
+    train.add_argument("--epochs", type=float, default=1.0, help="epochs over the entries (default: %(default)s)")
+    train.add_argument("--max-steps", type=int, default=-1, help="optimizer steps; overrides --epochs when > 0")
+    train.add_argument("--batch-size", type=_positive_int, default=1, help="entries per micro-batch (default: %(default)s)")
+    train.add_argument("--grad-accum", type=_positive_int, default=1, help="micro-batches per optimizer step (default: %(default)s)")
+    train.add_argument("--loss", choices=["gc", "lc"], default="gc", help="global or local consistency (default: %(default)s)")
+    train.add_argument("--distance", choices=["forward_kl", "reverse_kl", "jsd"], default="forward_kl",
+                       help="divergence D (default: %(default)s)")
+    train.add_argument("--beta", type=float, default=0.5, help="beta of the generalized JSD (default: %(default)s)")
+    train.add_argument("--ar-weight", type=float, default=1.0,
+                       help="weight w of the AR loss; both terms are per-token means (default: %(default)s)")
+    train.add_argument("--use-labels", action="store_true", help="AR loss on dataset labels instead of the target's output")
+    train.add_argument("--label-smoothing", type=float, default=0.0, help="for the AR loss (default: %(default)s)")
+    train.add_argument("--mask-before-first-difference", action="store_true",
+                       help="count only block positions from the first one where the state is wrong (original code)")
+    train.add_argument("--max-length", type=_positive_int, default=1024, help="longest sequence in tokens (default: %(default)s)")
+    train.add_argument("--lora", action="store_true", help="train LoRA adapters (PEFT), merged into the saved model")
+    train.add_argument("--lora-rank", type=_positive_int, default=16, help="LoRA rank (default: %(default)s)")
+    train.add_argument("--gradient-checkpointing", action="store_true", help="trade compute for memory")
+    train.add_argument("--bf16", action="store_true", help="bf16 autocast (where the device supports it)")
+    train.add_argument("--save-steps", type=_positive_int, default=100, help="checkpoint every N steps (default: %(default)s)")
+    train.add_argument("--logging-steps", type=_positive_int, default=10, help="log every N steps (default: %(default)s)")
+    train.add_argument("--resume", action="store_true", help="continue from the last checkpoint in OUT/checkpoints")
+    train.add_argument("--seed", type=int, default=0, help="seed of state sampling and training (default: %(default)s)")
+    _add_model_args(train)
+
     data = commands.add_parser("data", help="inspect collected trajectories")
     data_commands = data.add_subparsers(dest="data_command", required=True, parser_class=_Parser)
     inspect = data_commands.add_parser("inspect", help="counts, iteration statistics and a sample entry of a collection")
@@ -484,8 +520,29 @@ def cmd_data(args: argparse.Namespace) -> None:
             out.print(f"y({j}): {decode(state)}", highlight=False)
 
 
+def cmd_train(args: argparse.Namespace) -> None:
+    from cllm.training import TrainConfig, train
+
+    if not args.trajectories.is_dir():
+        raise CllmError(f"trajectories directory not found: {args.trajectories}")
+    config = TrainConfig(
+        model=args.model, trajectories=str(args.trajectories), out=str(args.out), dtype=args.dtype,
+        device=args.device, learning_rate=args.lr, epochs=args.epochs, max_steps=args.max_steps,
+        batch_size=args.batch_size, grad_accum=args.grad_accum, loss_type=args.loss, distance=args.distance,
+        beta=args.beta, ar_weight=args.ar_weight, use_labels=args.use_labels, label_smoothing=args.label_smoothing,
+        mask_before_first_difference=args.mask_before_first_difference, max_length=args.max_length,
+        lora=args.lora, lora_rank=args.lora_rank, gradient_checkpointing=args.gradient_checkpointing,
+        bf16=args.bf16, save_steps=args.save_steps, logging_steps=args.logging_steps, resume=args.resume,
+        seed=args.seed,
+    )
+    out = train(config)
+    if int(os.environ.get("RANK", "0")) == 0:
+        stderr.print(f"saved the trained model to {out}; try: cllm generate --model {out} --decoder jacobi PROMPT")
+
+
 COMMANDS = {
     "generate": cmd_generate, "bench": cmd_bench, "demo": cmd_demo, "collect": cmd_collect, "data": cmd_data,
+    "train": cmd_train,
 }
 
 

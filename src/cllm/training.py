@@ -1,0 +1,297 @@
+"""Consistency training: a collator over trajectory entries and `CllmTrainer(transformers.Trainer)`.
+
+Per entry and step the collator samples one state y of the block trajectory (global consistency,
+GC: uniform over the states that are not the fixed point, augmented ones included; local
+consistency, LC: an adjacent pair y(j), y(j+1)) and builds three left-padded sequences:
+
+    student  prefix + y[:-1]                q_theta(.|y_<i, x) at the n block positions
+    target   prefix + y*[:-1]  (or y(j+1))  q_stopgrad(.|y*_<i, x), one no-grad forward
+    ar       prompt + teacher output        -log q_theta(l_i | l_<i, x) on the output tokens
+
+Block positions are right-padded to the longest block of the batch and masked, so the logits
+of the block are always the last n columns (`logits_to_keep`: the LM head runs on those only).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from transformers import Trainer
+
+from cllm.losses import after_eos_mask, ar_loss, consistency_loss, from_first_difference_mask
+
+IGNORE = -100
+
+
+@dataclass
+class TrajectoryCollator:
+    pad_token_id: int
+    eos_token_ids: list[int]
+    loss_type: str = "gc"  # gc | lc
+    use_labels: bool = False  # AR loss on dataset labels instead of the teacher's output
+    mask_before_first_difference: bool = False
+    max_length: int = 1024
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.loss_type not in ("gc", "lc"):
+            raise ValueError(f"loss type must be gc or lc, got {self.loss_type!r}")
+        self.rng = random.Random(self.seed)
+
+    def _pair(self, entry: dict) -> tuple[list[int], list[int]]:
+        """(student block, target block) for one entry."""
+        states, fixed_point = entry["states"], entry["fixed_point"]
+        if self.loss_type == "lc":
+            j = self.rng.randrange(len(states) - 1) if len(states) > 1 else 0
+            return states[j], states[min(j + 1, len(states) - 1)]
+        candidates = [s for s in states[:-1] + list(entry.get("augmented_states") or []) if s != fixed_point]
+        return (self.rng.choice(candidates) if candidates else fixed_point), fixed_point
+
+    def _left_pad(self, sequences: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        width = max(len(s) for s in sequences)
+        ids = torch.full((len(sequences), width), self.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(sequences), width), dtype=torch.long)
+        for row, sequence in enumerate(sequences):
+            ids[row, width - len(sequence) :] = torch.tensor(sequence, dtype=torch.long)
+            mask[row, width - len(sequence) :] = 1
+        return ids, mask
+
+    def __call__(self, entries: list[dict]) -> dict[str, torch.Tensor]:
+        n = max(len(e["fixed_point"]) for e in entries)
+        students, targets, block_masks, ar_sequences, ar_starts = [], [], [], [], []
+        for entry in entries:
+            student, target = self._pair(entry)
+            length = len(target)
+            prefix = entry["prefix_ids"][-(self.max_length - n) :]  # keep the end: it conditions the block
+            pad = [self.pad_token_id] * (n - length)
+            students.append(prefix + (student + pad)[:-1])
+            targets.append(prefix + (target + pad)[:-1])
+            counted = torch.arange(n) < length
+            counted[:length] &= after_eos_mask(torch.tensor([target]), self.eos_token_ids)[0]
+            if self.mask_before_first_difference:
+                counted[:length] &= from_first_difference_mask(torch.tensor([student]), torch.tensor([target]))[0]
+            block_masks.append(counted)
+            output = entry["label_ids"] if self.use_labels and entry.get("label_ids") else entry["teacher_output_ids"]
+            sequence = (entry["prompt_ids"] + output)[-self.max_length :]
+            ar_sequences.append(sequence)
+            ar_starts.append(max(1, len(sequence) - len(output)))
+        student_ids, student_mask = self._left_pad(students)
+        target_ids, target_mask = self._left_pad(targets)
+        ar_ids, ar_mask = self._left_pad(ar_sequences)
+        labels = torch.full_like(ar_ids, IGNORE)  # HF convention: labels[t] = the token at t
+        width = ar_ids.shape[1]
+        for row, (sequence, start) in enumerate(zip(ar_sequences, ar_starts)):
+            offset = width - len(sequence)
+            labels[row, offset + start :] = ar_ids[row, offset + start :]
+        return {
+            "student_ids": student_ids, "student_mask": student_mask,
+            "target_ids": target_ids, "target_mask": target_mask,
+            "block_mask": torch.stack(block_masks),
+            "ar_ids": ar_ids, "ar_mask": ar_mask, "labels": labels,
+        }
+
+
+def _positions(mask: torch.Tensor) -> torch.Tensor:
+    return (mask.cumsum(1) - 1).clamp(min=0)
+
+
+def _logits(model, ids: torch.Tensor, mask: torch.Tensor, keep: int) -> torch.Tensor:
+    return model(input_ids=ids, attention_mask=mask, position_ids=_positions(mask), logits_to_keep=keep).logits
+
+
+class CllmTrainer(Trainer):
+    """`transformers.Trainer` with the CLLM objective L = L_consistency + ar_weight * L_AR.
+
+    Both terms are sums over counted tokens divided by the number of counted tokens of the whole
+    optimizer step (every micro-batch of the accumulation window, every process), so gradient
+    accumulation and data parallelism give the same gradient as one big batch.
+    """
+
+    def __init__(self, *args, ar_weight: float = 1.0, distance: str = "forward_kl", beta: float = 0.5, label_smoothing: float = 0.0, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.ar_weight = ar_weight
+        self.distance = distance
+        self.beta = beta
+        self.label_smoothing = label_smoothing
+        self.model_accepts_loss_kwargs = True  # our loss is already normalised for accumulation
+        self.tokens_processed = 0  # real tokens through the three forwards, this process
+        self._window_counts: torch.Tensor | None = None
+
+    def get_batch_samples(self, epoch_iterator, num_batches, device):
+        batches, _ = super().get_batch_samples(epoch_iterator, num_batches, device)
+        counts = torch.zeros(2, dtype=torch.float32, device=device)
+        for batch in batches:
+            counts[0] += batch["block_mask"].sum()
+            counts[1] += (batch["labels"][:, 1:] != IGNORE).sum()
+        if self.args.world_size > 1:
+            counts = self.accelerator.gather(counts[None]).sum(0)
+        return batches, counts
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        n = inputs["block_mask"].shape[1]
+        student_logits = _logits(model, inputs["student_ids"], inputs["student_mask"], n)  # (B, n, V)
+        with torch.no_grad():
+            target_logits = _logits(model, inputs["target_ids"], inputs["target_mask"], n)
+        labels = inputs["labels"]
+        ar_logits = _logits(model, inputs["ar_ids"], inputs["ar_mask"], labels.shape[1])[:, :-1]  # (B, T-1, V)
+        counts = num_items_in_batch if isinstance(num_items_in_batch, torch.Tensor) and num_items_in_batch.numel() == 2 else None
+        consistency = consistency_loss(
+            student_logits, target_logits, inputs["block_mask"], self.distance, self.beta,
+            num_items=None if counts is None else counts[0],
+        )
+        autoregressive = ar_loss(ar_logits, labels[:, 1:], self.label_smoothing, num_items=None if counts is None else counts[1])
+        loss = consistency + self.ar_weight * autoregressive
+        if counts is not None and self.args.world_size > 1:
+            loss = loss * self.args.world_size  # DDP averages gradients over processes; our counts are global
+        if model.training:
+            self._remember_terms(consistency, autoregressive, counts, inputs)
+            self.tokens_processed += int(inputs["student_mask"].sum() + inputs["target_mask"].sum() + inputs["ar_mask"].sum())
+        return (loss, {"logits": student_logits}) if return_outputs else loss
+
+    def _remember_terms(self, consistency, autoregressive, counts, inputs) -> None:
+        """Per-token means of this micro-batch, for the log (independent of accumulation)."""
+        if counts is not None:
+            consistency = consistency * counts[0] / inputs["block_mask"].sum().clamp(min=1)
+            autoregressive = autoregressive * counts[1] / (inputs["labels"][:, 1:] != IGNORE).sum().clamp(min=1)
+        self._last_terms = {"consistency_loss": float(consistency.detach()), "ar_loss": float(autoregressive.detach())}
+
+    def log(self, logs: dict, *args, **kwargs) -> None:
+        if "loss" in logs and getattr(self, "_last_terms", None):
+            logs = logs | {k: round(v, 4) for k, v in self._last_terms.items()}
+        super().log(logs, *args, **kwargs)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """`cllm train` settings; validated on construction."""
+
+    model: str
+    trajectories: str
+    out: str
+    dtype: str = "float32"
+    device: str = "auto"
+    learning_rate: float = 2e-5
+    epochs: float = 1.0
+    max_steps: int = -1
+    batch_size: int = 1
+    grad_accum: int = 1
+    loss_type: str = "gc"
+    distance: str = "forward_kl"
+    beta: float = 0.5
+    ar_weight: float = 1.0
+    use_labels: bool = False
+    label_smoothing: float = 0.0
+    mask_before_first_difference: bool = False
+    max_length: int = 1024
+    lora: bool = False
+    lora_rank: int = 16
+    gradient_checkpointing: bool = False
+    bf16: bool = False
+    save_steps: int = 100
+    logging_steps: int = 10
+    resume: bool = False
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        from cllm.errors import CllmError
+        from cllm.losses import DISTANCES
+
+        checks = [
+            (self.learning_rate > 0, "--lr must be > 0"),
+            (self.epochs > 0, "--epochs must be > 0"),
+            (self.batch_size >= 1 and self.grad_accum >= 1, "--batch-size and --grad-accum must be >= 1"),
+            (self.loss_type in ("gc", "lc"), f"--loss must be gc or lc, got {self.loss_type!r}"),
+            (self.distance in DISTANCES, f"--distance must be one of {', '.join(DISTANCES)}"),
+            (0 < self.beta < 1, "--beta must lie in (0, 1)"),
+            (self.ar_weight >= 0, "--ar-weight must be >= 0"),
+            (0 <= self.label_smoothing < 1, "--label-smoothing must lie in [0, 1)"),
+            (self.max_length >= 8, "--max-length must be >= 8"),
+            (self.save_steps >= 1 and self.logging_steps >= 1, "--save-steps and --logging-steps must be >= 1"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise CllmError(message)
+
+
+def _with_lora(model, rank: int):
+    from peft import LoraConfig, get_peft_model
+
+    targets = [name for name in ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "c_attn", "c_proj")
+               if any(module.endswith(name) for module, _ in model.named_modules())]
+    return get_peft_model(model, LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=targets, task_type="CAUSAL_LM"))
+
+
+def train(config: TrainConfig) -> Path:
+    """Consistency-train `config.model` on a trajectory collection; save the model (and
+    train_summary.json: steps, seconds, tokens/s) to `config.out`."""
+    from transformers import TrainingArguments
+    from transformers.trainer_utils import get_last_checkpoint
+
+    from cllm.errors import CllmError
+    from cllm.models import ModelConfig, load_model
+    from cllm.trajectories import load_trajectories
+
+    loaded = load_model(ModelConfig(name=config.model, dtype=config.dtype, device=config.device))
+    dataset = load_trajectories(config.trajectories)
+    out = Path(config.out)
+    checkpoints = out / "checkpoints"
+    last = get_last_checkpoint(str(checkpoints)) if checkpoints.is_dir() else None
+    if config.resume:
+        from rich.console import Console
+
+        message = f"resuming from {last}" if last else f"no checkpoint in {checkpoints}: starting from the beginning"
+        Console(stderr=True).print(message, highlight=False, soft_wrap=True)
+    model = loaded.model
+    if config.lora:
+        model = _with_lora(model, config.lora_rank)
+    args = TrainingArguments(
+        output_dir=str(checkpoints),
+        per_device_train_batch_size=config.batch_size,
+        gradient_accumulation_steps=config.grad_accum,
+        learning_rate=config.learning_rate,
+        num_train_epochs=config.epochs,
+        max_steps=config.max_steps,
+        logging_steps=config.logging_steps,
+        save_steps=config.save_steps,
+        save_total_limit=2,
+        bf16=config.bf16,
+        activation_checkpointing=config.gradient_checkpointing,
+        remove_unused_columns=False,
+        report_to=[],
+        seed=config.seed,
+        use_cpu=loaded.model.device.type == "cpu",
+        dataloader_num_workers=0,
+    )
+    collator = TrajectoryCollator(
+        pad_token_id=loaded.pad_token_id, eos_token_ids=loaded.eos_token_ids, loss_type=config.loss_type,
+        use_labels=config.use_labels, mask_before_first_difference=config.mask_before_first_difference,
+        max_length=config.max_length, seed=config.seed,
+    )
+    trainer = CllmTrainer(
+        model=model, args=args, train_dataset=dataset, data_collator=collator, ar_weight=config.ar_weight,
+        distance=config.distance, beta=config.beta, label_smoothing=config.label_smoothing,
+    )
+    try:
+        result = trainer.train(resume_from_checkpoint=last if config.resume else None)
+    except ValueError as exc:
+        raise CllmError(f"training failed: {exc}") from exc
+    final = trainer.model.merge_and_unload() if config.lora else trainer.model
+    if trainer.is_world_process_zero():
+        final.save_pretrained(out)
+        loaded.tokenizer.save_pretrained(out)
+        seconds = result.metrics["train_runtime"]
+        summary = {
+            "steps_this_run": trainer.state.global_step - (int(Path(last).name.split("-")[1]) if config.resume and last else 0),
+            "global_step": trainer.state.global_step,
+            "seconds": round(seconds, 2),
+            "tokens_this_process": trainer.tokens_processed,
+            "tokens_per_second_this_process": round(trainer.tokens_processed / seconds, 1) if seconds else None,
+            "train_loss": result.metrics.get("train_loss"),
+        }
+        summary["seconds_per_step"] = round(seconds / max(1, summary["steps_this_run"]), 3)
+        (out / "train_summary.json").write_text(json.dumps(summary | {"config": asdict(config)}, indent=2))
+    return out

@@ -1,0 +1,94 @@
+"""`cllm train` end to end on a tiny model: saved model loads everywhere, resume after SIGKILL, LoRA."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from tiny_models import save_tiny_model
+
+from cllm.cli import main
+
+CLLM = [sys.executable, "-m", "cllm.cli"]
+
+
+@pytest.fixture(scope="module")
+def collection(tmp_path_factory) -> tuple[Path, Path]:
+    root = tmp_path_factory.mktemp("train")
+    model = save_tiny_model(root / "model", arch="qwen2", seed=3)
+    prompts = root / "prompts.jsonl"
+    prompts.write_text("\n".join(json.dumps({"prompt": p}) for p in ["abc", "hello world", "xyz", "jacobi"]) + "\n")
+    out = root / "trajectories"
+    assert main(["collect", "--model", str(model), "--dataset", "jsonl", "--path", str(prompts), "--out", str(out),
+                 "--block-size", "4", "--max-new-tokens", "16", "--augment"]) == 0
+    return model, out
+
+
+def generate_ids(model: Path, decoder: str, capsys) -> list[int]:
+    capsys.readouterr()  # drop what training printed
+    assert main(["generate", "hello", "--model", str(model), "--decoder", decoder, "--json", "--max-new-tokens", "20"]) == 0
+    return json.loads(capsys.readouterr().out)["token_ids"]
+
+
+@pytest.mark.parametrize("extra", [[], ["--lora", "--lora-rank", "4"], ["--loss", "lc", "--distance", "jsd"]])
+def test_train_saves_a_model_every_command_loads(collection, tmp_path, capsys, extra):
+    model, trajectories = collection
+    out = tmp_path / "cllm"
+    assert main(["train", "--model", str(model), "--trajectories", str(trajectories), "--out", str(out),
+                 "--max-steps", "4", "--batch-size", "2", "--grad-accum", "2", "--lr", "1e-3", *extra]) == 0
+    assert (out / "config.json").is_file() and (out / "tokenizer.json").is_file()
+    assert generate_ids(out, "jacobi", capsys) == generate_ids(out, "ar", capsys)
+    trained, base = load_file(out / "model.safetensors"), load_file(model / "model.safetensors")
+    assert any(not torch.equal(trained[name], base[name]) for name in base), "training changed no weight"
+
+
+def test_resume_after_sigkill_continues_from_the_last_checkpoint(collection, tmp_path):
+    model, trajectories = collection
+    out = tmp_path / "cllm"
+    args = ["train", "--model", str(model), "--trajectories", str(trajectories), "--out", str(out),
+            "--max-steps", "400", "--save-steps", "20", "--lr", "1e-4"]
+    env = os.environ | {"OMP_NUM_THREADS": "1"}
+    victim = subprocess.Popen(CLLM + args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    deadline = time.time() + 300
+    while not list((out / "checkpoints").glob("checkpoint-40")) and time.time() < deadline:
+        time.sleep(0.05)
+    victim.send_signal(signal.SIGKILL)
+    victim.wait()
+    saved = sorted(int(p.name.split("-")[1]) for p in (out / "checkpoints").glob("checkpoint-*"))
+    assert saved and saved[-1] < 400, "the kill must land before the end"
+
+    resumed = subprocess.run(CLLM + args + ["--resume"], capture_output=True, text=True, env=env)
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"resuming from {out / 'checkpoints' / f'checkpoint-{saved[-1]}'}" in resumed.stderr
+    state = json.loads((out / "checkpoints" / "checkpoint-400" / "trainer_state.json").read_text())
+    assert state["global_step"] == 400
+    assert (out / "model.safetensors").is_file()
+
+
+def test_train_bad_input(collection, tmp_path):
+    model, trajectories = collection
+    assert main(["train", "--model", str(model), "--trajectories", str(tmp_path / "none"), "--out", str(tmp_path / "o")]) == 2
+    assert main(["train", "--model", str(model), "--trajectories", str(trajectories), "--out", str(tmp_path / "o"),
+                 "--beta", "1.5"]) == 2
+
+
+def test_two_process_cpu_training_with_torchrun(collection, tmp_path, capsys):
+    model, trajectories = collection
+    out = tmp_path / "cllm"
+    torchrun = Path(sys.executable).parent / "torchrun"
+    command = [str(torchrun), "--nproc_per_node", "2", "--master_port", "29533", "-m", "cllm.cli", "train",
+               "--model", str(model), "--trajectories", str(trajectories), "--out", str(out),
+               "--max-steps", "3", "--batch-size", "2", "--lr", "1e-3", "--logging-steps", "1"]
+    result = subprocess.run(command, capture_output=True, text=True, env=os.environ | {"OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-2000:]
+    state = json.loads((out / "checkpoints" / "checkpoint-3" / "trainer_state.json").read_text())
+    assert state["global_step"] == 3 and state["train_batch_size"] == 2
+    assert generate_ids(out, "jacobi", capsys) == generate_ids(out, "ar", capsys)
