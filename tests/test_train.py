@@ -38,7 +38,9 @@ def generate_ids(model: Path, decoder: str, capsys) -> list[int]:
     return json.loads(capsys.readouterr().out)["token_ids"]
 
 
-@pytest.mark.parametrize("extra", [[], ["--lora", "--lora-rank", "4"], ["--loss", "lc", "--distance", "jsd"]])
+@pytest.mark.parametrize("extra", [
+    [], ["--lora", "--lora-rank", "4"], ["--loss", "lc", "--distance", "jsd"], ["--bf16", "--gradient-checkpointing"],
+])
 def test_train_saves_a_model_every_command_loads(collection, tmp_path, capsys, extra):
     model, trajectories = collection
     out = tmp_path / "cllm"
@@ -92,3 +94,29 @@ def test_two_process_cpu_training_with_torchrun(collection, tmp_path, capsys):
     state = json.loads((out / "checkpoints" / "checkpoint-3" / "trainer_state.json").read_text())
     assert state["global_step"] == 3 and state["train_batch_size"] == 2
     assert generate_ids(out, "jacobi", capsys) == generate_ids(out, "ar", capsys)
+
+
+def test_gradient_accumulation_gives_the_gradient_of_one_big_batch(collection, tmp_path):
+    """One SGD step on 4 entries: batch 4 == 2 micro-batches of 2 (losses use the window's counts)."""
+    from transformers import TrainingArguments
+
+    from cllm.models import load_model
+    from cllm.trajectories import load_trajectories
+    from cllm.training import CllmTrainer, TrajectoryCollator
+
+    model_dir, trajectories = collection
+    dataset = load_trajectories(trajectories).select(range(4))
+    weights = []
+    for batch_size, accumulation in ((4, 1), (2, 2), (1, 4)):
+        loaded = load_model(str(model_dir))
+        loaded.model.float()
+        args = TrainingArguments(output_dir=str(tmp_path / f"b{batch_size}"), per_device_train_batch_size=batch_size,
+                                 gradient_accumulation_steps=accumulation, max_steps=1, learning_rate=0.5, optim="sgd",
+                                 lr_scheduler_type="constant", report_to=[], use_cpu=True, save_strategy="no",
+                                 remove_unused_columns=False, disable_tqdm=True, seed=0, max_grad_norm=0.0)
+        collator = TrajectoryCollator(pad_token_id=loaded.pad_token_id, eos_token_ids=loaded.eos_token_ids, seed=0)
+        CllmTrainer(model=loaded.model, args=args, train_dataset=dataset, data_collator=collator).train()
+        weights.append(torch.cat([p.detach().flatten() for p in loaded.model.parameters()]))
+    assert not torch.allclose(weights[0], torch.cat([p.flatten() for p in load_model(str(model_dir)).model.parameters()]))
+    torch.testing.assert_close(weights[1], weights[0], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(weights[2], weights[0], rtol=1e-4, atol=1e-5)
