@@ -282,6 +282,10 @@ def ar(
         if done.any():
             _retire(rows, cache, done, results)
     token_ids = [r or [] for r in results]
+    return _one_token_per_forward(token_ids)
+
+
+def _one_token_per_forward(token_ids: list[list[int]]) -> DecodeOutput:
     stats = [DecodeStats(len(t), len(t), [1] * len(t)) for t in token_ids]
     return DecodeOutput(token_ids=token_ids, stats=stats)
 
@@ -539,7 +543,10 @@ def hf_generate(
     pad_token_id: int = 0,
     on_tokens: TokenCallback | None = None,
 ) -> DecodeOutput:
-    """transformers' own greedy `generate`, as the reference and the speed baseline to beat."""
+    """transformers' own greedy `generate`, as the reference and the speed baseline to beat.
+
+    `on_tokens` is called once per row with its whole output, after generation ends.
+    """
     input_ids, attention_mask = _as_batch(input_ids, attention_mask)
     _validate(input_ids, attention_mask, max_new_tokens, block_size=1)
     eos_ids = _eos_tensor(eos_token_id, input_ids.device).tolist()
@@ -559,8 +566,7 @@ def hf_generate(
         token_ids.append(row[:end])
         if on_tokens is not None:
             on_tokens(len(token_ids) - 1, row[:end])
-    stats = [DecodeStats(len(t), len(t), [1] * len(t)) for t in token_ids]
-    return DecodeOutput(token_ids=token_ids, stats=stats)
+    return _one_token_per_forward(token_ids)
 
 
 DECODERS = {"ar": ar, "jacobi": jacobi, "hf": hf_generate}
