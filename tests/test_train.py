@@ -120,3 +120,18 @@ def test_gradient_accumulation_gives_the_gradient_of_one_big_batch(collection, t
     assert not torch.allclose(weights[0], torch.cat([p.flatten() for p in load_model(str(model_dir)).model.parameters()]))
     torch.testing.assert_close(weights[1], weights[0], rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(weights[2], weights[0], rtol=1e-4, atol=1e-5)
+
+
+def test_resume_skips_a_checkpoint_killed_while_being_written(tmp_path):
+    from cllm.training import last_complete_checkpoint
+
+    (tmp_path / "checkpoint-20").mkdir()
+    (tmp_path / "checkpoint-20" / "trainer_state.json").write_text('{"global_step": 20}')
+    (tmp_path / "checkpoint-40").mkdir()
+    (tmp_path / "checkpoint-40" / "model.safetensors").write_text("half")
+    (tmp_path / "checkpoint-60").mkdir()
+    (tmp_path / "checkpoint-60" / "trainer_state.json").write_text('{"global_st')
+
+    assert last_complete_checkpoint(tmp_path) == str(tmp_path / "checkpoint-20")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-20"]
+    assert last_complete_checkpoint(tmp_path / "missing") is None

@@ -225,11 +225,32 @@ def _with_lora(model, rank: int):
     return get_peft_model(model, LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=targets, task_type="CAUSAL_LM"))
 
 
+def last_complete_checkpoint(checkpoints: Path) -> str | None:
+    """The newest `checkpoint-N` that was written to the end, or None.
+
+    Trainer writes a checkpoint in place and its trainer_state.json last, so a kill during a save
+    leaves a directory without a readable state: skip it (and delete it, so rotation and later
+    saves never mistake it for a good one).
+    """
+    import shutil
+
+    found = sorted(
+        (p for p in checkpoints.glob("checkpoint-*") if p.is_dir() and p.name.split("-")[-1].isdigit()),
+        key=lambda p: int(p.name.split("-")[-1]), reverse=True,
+    )
+    for path in found:
+        try:
+            json.loads((path / "trainer_state.json").read_text())
+            return str(path)
+        except (OSError, ValueError):
+            shutil.rmtree(path, ignore_errors=True)
+    return None
+
+
 def train(config: TrainConfig) -> Path:
     """Consistency-train `config.model` on a trajectory collection; save the model (and
     train_summary.json: steps, seconds, tokens/s) to `config.out`."""
     from transformers import TrainingArguments
-    from transformers.trainer_utils import get_last_checkpoint
 
     from cllm.errors import CllmError
     from cllm.models import ModelConfig, load_model
@@ -239,7 +260,7 @@ def train(config: TrainConfig) -> Path:
     dataset = load_trajectories(config.trajectories)
     out = Path(config.out)
     checkpoints = out / "checkpoints"
-    last = get_last_checkpoint(str(checkpoints)) if checkpoints.is_dir() else None
+    last = last_complete_checkpoint(checkpoints) if config.resume else None
     if config.resume:
         from rich.console import Console
 
