@@ -6,10 +6,10 @@ from cllm.bench import DecoderSpec, RunRecord, summarize
 from cllm.errors import CllmError
 
 
-def record(decoder, prompt, seconds, tokens, forwards, repeat=0):
+def record(decoder, prompt, seconds, tokens, forwards, repeat=0, model=""):
     return RunRecord(decoder=decoder, prompt_index=prompt, repeat=repeat, seconds=seconds,
                      new_tokens=len(tokens), forward_passes=forwards, fast_forward=len(tokens) - forwards,
-                     stationary=0, token_ids=tokens)
+                     stationary=0, token_ids=tokens, model=model)
 
 
 def test_summary_pairs_runs_with_ar_on_the_same_prompt():
@@ -36,3 +36,31 @@ def test_decoder_spec_parsing():
     for bad in ("jacobi:0", "jacobi:x", "ar:2", "beam"):
         with pytest.raises(CllmError):
             DecoderSpec.parse(bad)
+
+
+def test_two_models_compare_against_the_target_ar_and_count_degenerate_runs(tmp_path):
+    from cllm.bench import markdown_table, write_report
+
+    loop = [7, 8] * 20  # a 40-token repetition: degenerate
+    records = [
+        record("ar", 0, 1.0, [1, 2, 3, 4], 4, model="target"),
+        record("jacobi:4", 0, 1.0, [1, 2, 3, 4], 4, model="target"),
+        record("ar", 0, 1.0, [1, 2, 3, 9], 4, model="cllm"),
+        record("jacobi:4", 0, 0.25, [1, 2, 3, 9], 1, model="cllm"),
+        record("ar", 1, 10.0, loop, 40, model="target"),
+        record("jacobi:4", 1, 10.0, loop, 40, model="target"),
+        record("ar", 1, 5.0, loop, 40, model="cllm"),
+        record("jacobi:4", 1, 2.5, loop, 10, model="cllm"),
+    ]
+    summaries = {(s.model, s.decoder): s for s in summarize(records)}
+    cllm = summaries["cllm", "jacobi:4"]
+    assert cllm.speedup_vs_ar == pytest.approx((4.0 + 2.0) / 2)  # vs the CLLM's own ar
+    assert cllm.speedup_vs_reference_ar == pytest.approx((4.0 + 4.0) / 2)  # vs the target's ar
+    assert cllm.tokens_per_forward == pytest.approx(44 / 11)
+    assert cllm.degenerate_runs == 1 and cllm.runs == 2  # counted, not dropped
+    assert summaries["target", "ar"].speedup_vs_reference_ar == 1.0
+    table = markdown_table(list(summaries.values()))
+    assert "speedup vs target ar" in table and "| cllm | jacobi:4 |" in table
+    write_report(tmp_path, {"command": "test"}, list(summaries.values()), records)
+    assert (tmp_path / "bench.png").stat().st_size > 1000
+    assert "bench.png" in (tmp_path / "bench.md").read_text()

