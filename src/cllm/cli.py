@@ -210,6 +210,15 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--second-turn", action="store_true", help="mtbench: also answer the second turn")
     _add_model_args(evaluate)
 
+    distill = commands.add_parser(
+        "distill",
+        help="collect -> train -> bench -> eval from a recipe, each stage resumable",
+        description="Runs the stages of a recipe (see recipes/smollm2-gsm8k.yaml): trajectories of the target, "
+        "consistency training, a target-vs-CLLM speed benchmark and quality evaluations. A stage whose output "
+        "is complete is skipped; an interrupted one resumes. Ends with OUT/report.md and OUT/report.json.",
+    )
+    distill.add_argument("recipe", type=Path, help="a YAML recipe")
+
     demo = commands.add_parser(
         "demo",
         help="a few prompts decoded with AR and Jacobi, then a small speed table",
@@ -660,9 +669,29 @@ def cmd_eval(args: argparse.Namespace) -> None:
     print(json.dumps(summary))
 
 
+# ---------------------------------------------------------------------------------------------
+# distill
+
+
+def cmd_distill(args: argparse.Namespace) -> None:
+    from cllm.distill import load_recipe, run_distill
+
+    recipe = load_recipe(args.recipe)
+
+    def run(argv: list[str]) -> None:
+        stderr.rule(f"cllm {' '.join(argv[:1])}")
+        stage = build_parser().parse_args(argv)
+        stage.command_line = "cllm " + " ".join(argv)
+        COMMANDS[stage.command](stage)
+
+    report = run_distill(recipe, run, lambda message: stderr.print(message, highlight=False))
+    stderr.print(f"report: {Path(report['out']) / 'report.md'}")
+    print(json.dumps(report))
+
+
 COMMANDS = {
     "generate": cmd_generate, "bench": cmd_bench, "demo": cmd_demo, "collect": cmd_collect, "data": cmd_data,
-    "train": cmd_train, "eval": cmd_eval,
+    "train": cmd_train, "eval": cmd_eval, "distill": cmd_distill,
 }
 
 

@@ -1,0 +1,139 @@
+"""`cllm distill RECIPE.yaml`: collect -> train -> bench -> eval for one target model, resumable.
+
+A recipe names the target model and, per stage, the flags of the matching `cllm` command
+(`block_size: 16` becomes `--block-size 16`, `augment: true` becomes `--augment`). Every stage
+writes into the recipe's `out` directory and is skipped when its output is complete; collection
+and training resume from where an interrupted run stopped. The final report (report.md, report.json)
+puts target and CLLM side by side.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+from cllm.errors import CllmError
+
+STAGES = ("collect", "train", "bench", "eval")
+
+
+def load_recipe(path: Path) -> dict:
+    import yaml
+
+    if not path.is_file():
+        raise CllmError(f"recipe not found: {path}")
+    try:
+        recipe = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise CllmError(f"{path}: not valid YAML ({exc})") from None
+    if not isinstance(recipe, dict) or "out" not in recipe:
+        raise CllmError(f"{path}: a recipe is a mapping with at least 'out' (see recipes/)")
+    unknown = set(recipe) - {"out", "model", "dtype", "device", "threads", *STAGES}
+    if unknown:
+        raise CllmError(f"{path}: unknown keys {', '.join(sorted(unknown))}")
+    for stage in STAGES:
+        if not isinstance(recipe.get(stage, {}), dict):
+            raise CllmError(f"{path}: '{stage}' must be a mapping of flags")
+    return recipe
+
+
+def flags(options: dict) -> list[str]:
+    """{'block_size': 16, 'augment': True, 'raw': False} -> ['--block-size', '16', '--augment']."""
+    result = []
+    for key, value in options.items():
+        flag = "--" + key.replace("_", "-")
+        if value is True:
+            result.append(flag)
+        elif value is not False and value is not None:
+            result += [flag, str(value)]
+    return result
+
+
+def run_distill(recipe: dict, run: Callable[[list[str]], None], say: Callable[[str], None]) -> dict:
+    """Runs the missing stages through `run(argv)` (the cllm command line) and returns the report."""
+    out = Path(recipe["out"])
+    target = str(recipe.get("model", "default"))
+    cllm = out / "cllm"
+    common = flags({k: recipe[k] for k in ("dtype", "device", "threads") if k in recipe})
+
+    trajectories = out / "trajectories"
+    if _collection_complete(trajectories):
+        say(f"collect: done ({trajectories}), skipped")
+    else:
+        run(["collect", "--model", target, "--out", str(trajectories), *flags(recipe.get("collect", {})), *common])
+
+    if (cllm / "train_summary.json").is_file():
+        say(f"train: done ({cllm}), skipped")
+    else:
+        run(["train", "--model", target, "--trajectories", str(out / "trajectories"), "--out", str(cllm), "--resume",
+             *flags(recipe.get("train", {})), *common])
+
+    for name, options in (recipe.get("bench") or {}).items():
+        report = out / "bench" / name / "bench.json"
+        if report.is_file():
+            say(f"bench {name}: done, skipped")
+            continue
+        run(["bench", "--model", target, "--model", str(cllm), "--out", str(report.parent), *flags(options), *common])
+
+    for task, options in (recipe.get("eval") or {}).items():
+        for label, model in (("target", target), ("cllm", str(cllm))):
+            report = out / "eval" / f"{task}-{label}.json"
+            if report.is_file():
+                say(f"eval {task} {label}: done, skipped")
+                continue
+            run(["eval", task, "--model", model, "--out", str(report), *flags(options), *common])
+    return write_report(out)
+
+
+def _collection_complete(trajectories: Path) -> bool:
+    """True when every shard's summary says all its prompts are in (collect writes it at the end)."""
+    summaries = list(trajectories.glob("summary-p*.json"))
+    if not summaries:
+        return False
+    shards = int(summaries[0].stem.split("of")[-1])
+    done = [json.loads(p.read_text()) for p in summaries]
+    return len(done) == shards and all(d["prompts_collected"] + d["prompts_resumed"] == d["prompts_total"] for d in done)
+
+
+def write_report(out: Path) -> dict:
+    """report.json and report.md from the stage outputs found under `out`."""
+    report: dict = {"out": str(out)}
+    summary = out / "cllm" / "train_summary.json"
+    if summary.is_file():
+        train = json.loads(summary.read_text())
+        report["train"] = {k: train[k] for k in ("global_step", "seconds", "tokens_this_process", "train_loss") if k in train}
+    report["bench"] = {}
+    for path in sorted((out / "bench").glob("*/bench.json")):
+        bench = json.loads(path.read_text())
+        report["bench"][path.parent.name] = [
+            {k: row[k] for k in ("model", "decoder", "median_tokens_per_second", "speedup_vs_ar", "speedup_vs_reference_ar",
+                                 "tokens_per_forward", "agreement_with_ar", "degenerate_runs", "runs")}
+            for row in bench["summary"]
+        ]
+    report["eval"] = {}
+    for path in sorted((out / "eval").glob("*.json")):
+        result = json.loads(path.read_text())
+        headline = {k: result[k] for k in ("n", "accuracy", "pass@1", "perplexity", "questions") if k in result}
+        if "decoding" in result:
+            headline["tokens_per_forward"] = result["decoding"]["tokens_per_forward"]
+        report["eval"][path.stem] = headline
+    (out / "report.json").write_text(json.dumps(report, indent=2))
+    lines = [f"# cllm distill report: {out}", ""]
+    if "train" in report:
+        lines.append(f"Training: {report['train']}\n")
+    for name, rows in report["bench"].items():
+        lines += [f"## bench {name}", "", "| model | decoder | median tok/s | vs own ar | vs target ar | tokens/forward | identical to ar | degenerate |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for row in rows:
+            ratio = lambda v: f"{v:.2f}x" if v is not None else "-"  # noqa: E731
+            agreement = f"{row['agreement_with_ar']:.0%}" if row["agreement_with_ar"] is not None else "-"
+            lines.append(f"| {row['model']} | {row['decoder']} | {row['median_tokens_per_second']:.1f} | {ratio(row['speedup_vs_ar'])} "
+                         f"| {ratio(row['speedup_vs_reference_ar'])} | {row['tokens_per_forward']:.3f} | {agreement} "
+                         f"| {row['degenerate_runs']}/{row['runs']} |")
+        lines.append("")
+    if report["eval"]:
+        lines += ["## eval", "", "| task-model | result |", "|---|---|"]
+        lines += [f"| {name} | {values} |" for name, values in report["eval"].items()]
+    (out / "report.md").write_text("\n".join(lines) + "\n")
+    return report

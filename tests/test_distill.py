@@ -1,0 +1,53 @@
+"""`cllm distill` runs the tiny recipe end to end, then skips every finished stage."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import yaml
+from tiny_models import save_tiny_model
+
+from cllm.cli import main
+
+RECIPES = Path(__file__).resolve().parents[1] / "recipes"
+
+
+def test_tiny_recipe_end_to_end_then_skipped(tmp_path, capsys):
+    data = tmp_path / "gsm8k.jsonl"
+    rows = [{"question": f"Tom has {a} apples and buys {a}. How many?", "answer": f"{a} + {a} = {2 * a}\n#### {2 * a}"}
+            for a in range(1, 6)]
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    recipe = yaml.safe_load((RECIPES / "tiny.yaml").read_text())
+    recipe["model"] = str(save_tiny_model(tmp_path / "target", eos_token_id=None, context=2048))
+    recipe["out"] = str(tmp_path / "run")
+    for options in [recipe["collect"], recipe["bench"]["gsm8k"], *recipe["eval"].values()]:
+        options["path"] = str(data)
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+
+    assert main(["distill", str(path)]) == 0
+    out = tmp_path / "run"
+    report = json.loads((out / "report.json").read_text())
+    assert report["train"]["global_step"] == 4
+    rows = {(r["model"], r["decoder"]) for r in report["bench"]["gsm8k"]}
+    assert rows == {(m, d) for m in ("target", "cllm") for d in ("ar", "jacobi:2", "jacobi:4")}
+    assert all(r["agreement_with_ar"] == 1.0 for r in report["bench"]["gsm8k"])  # float32 tiny model: exact
+    assert set(report["eval"]) == {"gsm8k-target", "gsm8k-cllm", "perplexity-target", "perplexity-cllm"}
+    assert report["eval"]["gsm8k-cllm"]["n"] == 3
+    assert (out / "bench" / "gsm8k" / "bench.png").is_file() and (out / "report.md").is_file()
+    capsys.readouterr()
+
+    stamps = {p: p.stat().st_mtime_ns for p in out.rglob("*.json") if p.name != "report.json"}
+    assert main(["distill", str(path)]) == 0
+    err = capsys.readouterr().err
+    assert "train: done" in err and "skipped" in err
+    assert stamps == {p: p.stat().st_mtime_ns for p in stamps}  # nothing recomputed
+
+
+def test_bad_recipes_are_clear_errors(tmp_path, capsys):
+    assert main(["distill", str(tmp_path / "missing.yaml")]) == 2
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("out: x\ntrian: {}\n")
+    assert main(["distill", str(bad)]) == 2
+    assert "unknown keys trian" in capsys.readouterr().err
