@@ -121,3 +121,14 @@ def test_eval_mtbench_writes_fastchat_answers(model_dir, tmp_path, capsys):
     for record in records:
         assert record["model_id"] == "tiny" and set(record) >= {"answer_id", "tstamp", "choices"}
         assert len(record["choices"][0]["turns"]) == 2
+
+
+def test_viz_writes_html_and_png_for_two_models(model_dir, tmp_path, capsys):
+    other = str(save_tiny_model(tmp_path / "other", seed=1, eos_token_id=None))
+    out = tmp_path / "viz"
+    assert main(["viz", "Hello there", "--model", model_dir, "--model", other, "--block-size", "4",
+                 "--blocks", "2", "--out", str(out)]) == 0
+    page = (out / "trajectory.html").read_text()
+    assert page.count("<table>") == 4 and "y(0)" in page and "class='ok" in page
+    assert (out / "trajectory.png").stat().st_size > 1000
+    capsys.readouterr()

@@ -210,6 +210,19 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--second-turn", action="store_true", help="mtbench: also answer the second turn")
     _add_model_args(evaluate)
 
+    viz = commands.add_parser(
+        "viz",
+        help="draw the Jacobi trajectory of a prompt for one or two models (HTML + PNG)",
+        description="Decodes PROMPT with Jacobi and draws every state of the first blocks: tokens green where "
+        "they equal the fixed point, red where not, fast-forwarded and stationary tokens marked. Give --model "
+        "twice (target, then CLLM) for the paper's side-by-side figure. Writes trajectory.html and trajectory.png.",
+    )
+    viz.add_argument("prompt", help="the prompt text")
+    viz.add_argument("--block-size", type=_positive_int, default=16, help="Jacobi block size n (default: %(default)s)")
+    viz.add_argument("--blocks", type=_positive_int, default=2, help="blocks to draw (default: %(default)s)")
+    viz.add_argument("--out", type=Path, default=Path("runs/viz"), help="output directory (default: %(default)s)")
+    _add_model_args(viz, several=True)
+
     distill = commands.add_parser(
         "distill",
         help="collect -> train -> bench -> eval from a recipe, each stage resumable",
@@ -670,6 +683,25 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
+# viz
+
+
+def cmd_viz(args: argparse.Namespace) -> None:
+    from cllm.viz import render_html, render_png, trajectory_views
+
+    if not args.prompt.strip():
+        raise CllmError("empty prompt")
+    views = {}
+    for name in args.model or ["default"]:
+        args.model = name
+        views[_short_name(name)] = trajectory_views(_load(args), args.prompt, args.block_size, args.blocks, args.raw)
+    args.out.mkdir(parents=True, exist_ok=True)
+    render_html(views, args.prompt, args.out / "trajectory.html")
+    render_png(views, args.out / "trajectory.png")
+    stderr.print(f"wrote {args.out / 'trajectory.html'} and {args.out / 'trajectory.png'}")
+
+
+# ---------------------------------------------------------------------------------------------
 # distill
 
 
@@ -691,7 +723,7 @@ def cmd_distill(args: argparse.Namespace) -> None:
 
 COMMANDS = {
     "generate": cmd_generate, "bench": cmd_bench, "demo": cmd_demo, "collect": cmd_collect, "data": cmd_data,
-    "train": cmd_train, "eval": cmd_eval, "distill": cmd_distill,
+    "train": cmd_train, "eval": cmd_eval, "distill": cmd_distill, "viz": cmd_viz,
 }
 
 
