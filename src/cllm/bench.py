@@ -221,7 +221,7 @@ def machine_description(device: torch.device) -> str:
     return f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
 
 
-def _ratio(value: float | None) -> str:
+def format_ratio(value: float | None) -> str:
     return f"{value:.2f}x" if value is not None else "-"
 
 
@@ -239,8 +239,8 @@ def markdown_table(summaries: Sequence[DecoderSummary]) -> str:
         prefix = f"{s.common_prefix_with_ar:.1f}" if s.common_prefix_with_ar is not None else "-"
         lines.append(
             f"| {s.model or '-'} | {s.decoder} | {s.median_tokens_per_second:.1f} | {s.p25_tokens_per_second:.1f}-"
-            f"{s.p75_tokens_per_second:.1f} | {_ratio(s.speedup_vs_ar)} |"
-            + (f" {_ratio(s.speedup_vs_reference_ar)} |" if several else "")
+            f"{s.p75_tokens_per_second:.1f} | {format_ratio(s.speedup_vs_ar)} |"
+            + (f" {format_ratio(s.speedup_vs_reference_ar)} |" if several else "")
             + f" {s.tokens_per_forward:.3f} | {agreement} | {prefix} | {s.mean_new_tokens:.1f} "
             f"| {s.fast_forward_per_prompt:.1f} | {s.stationary_per_prompt:.1f} | {s.degenerate_runs}/{s.runs} |"
         )

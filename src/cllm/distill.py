@@ -98,6 +98,8 @@ def _collection_complete(trajectories: Path) -> bool:
 
 def write_report(out: Path) -> dict:
     """report.json and report.md from the stage outputs found under `out`."""
+    from cllm.bench import format_ratio
+
     report: dict = {"out": str(out)}
     summary = out / "cllm" / "train_summary.json"
     if summary.is_file():
@@ -126,10 +128,9 @@ def write_report(out: Path) -> dict:
         lines += [f"## bench {name}", "", "| model | decoder | median tok/s | vs own ar | vs target ar | tokens/forward | identical to ar | degenerate |",
                   "|---|---|---|---|---|---|---|---|"]
         for row in rows:
-            ratio = lambda v: f"{v:.2f}x" if v is not None else "-"  # noqa: E731
             agreement = f"{row['agreement_with_ar']:.0%}" if row["agreement_with_ar"] is not None else "-"
-            lines.append(f"| {row['model']} | {row['decoder']} | {row['median_tokens_per_second']:.1f} | {ratio(row['speedup_vs_ar'])} "
-                         f"| {ratio(row['speedup_vs_reference_ar'])} | {row['tokens_per_forward']:.3f} | {agreement} "
+            lines.append(f"| {row['model']} | {row['decoder']} | {row['median_tokens_per_second']:.1f} | {format_ratio(row['speedup_vs_ar'])} "
+                         f"| {format_ratio(row['speedup_vs_reference_ar'])} | {row['tokens_per_forward']:.3f} | {agreement} "
                          f"| {row['degenerate_runs']}/{row['runs']} |")
         lines.append("")
     if report["eval"]:

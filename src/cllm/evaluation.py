@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from cllm.data import PromptRecord
+from cllm.data import PromptRecord, humaneval_prompt
 from cllm.decoding import DECODERS, left_pad
 from cllm.errors import CllmError
 from cllm.models import LoadedModel
@@ -144,7 +144,7 @@ def extract_code(completion: str, prompt: str, entry_point: str) -> str:
 def evaluate_humaneval(
     loaded: LoadedModel, problems: Sequence[dict], settings: DecodeSettings, limits: Limits = Limits(), on_batch=None
 ) -> dict:
-    prompts = [humaneval_prompt(p["prompt"], settings.template) for p in problems]
+    prompts = [p["prompt"] if settings.template == "raw" else humaneval_prompt(p["prompt"]) for p in problems]
     generations = generate_all(loaded, prompts, settings, on_batch)
     items = []
     for problem, generation in zip(problems, generations):
@@ -156,12 +156,6 @@ def evaluate_humaneval(
     passed = sum(i["passed"] for i in items)
     return {"task": "humaneval", "n": len(items), "passed": passed, "pass@1": passed / max(1, len(items)),
             "decoding": decoding_summary(generations), "items": items}
-
-
-def humaneval_prompt(code: str, template: str) -> str:
-    if template == "raw":
-        return code
-    return f"Complete the following Python function. Reply with the code only.\n\n```python\n{code}```"
 
 
 def humaneval_problems(limit: int | None = None) -> list[dict]:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from cllm.decoding import accepted_per_iteration, jacobi
+from cllm.decoding import accepted_per_iteration, jacobi, stationary_mask
 from cllm.models import LoadedModel
 
 
@@ -33,16 +33,13 @@ def trajectory_views(loaded: LoadedModel, prompt: str, block_size: int, blocks: 
 
 def _view(loaded: LoadedModel, states: torch.Tensor) -> BlockView:
     correct = states == states[-1]
-    stays = correct.flip(0).long().cumprod(0).flip(0).bool()
-    wrong = (~correct).long()
-    stationary = stays & ((wrong.cumsum(1) - wrong) > 0)
     fast = torch.zeros_like(correct)
     fixed = 0
     for step, accepted in enumerate(accepted_per_iteration(states), start=1):
         fast[step, fixed + 1 : fixed + accepted] = True
         fixed += accepted
     tokens = [[loaded.tokenizer.decode([t]) for t in row] for row in states.tolist()]
-    return BlockView(tokens, correct.tolist(), fast.tolist(), stationary.tolist())
+    return BlockView(tokens, correct.tolist(), fast.tolist(), stationary_mask(states).tolist())
 
 
 def render_html(views: dict[str, list[BlockView]], prompt: str, path: Path) -> None:
