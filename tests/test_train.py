@@ -64,7 +64,9 @@ def test_resume_after_sigkill_continues_from_the_last_checkpoint(collection, tmp
         time.sleep(0.05)
     victim.send_signal(signal.SIGKILL)
     victim.wait()
-    saved = sorted(int(p.name.split("-")[1]) for p in (out / "checkpoints").glob("checkpoint-*"))
+    # The kill may land in the middle of writing checkpoint-40: only checkpoints whose state file
+    # (written last) is complete count.
+    saved = sorted(int(p.name.split("-")[1]) for p in (out / "checkpoints").glob("checkpoint-*") if _complete(p))
     assert saved and saved[-1] < 400, "the kill must land before the end"
 
     resumed = subprocess.run(CLLM + args + ["--resume"], capture_output=True, text=True, env=env)
@@ -73,6 +75,14 @@ def test_resume_after_sigkill_continues_from_the_last_checkpoint(collection, tmp
     state = json.loads((out / "checkpoints" / "checkpoint-400" / "trainer_state.json").read_text())
     assert state["global_step"] == 400
     assert (out / "model.safetensors").is_file()
+
+
+def _complete(checkpoint) -> bool:
+    try:
+        json.loads((checkpoint / "trainer_state.json").read_text())
+        return True
+    except (OSError, ValueError):
+        return False
 
 
 def test_train_bad_input(collection, tmp_path):
