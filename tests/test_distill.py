@@ -51,3 +51,21 @@ def test_bad_recipes_are_clear_errors(tmp_path, capsys):
     bad.write_text("out: x\ntrian: {}\n")
     assert main(["distill", str(bad)]) == 2
     assert "unknown keys trian" in capsys.readouterr().err
+
+
+def test_a_stage_dtype_overrides_the_recipe_dtype(tmp_path):
+    from cllm.distill import run_distill
+
+    recipe = {"out": str(tmp_path / "run"), "dtype": "float32", "train": {"max_steps": 1},
+              "bench": {"fp32": {"limit": 1}, "bf16": {"limit": 1, "dtype": "bfloat16"}}}
+    (tmp_path / "run").mkdir()
+    calls: list[list[str]] = []
+    run_distill(recipe, calls.append, lambda message: None)
+
+    def dtype_of(argv: list[str]) -> str:
+        return argv[len(argv) - 1 - argv[::-1].index("--dtype") + 1]  # argparse keeps the last
+
+    by_stage = {(argv[0], argv[argv.index("--out") + 1]): dtype_of(argv) for argv in calls}
+    assert by_stage[("bench", str(tmp_path / "run" / "bench" / "bf16"))] == "bfloat16"
+    assert by_stage[("bench", str(tmp_path / "run" / "bench" / "fp32"))] == "float32"
+    assert by_stage[("train", str(tmp_path / "run" / "cllm"))] == "float32"

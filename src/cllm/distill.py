@@ -1,7 +1,8 @@
 """`cllm distill RECIPE.yaml`: collect -> train -> bench -> eval for one target model, resumable.
 
 A recipe names the target model and, per stage, the flags of the matching `cllm` command
-(`block_size: 16` becomes `--block-size 16`, `augment: true` becomes `--augment`). Every stage
+(`block_size: 16` becomes `--block-size 16`, `augment: true` becomes `--augment`); a stage's own
+`dtype`/`device`/`threads` override the recipe-wide ones (argparse keeps the last). Every stage
 writes into the recipe's `out` directory and is skipped when its output is complete; collection
 and training resume from where an interrupted run stopped. The final report (report.md, report.json)
 puts target and CLLM side by side.
@@ -61,20 +62,20 @@ def run_distill(recipe: dict, run: Callable[[list[str]], None], say: Callable[[s
     if _collection_complete(trajectories):
         say(f"collect: done ({trajectories}), skipped")
     else:
-        run(["collect", "--model", target, "--out", str(trajectories), *flags(recipe.get("collect", {})), *common])
+        run(["collect", "--model", target, "--out", str(trajectories), *common, *flags(recipe.get("collect", {}))])
 
     if (cllm / "train_summary.json").is_file():
         say(f"train: done ({cllm}), skipped")
     else:
         run(["train", "--model", target, "--trajectories", str(out / "trajectories"), "--out", str(cllm), "--resume",
-             *flags(recipe.get("train", {})), *common])
+             *common, *flags(recipe.get("train", {}))])
 
     for name, options in (recipe.get("bench") or {}).items():
         report = out / "bench" / name / "bench.json"
         if report.is_file():
             say(f"bench {name}: done, skipped")
             continue
-        run(["bench", "--model", target, "--model", str(cllm), "--out", str(report.parent), *flags(options), *common])
+        run(["bench", "--model", target, "--model", str(cllm), "--out", str(report.parent), *common, *flags(options)])
 
     for task, options in (recipe.get("eval") or {}).items():
         for label, model in (("target", target), ("cllm", str(cllm))):
@@ -82,7 +83,7 @@ def run_distill(recipe: dict, run: Callable[[list[str]], None], say: Callable[[s
             if report.is_file():
                 say(f"eval {task} {label}: done, skipped")
                 continue
-            run(["eval", task, "--model", model, "--out", str(report), *flags(options), *common])
+            run(["eval", task, "--model", model, "--out", str(report), *common, *flags(options)])
     return write_report(out)
 
 
