@@ -63,7 +63,8 @@ def test_a_stage_dtype_overrides_the_recipe_dtype(tmp_path):
     run_distill(recipe, calls.append, lambda message: None)
 
     def dtype_of(argv: list[str]) -> str:
-        return argv[len(argv) - 1 - argv[::-1].index("--dtype") + 1]  # argparse keeps the last
+        last = max(i for i, flag in enumerate(argv) if flag == "--dtype")  # argparse keeps the last
+        return argv[last + 1]
 
     by_stage = {(argv[0], argv[argv.index("--out") + 1]): dtype_of(argv) for argv in calls}
     assert by_stage[("bench", str(tmp_path / "run" / "bench" / "bf16"))] == "bfloat16"
