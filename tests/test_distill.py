@@ -70,3 +70,32 @@ def test_a_stage_dtype_overrides_the_recipe_dtype(tmp_path):
     assert by_stage[("bench", str(tmp_path / "run" / "bench" / "bf16"))] == "bfloat16"
     assert by_stage[("bench", str(tmp_path / "run" / "bench" / "fp32"))] == "float32"
     assert by_stage[("train", str(tmp_path / "run" / "cllm"))] == "float32"
+
+
+def test_a_bench_or_eval_runs_again_when_the_recipe_changes_its_command(tmp_path):
+    from cllm.distill import run_distill
+
+    out = tmp_path / "run"
+    (out / "cllm").mkdir(parents=True)
+    (out / "cllm" / "train_summary.json").write_text("{}")
+    calls: list[list[str]] = []
+
+    def fake_run(argv: list[str]) -> None:
+        calls.append(argv)
+        if argv[0] in ("bench", "eval"):
+            target = Path(argv[argv.index("--out") + 1])
+            report = target / "bench.json" if argv[0] == "bench" else target
+            report.parent.mkdir(parents=True, exist_ok=True)
+            command = "cllm " + " ".join(argv)  # what the real commands record in their reports
+            report.write_text(json.dumps({"summary": [], "meta": {"command": command}} if argv[0] == "bench" else {"command": command}))
+
+    def stages(recipe: dict) -> list[str]:
+        calls.clear()
+        run_distill(recipe, fake_run, lambda message: None)
+        return [argv[0] for argv in calls if argv[0] != "collect"]  # collect is never complete here
+
+    recipe = {"out": str(out), "bench": {"b": {"limit": 1}}, "eval": {"perplexity": {"limit": 1}}}
+    assert stages(recipe) == ["bench", "eval", "eval"]
+    assert stages(recipe) == []
+    recipe["bench"]["b"]["limit"] = 2
+    assert stages(recipe) == ["bench"]

@@ -4,7 +4,9 @@ A recipe names the target model and, per stage, the flags of the matching `cllm`
 (`block_size: 16` becomes `--block-size 16`, `augment: true` becomes `--augment`); a stage's own
 `dtype`/`device`/`threads` override the recipe-wide ones (argparse keeps the last). Every stage
 writes into the recipe's `out` directory and is skipped when its output is complete; collection
-and training resume from where an interrupted run stopped. The final report (report.md, report.json)
+and training resume from where an interrupted run stopped. A bench or eval report records the
+command that made it: when the recipe asks for another command, the stage runs again instead of
+reporting numbers made with other settings. The final report (report.md, report.json)
 puts target and CLLM side by side.
 """
 
@@ -72,19 +74,34 @@ def run_distill(recipe: dict, run: Callable[[list[str]], None], say: Callable[[s
 
     for name, options in (recipe.get("bench") or {}).items():
         report = out / "bench" / name / "bench.json"
-        if report.is_file():
-            say(f"bench {name}: done, skipped")
-            continue
-        run(["bench", "--model", target, "--model", str(cllm), "--out", str(report.parent), *common, *flags(options)])
+        argv = ["bench", "--model", target, "--model", str(cllm), "--out", str(report.parent), *common, *flags(options)]
+        _run_unless_done(f"bench {name}", report, argv, run, say)
 
     for task, options in (recipe.get("eval") or {}).items():
         for label, model in (("target", target), ("cllm", str(cllm))):
             report = out / "eval" / f"{task}-{label}.json"
-            if report.is_file():
-                say(f"eval {task} {label}: done, skipped")
-                continue
-            run(["eval", task, "--model", model, "--out", str(report), *common, *flags(options)])
+            argv = ["eval", task, "--model", model, "--out", str(report), *common, *flags(options)]
+            _run_unless_done(f"eval {task} {label}", report, argv, run, say)
     return write_report(out)
+
+
+def _run_unless_done(stage: str, report: Path, argv: list[str], run: Callable[[list[str]], None], say: Callable[[str], None]) -> None:
+    wanted = "cllm " + " ".join(argv)
+    if report.is_file():
+        made_by = _recorded_command(report)
+        if made_by == wanted:
+            say(f"{stage}: done, skipped")
+            return
+        say(f"{stage}: {report} was made by another command ({made_by}), running it again")
+    run(argv)
+
+
+def _recorded_command(report: Path) -> str | None:
+    try:
+        data = json.loads(report.read_text())
+    except ValueError:
+        return None
+    return data.get("command") or data.get("meta", {}).get("command")
 
 
 def _collection_complete(trajectories: Path) -> bool:
