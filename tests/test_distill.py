@@ -73,7 +73,7 @@ def test_a_stage_dtype_overrides_the_recipe_dtype(tmp_path):
 
 
 def test_a_bench_or_eval_runs_again_when_the_recipe_changes_its_command(tmp_path):
-    from cllm.distill import run_distill
+    from cllm.distill import command_line, run_distill
 
     out = tmp_path / "run"
     (out / "cllm").mkdir(parents=True)
@@ -86,7 +86,7 @@ def test_a_bench_or_eval_runs_again_when_the_recipe_changes_its_command(tmp_path
             target = Path(argv[argv.index("--out") + 1])
             report = target / "bench.json" if argv[0] == "bench" else target
             report.parent.mkdir(parents=True, exist_ok=True)
-            command = "cllm " + " ".join(argv)  # what the real commands record in their reports
+            command = command_line(argv)  # what the real commands record in their reports
             report.write_text(json.dumps({"summary": [], "meta": {"command": command}} if argv[0] == "bench" else {"command": command}))
 
     def stages(recipe: dict) -> list[str]:

@@ -14,6 +14,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
+from cllm.distill import command_line
 from cllm.errors import CllmError
 
 stderr = Console(stderr=True)
@@ -712,7 +713,7 @@ def cmd_distill(args: argparse.Namespace) -> None:
     def run(argv: list[str]) -> None:
         stderr.rule(f"cllm {' '.join(argv[:1])}")
         stage = build_parser().parse_args(argv)
-        stage.command_line = "cllm " + " ".join(argv)
+        stage.command_line = command_line(argv)
         COMMANDS[stage.command](stage)
 
     report = run_distill(recipe, run, lambda message: stderr.print(message, highlight=False))
@@ -730,7 +731,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         argv = list(sys.argv[1:] if argv is None else argv)
         args = build_parser().parse_args(argv)
-        args.command_line = "cllm " + " ".join(argv)  # recorded in reports
+        args.command_line = command_line(argv)  # recorded in reports
         COMMANDS[args.command](args)
     except CllmError as exc:
         stderr.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)

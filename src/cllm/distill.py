@@ -85,8 +85,13 @@ def run_distill(recipe: dict, run: Callable[[list[str]], None], say: Callable[[s
     return write_report(out)
 
 
+def command_line(argv: list[str]) -> str:
+    """How a report records the `cllm` command that made it (compared when deciding to skip a stage)."""
+    return "cllm " + " ".join(argv)
+
+
 def _run_unless_done(stage: str, report: Path, argv: list[str], run: Callable[[list[str]], None], say: Callable[[str], None]) -> None:
-    wanted = "cllm " + " ".join(argv)
+    wanted = command_line(argv)
     if report.is_file():
         made_by = _recorded_command(report)
         if made_by == wanted:
