@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from tiny_models import save_tiny_model
+from tiny_models import save_tiny_model, tiny_model
 
 from cllm.cli import main
 
@@ -130,6 +130,53 @@ def test_gradient_accumulation_gives_the_gradient_of_one_big_batch(collection, t
     assert not torch.allclose(weights[0], torch.cat([p.flatten() for p in load_model(str(model_dir)).model.parameters()]))
     torch.testing.assert_close(weights[1], weights[0], rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(weights[2], weights[0], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("arch,attention", [("llama", "sdpa"), ("qwen2", "eager"), ("gpt2", "sdpa"), ("gpt2", "eager")])
+@pytest.mark.parametrize("distance", ["forward_kl", "jsd"])
+def test_one_packed_forward_gives_the_loss_and_gradient_of_three_forwards(collection, tmp_path, arch, attention, distance):
+    """Packing is a saving, not another objective: over a batch of entries of different lengths and
+    blocks, the packed loss and every parameter's gradient equal those of the three forwards."""
+    from transformers import TrainingArguments
+
+    from cllm.trajectories import load_trajectories
+    from cllm.training import CllmTrainer, TrajectoryCollator
+
+    dataset = load_trajectories(collection[1])
+    entries = [dataset[i] for i in range(0, len(dataset), max(1, len(dataset) // 5))]
+    assert len({len(e["prefix_ids"]) for e in entries}) > 2
+    model = tiny_model(arch, seed=5)  # float64, eval mode: no dropout, so both ways see the same network
+    model.set_attn_implementation(attention)
+    args = TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True, disable_tqdm=True)
+    trainer = CllmTrainer(model=model, args=args, distance=distance)
+    # HF's eager attention gives NaN on left-padded float64 batches (the three-forward side): one entry at a time
+    for batch_entries in [entries] if attention == "sdpa" else [[entry] for entry in entries]:
+        losses, gradients = [], []
+        for pack in (False, True):
+            batch = TrajectoryCollator(pad_token_id=0, eos_token_ids=[1], seed=7, pack=pack)(batch_entries)
+            model.zero_grad()
+            loss = trainer.compute_loss(model, batch)
+            loss.backward()
+            losses.append(loss.detach())
+            gradients.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
+        assert "packed_ids" in batch and losses[0] > 0 and gradients[0].abs().max() > 0
+        tolerance = {} if attention == "sdpa" else {"rtol": 1e-4, "atol": 1e-5}  # eager: softmax in float32
+        torch.testing.assert_close(losses[1], losses[0], **tolerance)
+        torch.testing.assert_close(gradients[1], gradients[0], **tolerance)
+
+
+def test_packing_keeps_the_block_when_the_sequence_is_cut_to_max_length(collection):
+    from cllm.trajectories import load_trajectories
+    from cllm.training import IGNORE, TrajectoryCollator
+
+    dataset = load_trajectories(collection[1])
+    entry = max((dataset[i] for i in range(len(dataset))), key=lambda e: len(e["prefix_ids"]))
+    batch = TrajectoryCollator(pad_token_id=0, eos_token_ids=[1], max_length=len(entry["prefix_ids"]) - 2, pack=True)([entry])
+    n = len(entry["fixed_point"])
+    target_tokens = batch["packed_ids"][0, batch["target_columns"][0] + 1][: n - 1]
+    assert target_tokens.tolist() == entry["fixed_point"][: n - 1]
+    assert batch["packed_ids"].shape[1] < len(entry["prompt_ids"]) + len(entry["teacher_output_ids"]) + n - 1
+    assert (batch["labels"][0] != IGNORE).any()
 
 
 def test_resume_skips_a_checkpoint_killed_while_being_written(tmp_path):

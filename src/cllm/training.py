@@ -10,6 +10,21 @@ consistency, LC: an adjacent pair y(j), y(j+1)) and builds three left-padded seq
 
 Block positions are right-padded to the longest block of the batch and masked, so the logits
 of the block are always the last n columns (`logits_to_keep`: the LM head runs on those only).
+
+With `pack` (GC on the teacher's output, the default) the three forwards become one. The target
+sequence prefix + y* is a prefix of the AR sequence prompt + l (the blocks tile l), so its logits
+are the AR forward's logits at the block's columns, detached; the student's n - 1 block tokens go
+after the AR sequence, with their own positions and an attention mask that shows them the prefix
+and each other causally but hides l's block and beyond:
+
+    columns   prompt + l (causal)      padding     y_0 .. y_{n-2}
+    student   logits at the last prefix column, then at the appended columns
+    target    logits at l's block columns, detached
+    ar        logits at every column of prompt + l
+
+Nothing attends to the appended tokens, so each logit is the same function of the weights as in
+the three separate forwards: the loss and its gradient are equal (tests/test_train.py checks it),
+at about half the cost.
 """
 
 from __future__ import annotations
@@ -36,10 +51,13 @@ class TrajectoryCollator:
     mask_before_first_difference: bool = False
     max_length: int = 1024
     seed: int = 0
+    pack: bool = False  # one forward per entry (see the module docstring); GC on the teacher's output only
 
     def __post_init__(self) -> None:
         if self.loss_type not in ("gc", "lc"):
             raise ValueError(f"loss type must be gc or lc, got {self.loss_type!r}")
+        if self.pack and (self.loss_type != "gc" or self.use_labels):
+            raise ValueError("packing needs GC with the AR loss on the teacher's output (its target is a prefix of it)")
         self.rng = random.Random(self.seed)
 
     def _pair(self, entry: dict) -> tuple[list[int], list[int]]:
@@ -60,7 +78,17 @@ class TrajectoryCollator:
             mask[row, width - len(sequence) :] = 1
         return ids, mask
 
+    def _block_mask(self, student: list[int], target: list[int], n: int) -> torch.Tensor:
+        length = len(target)
+        counted = torch.arange(n) < length
+        counted[:length] &= after_eos_mask(torch.tensor([target]), self.eos_token_ids)[0]
+        if self.mask_before_first_difference:
+            counted[:length] &= from_first_difference_mask(torch.tensor([student]), torch.tensor([target]))[0]
+        return counted
+
     def __call__(self, entries: list[dict]) -> dict[str, torch.Tensor]:
+        if self.pack:
+            return self._packed(entries)
         n = max(len(e["fixed_point"]) for e in entries)
         students, targets, block_masks, ar_sequences, ar_starts = [], [], [], [], []
         for entry in entries:
@@ -70,11 +98,7 @@ class TrajectoryCollator:
             pad = [self.pad_token_id] * (n - length)
             students.append(prefix + (student + pad)[:-1])
             targets.append(prefix + (target + pad)[:-1])
-            counted = torch.arange(n) < length
-            counted[:length] &= after_eos_mask(torch.tensor([target]), self.eos_token_ids)[0]
-            if self.mask_before_first_difference:
-                counted[:length] &= from_first_difference_mask(torch.tensor([student]), torch.tensor([target]))[0]
-            block_masks.append(counted)
+            block_masks.append(self._block_mask(student, target, n))
             output = entry["label_ids"] if self.use_labels and entry.get("label_ids") else entry["teacher_output_ids"]
             sequence = (entry["prompt_ids"] + output)[-self.max_length :]
             ar_sequences.append(sequence)
@@ -92,6 +116,48 @@ class TrajectoryCollator:
             "target_ids": target_ids, "target_mask": target_mask,
             "block_mask": torch.stack(block_masks),
             "ar_ids": ar_ids, "ar_mask": ar_mask, "labels": labels,
+        }
+
+    def _packed(self, entries: list[dict]) -> dict[str, torch.Tensor]:
+        """One right-padded row per entry: prompt + l, padding, then the student's n - 1 block tokens."""
+        n = max(len(e["fixed_point"]) for e in entries)
+        rows = []
+        for entry in entries:
+            student, target = self._pair(entry)
+            full = entry["prompt_ids"] + entry["teacher_output_ids"]
+            start = len(entry["prefix_ids"])  # the block's first column in `full`
+            if full[start : start + len(target)] != target:
+                raise ValueError("an entry's fixed point is not its block of the teacher output: collect again")
+            cut = min(max(0, len(full) - self.max_length), start - 1)  # drop the oldest tokens, keep the block's
+            rows.append((full[cut:], start - cut, student, target, len(full) - len(entry["teacher_output_ids"]) - cut))
+        width = max(len(sequence) for sequence, *_ in rows)
+        total = width + n - 1
+        ids = torch.full((len(rows), total), self.pad_token_id, dtype=torch.long)
+        positions = torch.zeros_like(ids)
+        allowed = torch.zeros((len(rows), total, total), dtype=torch.bool)
+        labels = torch.full_like(ids, IGNORE)
+        student_columns = torch.zeros((len(rows), n), dtype=torch.long)
+        target_columns = torch.zeros_like(student_columns)
+        appended = torch.arange(width, total)
+        causal = torch.ones((total, total), dtype=torch.bool).tril()
+        for row, (sequence, start, student, target, output_start) in enumerate(rows):
+            length = len(sequence)
+            ids[row, :length] = torch.tensor(sequence)
+            ids[row, width:] = torch.tensor((student + [self.pad_token_id] * (n - len(student)))[:-1])
+            positions[row, :length] = torch.arange(length)
+            positions[row, width:] = start + torch.arange(n - 1)
+            allowed[row, :length, :length] = causal[:length, :length]
+            allowed[row, length:width, 0] = True  # padding looks at one real token: an empty softmax row is NaN
+            allowed[row, width:, :start] = True
+            allowed[row, width:, width:] = causal[: n - 1, : n - 1]
+            labels[row, max(1, output_start) : length] = ids[row, max(1, output_start) : length]
+            student_columns[row] = torch.cat([torch.tensor([start - 1]), appended])
+            target_columns[row] = (start - 1 + torch.arange(n)).clamp(max=length - 1)
+        return {
+            "packed_ids": ids, "packed_positions": positions, "packed_allowed": allowed,
+            "student_columns": student_columns, "target_columns": target_columns,
+            "block_mask": torch.stack([self._block_mask(student, target, n) for _, _, student, target, _ in rows]),
+            "labels": labels, "real_tokens": torch.tensor(sum(len(r[0]) for r in rows) + len(rows) * (n - 1)),
         }
 
 
@@ -118,7 +184,8 @@ class CllmTrainer(Trainer):
         self.beta = beta
         self.label_smoothing = label_smoothing
         self.model_accepts_loss_kwargs = True  # our loss is already normalised for accumulation
-        self.tokens_processed = 0  # real tokens through the three forwards, this process
+        self.tokens_processed = 0  # real tokens through the forwards, this process
+        self.attention = self.model.config._attn_implementation  # the packed mask's format depends on it
         self._window_counts: torch.Tensor | None = None
 
     def get_batch_samples(self, epoch_iterator, num_batches, device):
@@ -131,13 +198,29 @@ class CllmTrainer(Trainer):
             counts = self.accelerator.gather(counts[None]).sum(0)
         return batches, counts
 
-    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+    def _separate_logits(self, model, inputs) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         n = inputs["block_mask"].shape[1]
         student_logits = _logits(model, inputs["student_ids"], inputs["student_mask"], n)  # (B, n, V)
         with torch.no_grad():
             target_logits = _logits(model, inputs["target_ids"], inputs["target_mask"], n)
+        ar_logits = _logits(model, inputs["ar_ids"], inputs["ar_mask"], inputs["labels"].shape[1])[:, :-1]  # (B, T-1, V)
+        return student_logits, target_logits, ar_logits
+
+    def _packed_logits(self, model, inputs) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        allowed = inputs["packed_allowed"][:, None]  # (B, 1, T, T), used as given by HF's mask code
+        if self.attention != "sdpa":  # eager attention adds the mask to the scores
+            allowed = torch.zeros(allowed.shape, device=allowed.device).masked_fill(~allowed, torch.finfo(torch.float32).min)
+        logits = model(input_ids=inputs["packed_ids"], attention_mask=allowed, position_ids=inputs["packed_positions"]).logits
+
+        def at(columns: torch.Tensor) -> torch.Tensor:
+            return logits.gather(1, columns[:, :, None].expand(-1, -1, logits.shape[-1]))
+
+        return at(inputs["student_columns"]), at(inputs["target_columns"]).detach(), logits[:, :-1]
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        packed = "packed_ids" in inputs
+        student_logits, target_logits, ar_logits = (self._packed_logits if packed else self._separate_logits)(model, inputs)
         labels = inputs["labels"]
-        ar_logits = _logits(model, inputs["ar_ids"], inputs["ar_mask"], labels.shape[1])[:, :-1]  # (B, T-1, V)
         counts = num_items_in_batch if isinstance(num_items_in_batch, torch.Tensor) and num_items_in_batch.numel() == 2 else None
         consistency = consistency_loss(
             student_logits, target_logits, inputs["block_mask"], self.distance, self.beta,
@@ -149,7 +232,8 @@ class CllmTrainer(Trainer):
             loss = loss * self.args.world_size  # DDP averages gradients over processes; our counts are global
         if model.training:
             self._remember_terms(consistency, autoregressive, counts, inputs)
-            self.tokens_processed += int(inputs["student_mask"].sum() + inputs["target_mask"].sum() + inputs["ar_mask"].sum())
+            self.tokens_processed += int(inputs["real_tokens"] if packed else
+                                         inputs["student_mask"].sum() + inputs["target_mask"].sum() + inputs["ar_mask"].sum())
         return (loss, {"logits": student_logits}) if return_outputs else loss
 
     def _remember_terms(self, consistency, autoregressive, counts, inputs) -> None:
@@ -195,6 +279,7 @@ class TrainConfig:
     logging_steps: int = 10
     resume: bool = False
     seed: int = 0
+    pack: bool = True  # one packed forward per entry where the loss allows it (same loss as three forwards)
 
     def __post_init__(self) -> None:
         from cllm.errors import CllmError
@@ -223,6 +308,12 @@ def _with_lora(model, rank: int):
     targets = [name for name in ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "c_attn", "c_proj")
                if any(module.endswith(name) for module, _ in model.named_modules())]
     return get_peft_model(model, LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=targets, task_type="CAUSAL_LM"))
+
+
+def _can_pack(config: TrainConfig, model) -> bool:
+    """Packing needs GC on the teacher's output, and an attention that takes a custom 4-D mask."""
+    return (config.pack and config.loss_type == "gc" and not config.use_labels
+            and model.config._attn_implementation in ("sdpa", "eager"))
 
 
 def last_complete_checkpoint(checkpoints: Path) -> str | None:
@@ -290,7 +381,7 @@ def train(config: TrainConfig) -> Path:
     collator = TrajectoryCollator(
         pad_token_id=loaded.pad_token_id, eos_token_ids=loaded.eos_token_ids, loss_type=config.loss_type,
         use_labels=config.use_labels, mask_before_first_difference=config.mask_before_first_difference,
-        max_length=config.max_length, seed=config.seed,
+        max_length=config.max_length, seed=config.seed, pack=_can_pack(config, model),
     )
     trainer = CllmTrainer(
         model=model, args=args, train_dataset=dataset, data_collator=collator, ar_weight=config.ar_weight,
