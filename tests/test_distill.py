@@ -53,6 +53,16 @@ def test_bad_recipes_are_clear_errors(tmp_path, capsys):
     assert "unknown keys trian" in capsys.readouterr().err
 
 
+def test_a_failing_stage_stops_distill_with_a_clear_error(tmp_path, capfd):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump({"out": str(tmp_path / "run"), "model": str(save_tiny_model(tmp_path / "m")),
+                                      "collect": {"dataset": "gsm8k", "path": str(tmp_path / "missing.jsonl")}}))
+    assert main(["distill", str(recipe)]) == 2
+    err = capfd.readouterr().err
+    assert "missing.jsonl" in err and "stage failed (exit status 2): cllm collect" in err
+    assert not (tmp_path / "run" / "cllm").exists()
+
+
 def test_a_stage_dtype_overrides_the_recipe_dtype(tmp_path):
     from cllm.distill import run_distill
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -715,10 +716,12 @@ def cmd_distill(args: argparse.Namespace) -> None:
     recipe = load_recipe(args.recipe)
 
     def run(argv: list[str]) -> None:
+        # A fresh process per stage: decoding right after training in the same process measured
+        # 19.5 AR tok/s against 25.8 in a new one (bf16), and slowed Jacobi more than AR.
         stderr.rule(f"cllm {' '.join(argv[:1])}")
-        stage = build_parser().parse_args(argv)
-        stage.command_line = command_line(argv)
-        COMMANDS[stage.command](stage)
+        code = subprocess.run([sys.executable, "-m", "cllm.cli", *argv]).returncode
+        if code != 0:
+            raise CllmError(f"stage failed (exit status {code}): {command_line(argv)}")
 
     report = run_distill(recipe, run, lambda message: stderr.print(message, highlight=False))
     stderr.print(f"report: {Path(report['out']) / 'report.md'}")

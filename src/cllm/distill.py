@@ -6,8 +6,9 @@ A recipe names the target model and, per stage, the flags of the matching `cllm`
 writes into the recipe's `out` directory and is skipped when its output is complete; collection
 and training resume from where an interrupted run stopped. A bench or eval report records the
 command that made it: when the recipe asks for another command, the stage runs again instead of
-reporting numbers made with other settings. The final report (report.md, report.json)
-puts target and CLLM side by side.
+reporting numbers made with other settings. Each stage runs in its own process (`cllm ...`), so
+a bench never times decoding inside a process that has just trained. The final report
+(report.md, report.json) puts target and CLLM side by side.
 """
 
 from __future__ import annotations
