@@ -234,3 +234,16 @@ def test_parquet_shards_record_their_prompts(loaded, model_dir, tmp_path):
     files = sorted((tmp_path / "out" / "data").glob("*.parquet"))
     covered = [json.loads(pq.read_schema(f).metadata[b"cllm_prompt_ids"]) for f in files]
     assert covered == [["p0", "p1"], ["p2", "p3"]]
+
+
+def test_a_larger_limit_extends_a_collection_and_a_smaller_one_is_refused(loaded, model_dir, tmp_path):
+    prompts = records(6)
+    grown, whole = tmp_path / "grown", tmp_path / "whole"
+    collect(loaded, prompts[:3], config(model_dir, limit=3), grown)
+    summary = collect(loaded, prompts, config(model_dir, limit=6), grown)
+    assert (summary.prompts_resumed, summary.prompts_collected) == (3, 3)
+    assert json.loads((grown / "cllm_manifest.json").read_text())["config"]["limit"] == 6
+    collect(loaded, prompts, config(model_dir, limit=6), whole)
+    assert read_entries(grown).to_pylist() == read_entries(whole).to_pylist()
+    with pytest.raises(CllmError, match="more prompts than this --limit"):
+        collect(loaded, prompts[:3], config(model_dir, limit=3), grown)

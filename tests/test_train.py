@@ -39,7 +39,8 @@ def generate_ids(model: Path, decoder: str, capsys) -> list[int]:
 
 
 @pytest.mark.parametrize("extra", [
-    [], ["--lora", "--lora-rank", "4"], ["--loss", "lc", "--distance", "jsd"], ["--bf16", "--gradient-checkpointing"],
+    [], ["--pack", "entry"], ["--lora", "--lora-rank", "4"], ["--loss", "lc", "--distance", "jsd"],
+    ["--bf16", "--gradient-checkpointing"],
 ])
 def test_train_saves_a_model_every_command_loads(collection, tmp_path, capsys, extra):
     model, trajectories = collection
@@ -163,6 +164,45 @@ def test_one_packed_forward_gives_the_loss_and_gradient_of_three_forwards(collec
         tolerance = {} if attention == "sdpa" else {"rtol": 1e-4, "atol": 1e-5}  # eager: softmax in float32
         torch.testing.assert_close(losses[1], losses[0], **tolerance)
         torch.testing.assert_close(gradients[1], gradients[0], **tolerance)
+
+
+@pytest.mark.parametrize("arch,attention", [("llama", "sdpa"), ("gpt2", "eager")])
+def test_packing_a_prompt_s_blocks_into_one_row_gives_the_loss_and_gradient_of_one_row_per_block(collection, tmp_path, arch, attention):
+    """--pack prompt: every block of a prompt in one row, each block the logits it has alone;
+    over one prompt the loss (the AR term is a per-token mean of the same output) and gradient equal."""
+    from transformers import TrainingArguments
+
+    from cllm.trajectories import load_trajectories
+    from cllm.training import CllmTrainer, PromptGroups, TrajectoryCollator
+
+    groups = PromptGroups(load_trajectories(collection[1]))
+    sizes = [len(groups[i]) for i in range(len(groups))]
+    assert len(groups) == 4 and max(sizes) > 1 and sum(sizes) == len(groups.entries)
+    model = tiny_model(arch, seed=5)
+    model.set_attn_implementation(attention)
+    trainer = CllmTrainer(model=model, args=TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True))
+    # the losses sum in float32, and the AR term sums one copy of the output here, one per block there
+    tolerance = {"rtol": 1e-5, "atol": 1e-6} if attention == "sdpa" else {"rtol": 1e-4, "atol": 1e-5}
+    largest = groups[sizes.index(max(sizes))]
+    losses, gradients = [], []
+    for items in (largest, [largest]):  # one row per block, then one row for the prompt
+        batch = TrajectoryCollator(pad_token_id=0, eos_token_ids=[1], seed=7, pack=True)(items)
+        model.zero_grad()
+        loss = trainer.compute_loss(model, batch)
+        loss.backward()
+        losses.append(loss.detach())
+        gradients.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
+    assert batch["packed_ids"].shape[0] == 1 and batch["block_mask"].shape[0] == len(largest)
+    torch.testing.assert_close(losses[1], losses[0], **tolerance)
+    torch.testing.assert_close(gradients[1], gradients[0], **tolerance)
+    # rows of different lengths and block counts in one batch: each block still sees only its own context
+    prompts = [groups[i] for i in sorted(range(len(groups)), key=lambda i: sizes[i])[-2:][::-1]]
+    with torch.no_grad():
+        apart = trainer._packed_logits(model, TrajectoryCollator(pad_token_id=0, eos_token_ids=[1], seed=3, pack=True)(
+            [entry for group in prompts for entry in group]))
+        together = trainer._packed_logits(model, TrajectoryCollator(pad_token_id=0, eos_token_ids=[1], seed=3, pack=True)(prompts))
+    torch.testing.assert_close(together[0], apart[0], **tolerance)
+    torch.testing.assert_close(together[1], apart[1], **tolerance)
 
 
 def test_packing_keeps_the_block_when_the_sequence_is_cut_to_max_length(collection):

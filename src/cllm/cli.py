@@ -157,7 +157,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--lr", type=float, default=2e-5, help="learning rate (default: %(default)s)")
     train.add_argument("--epochs", type=float, default=1.0, help="epochs over the entries (default: %(default)s)")
     train.add_argument("--max-steps", type=int, default=-1, help="optimizer steps; overrides --epochs when > 0")
-    train.add_argument("--batch-size", type=_positive_int, default=1, help="entries per micro-batch (default: %(default)s)")
+    train.add_argument("--batch-size", type=_positive_int, default=1,
+                       help="entries per micro-batch; prompts (all their blocks) with --pack prompt (default: %(default)s)")
     train.add_argument("--grad-accum", type=_positive_int, default=1, help="micro-batches per optimizer step (default: %(default)s)")
     train.add_argument("--loss", choices=["gc", "lc"], default="gc", help="global or local consistency (default: %(default)s)")
     train.add_argument("--distance", choices=["forward_kl", "reverse_kl", "jsd"], default="forward_kl",
@@ -173,10 +174,11 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--lora", action="store_true", help="train LoRA adapters (PEFT), merged into the saved model")
     train.add_argument("--lora-rank", type=_positive_int, default=16, help="LoRA rank (default: %(default)s)")
     train.add_argument("--gradient-checkpointing", action="store_true", help="trade compute for memory")
-    train.add_argument("--no-pack", dest="pack", action="store_false",
-                       help="three forwards per entry (student, target, AR) instead of one packed forward; the loss "
-                       "is the same, packing about halves the cost and is used for GC on the target's output with "
-                       "sdpa or eager attention")
+    train.add_argument("--pack", choices=("prompt", "entry", "none"), default="prompt",
+                       help="what one forward trains, for GC on the target's output with sdpa or eager attention "
+                       "(otherwise: none): 'prompt' packs every block of a prompt into one row (a batch counts "
+                       "prompts), 'entry' one block per row, 'none' runs three forwards per block (student, "
+                       "target, AR). Each block's loss is the same (default: %(default)s)")
     train.add_argument("--bf16", action="store_true", help="bf16 autocast (where the device supports it)")
     train.add_argument("--save-steps", type=_positive_int, default=100, help="checkpoint every N steps (default: %(default)s)")
     train.add_argument("--logging-steps", type=_positive_int, default=10, help="log every N steps (default: %(default)s)")

@@ -222,12 +222,15 @@ class CollectionDir:
                 raise CllmError(f"{self.root} is not a cllm trajectory collection; use a new --out directory")
             if manifest.get("version") != FORMAT_VERSION:
                 raise CllmError(f"{self.root} was written by format version {manifest.get('version')}, not {FORMAT_VERSION}")
-            differing = sorted(k for k, v in expected["config"].items() if manifest["config"].get(k) != v)
+            # --limit may change: prompts come in dataset order, so a larger limit extends the collection
+            differing = sorted(k for k, v in expected["config"].items() if k != "limit" and manifest["config"].get(k) != v)
             if differing:
                 raise CllmError(
                     f"{self.root} holds a collection with different settings ({', '.join(differing)}); "
                     "re-run with the same settings to resume, or use a new --out directory"
                 )
+            if manifest["config"].get("limit") != config.limit:
+                _write_atomically(manifest_path, json.dumps(expected, indent=2).encode())
         elif self.root.exists() and any(self.root.iterdir()):
             raise CllmError(f"{self.root} exists, is not empty and is not a cllm trajectory collection")
         else:
@@ -239,6 +242,13 @@ class CollectionDir:
 
     def shard_path(self, batch_number: int) -> Path:
         return self.data / f"train-{self.part}-b{batch_number:06d}.parquet"
+
+    def check_no_batch_beyond(self, batches: int) -> None:
+        """A smaller --limit than a previous run's would leave its later batches in the training data."""
+        beyond = [p for p in self.data.glob(f"train-{self.part}-b*.parquet") if int(p.stem.rsplit("-b", 1)[1]) >= batches]
+        if beyond:
+            raise CllmError(f"{self.root} already holds more prompts than this --limit asks for ({len(beyond)} batches "
+                            "more); use that run's --limit or larger, or a new --out directory")
 
     def finished(self, batch_number: int, prompt_ids: list[str]) -> bool:
         path = self.shard_path(batch_number)
@@ -311,6 +321,7 @@ def collect(
     """
     directory = CollectionDir(out_dir, config, shard_index, num_shards)
     mine = shard_prompts(len(records), shard_index, num_shards)
+    directory.check_no_batch_beyond(-(-len(mine) // config.batch_size))
     summary = CollectSummary(prompts_total=len(mine))
     start = time.perf_counter()
     for batch_number, first in enumerate(range(0, len(mine), config.batch_size)):
