@@ -247,3 +247,4 @@ def test_a_larger_limit_extends_a_collection_and_a_smaller_one_is_refused(loaded
     assert read_entries(grown).to_pylist() == read_entries(whole).to_pylist()
     with pytest.raises(CllmError, match="more prompts than this --limit"):
         collect(loaded, prompts[:3], config(model_dir, limit=3), grown)
+    assert json.loads((grown / "cllm_manifest.json").read_text())["config"]["limit"] == 6

@@ -229,8 +229,6 @@ class CollectionDir:
                     f"{self.root} holds a collection with different settings ({', '.join(differing)}); "
                     "re-run with the same settings to resume, or use a new --out directory"
                 )
-            if manifest["config"].get("limit") != config.limit:
-                _write_atomically(manifest_path, json.dumps(expected, indent=2).encode())
         elif self.root.exists() and any(self.root.iterdir()):
             raise CllmError(f"{self.root} exists, is not empty and is not a cllm trajectory collection")
         else:
@@ -243,12 +241,18 @@ class CollectionDir:
     def shard_path(self, batch_number: int) -> Path:
         return self.data / f"train-{self.part}-b{batch_number:06d}.parquet"
 
-    def check_no_batch_beyond(self, batches: int) -> None:
-        """A smaller --limit than a previous run's would leave its later batches in the training data."""
+    def set_limit(self, config: CollectConfig, batches: int) -> None:
+        """Records this run's --limit; a smaller one than a previous run's would leave that run's
+        later batches in the training data, so it is refused."""
         beyond = [p for p in self.data.glob(f"train-{self.part}-b*.parquet") if int(p.stem.rsplit("-b", 1)[1]) >= batches]
         if beyond:
             raise CllmError(f"{self.root} already holds more prompts than this --limit asks for ({len(beyond)} batches "
                             "more); use that run's --limit or larger, or a new --out directory")
+        manifest_path = self.root / MANIFEST
+        manifest = json.loads(manifest_path.read_text())
+        if manifest["config"].get("limit") != config.limit:
+            manifest["config"]["limit"] = config.limit
+            _write_atomically(manifest_path, json.dumps(manifest, indent=2).encode())
 
     def finished(self, batch_number: int, prompt_ids: list[str]) -> bool:
         path = self.shard_path(batch_number)
@@ -321,7 +325,7 @@ def collect(
     """
     directory = CollectionDir(out_dir, config, shard_index, num_shards)
     mine = shard_prompts(len(records), shard_index, num_shards)
-    directory.check_no_batch_beyond(-(-len(mine) // config.batch_size))
+    directory.set_limit(config, -(-len(mine) // config.batch_size))
     summary = CollectSummary(prompts_total=len(mine))
     start = time.perf_counter()
     for batch_number, first in enumerate(range(0, len(mine), config.batch_size)):
