@@ -133,6 +133,15 @@ def test_gradient_accumulation_gives_the_gradient_of_one_big_batch(collection, t
     torch.testing.assert_close(weights[2], weights[0], rtol=1e-4, atol=1e-5)
 
 
+def loss_and_gradient(trainer, model, batch: dict, losses: list, gradients: list) -> None:
+    """Appends the batch's loss and the flattened gradient of every parameter."""
+    model.zero_grad()
+    loss = trainer.compute_loss(model, batch)
+    loss.backward()
+    losses.append(loss.detach())
+    gradients.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
+
+
 @pytest.mark.parametrize("arch,attention", [("llama", "sdpa"), ("qwen2", "eager"), ("gpt2", "sdpa"), ("gpt2", "eager")])
 @pytest.mark.parametrize("distance", ["forward_kl", "jsd"])
 def test_one_packed_forward_gives_the_loss_and_gradient_of_three_forwards(collection, tmp_path, arch, attention, distance):
@@ -155,11 +164,7 @@ def test_one_packed_forward_gives_the_loss_and_gradient_of_three_forwards(collec
         losses, gradients = [], []
         for pack in (False, True):
             batch = TrajectoryCollator(pad_token_id=0, eos_token_ids=[1], seed=7, pack=pack)(batch_entries)
-            model.zero_grad()
-            loss = trainer.compute_loss(model, batch)
-            loss.backward()
-            losses.append(loss.detach())
-            gradients.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
+            loss_and_gradient(trainer, model, batch, losses, gradients)
         assert "packed_ids" in batch and losses[0] > 0 and gradients[0].abs().max() > 0
         tolerance = {} if attention == "sdpa" else {"rtol": 1e-4, "atol": 1e-5}  # eager: softmax in float32
         torch.testing.assert_close(losses[1], losses[0], **tolerance)
@@ -187,11 +192,7 @@ def test_packing_a_prompt_s_blocks_into_one_row_gives_the_loss_and_gradient_of_o
     losses, gradients = [], []
     for items in (largest, [largest]):  # one row per block, then one row for the prompt
         batch = TrajectoryCollator(pad_token_id=0, eos_token_ids=[1], seed=7, pack=True)(items)
-        model.zero_grad()
-        loss = trainer.compute_loss(model, batch)
-        loss.backward()
-        losses.append(loss.detach())
-        gradients.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
+        loss_and_gradient(trainer, model, batch, losses, gradients)
     assert batch["packed_ids"].shape[0] == 1 and batch["block_mask"].shape[0] == len(largest)
     torch.testing.assert_close(losses[1], losses[0], **tolerance)
     torch.testing.assert_close(gradients[1], gradients[0], **tolerance)
