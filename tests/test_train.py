@@ -39,7 +39,7 @@ def generate_ids(model: Path, decoder: str, capsys) -> list[int]:
 
 
 @pytest.mark.parametrize("extra", [
-    [], ["--pack", "entry"], ["--lora", "--lora-rank", "4"], ["--loss", "lc", "--distance", "jsd"],
+    [], ["--pack", "entry"], ["--states-per-block", "3", "--warmup-steps", "0.5"], ["--lora", "--lora-rank", "4"], ["--loss", "lc", "--distance", "jsd"],
     ["--bf16", "--gradient-checkpointing"],
 ])
 def test_train_saves_a_model_every_command_loads(collection, tmp_path, capsys, extra):
@@ -91,6 +91,8 @@ def test_train_bad_input(collection, tmp_path):
     assert main(["train", "--model", str(model), "--trajectories", str(tmp_path / "none"), "--out", str(tmp_path / "o")]) == 2
     assert main(["train", "--model", str(model), "--trajectories", str(trajectories), "--out", str(tmp_path / "o"),
                  "--beta", "1.5"]) == 2
+    assert main(["train", "--model", str(model), "--trajectories", str(trajectories), "--out", str(tmp_path / "o"),
+                 "--pack", "none", "--states-per-block", "2"]) == 2
 
 
 def test_two_process_cpu_training_with_torchrun(collection, tmp_path, capsys):
@@ -204,6 +206,55 @@ def test_packing_a_prompt_s_blocks_into_one_row_gives_the_loss_and_gradient_of_o
         together = trainer._packed_logits(model, TrajectoryCollator(pad_token_id=0, eos_token_ids=[1], seed=3, pack=True)(prompts))
     torch.testing.assert_close(together[0], apart[0], **tolerance)
     torch.testing.assert_close(together[1], apart[1], **tolerance)
+
+
+def test_several_states_of_a_block_in_one_row_each_get_the_logits_they_have_alone(collection, tmp_path):
+    """--states-per-block K: K distinct states of every block side by side after prompt + l; each
+    state's student logits equal those of a row holding that state alone."""
+    from transformers import TrainingArguments
+
+    from cllm.trajectories import load_trajectories
+    from cllm.training import CllmTrainer, PromptGroups, TrajectoryCollator
+
+    groups = PromptGroups(load_trajectories(collection[1]))
+    group = max((groups[i] for i in range(len(groups))), key=len)
+    candidates = {i: [s for s in e["states"][:-1] + list(e["augmented_states"] or []) if s != e["fixed_point"]]
+                  for i, e in enumerate(group)}
+    assert max(len(c) for c in candidates.values()) > 1
+    model = tiny_model("llama", seed=5)
+    trainer = CllmTrainer(model=model, args=TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True))
+    batch = TrajectoryCollator(pad_token_id=0, eos_token_ids=[1], pack=True, states_per_block=1000)([group])
+    assert batch["block_mask"].shape[0] == sum(max(1, len(c)) for c in candidates.values())  # every state, once
+    with torch.no_grad():
+        together = trainer._packed_logits(model, batch)[0]
+        inputs = batch["packed_ids"].flatten()
+        for i, entry in enumerate(group):
+            for state in candidates[i]:
+                alone_batch = TrajectoryCollator(pad_token_id=0, eos_token_ids=[1], pack=True)(
+                    [{**entry, "states": [state, entry["fixed_point"]], "augmented_states": []}])
+                alone = trainer._packed_logits(model, alone_batch)[0][0]
+                columns = alone_batch["student_columns"][0]  # the last prefix column is the same in both rows
+                tokens = alone_batch["packed_ids"].flatten()[columns[1:]].tolist()
+                matches = [g for g in range(len(together)) if int(batch["student_columns"][g, 0]) == int(columns[0])
+                           and inputs[batch["student_columns"][g, 1 : len(columns)]].tolist() == tokens]
+                assert matches
+                torch.testing.assert_close(together[matches[0], : len(alone)], alone, rtol=1e-5, atol=1e-6)
+
+
+def test_the_log_shows_the_mean_loss_terms_since_the_last_log(tmp_path):
+    from transformers import TrainingArguments
+
+    from cllm.training import CllmTrainer
+
+    trainer = CllmTrainer(model=tiny_model("llama", seed=5), args=TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True))
+    for consistency, autoregressive in ((1.0, 4.0), (3.0, 2.0)):
+        trainer._remember_terms(torch.tensor(consistency), torch.tensor(autoregressive), None, {})
+    trainer.log({"loss": 5.0})
+    trainer._remember_terms(torch.tensor(0.5), torch.tensor(0.25), None, {})
+    trainer.log({"loss": 0.75})
+    first, second = trainer.state.log_history[-2:]
+    assert (first["consistency_loss"], first["ar_loss"]) == (2.0, 3.0)
+    assert (second["consistency_loss"], second["ar_loss"]) == (0.5, 0.25)
 
 
 def test_packing_keeps_the_block_when_the_sequence_is_cut_to_max_length(collection):

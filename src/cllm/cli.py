@@ -179,6 +179,13 @@ def build_parser() -> argparse.ArgumentParser:
                        "(otherwise: none): 'prompt' packs every block of a prompt into one row (a batch counts "
                        "prompts), 'entry' one block per row, 'none' runs three forwards per block (student, "
                        "target, AR). Each block's loss is the same (default: %(default)s)")
+    train.add_argument("--states-per-block", type=_positive_int, default=1,
+                       help="with --pack prompt or entry: train up to K distinct states of each block in the same "
+                       "row (they share its prefix, so K states cost K x (n - 1) extra tokens, not K forwards) "
+                       "(default: %(default)s)")
+    train.add_argument("--warmup-steps", type=float, default=0,
+                       help="linear learning-rate warmup: a number of steps, or a fraction of all steps when < 1 "
+                       "(default: %(default)s)")
     train.add_argument("--bf16", action="store_true", help="bf16 autocast (where the device supports it)")
     train.add_argument("--save-steps", type=_positive_int, default=100, help="checkpoint every N steps (default: %(default)s)")
     train.add_argument("--logging-steps", type=_positive_int, default=10, help="log every N steps (default: %(default)s)")
@@ -616,7 +623,7 @@ def cmd_train(args: argparse.Namespace) -> None:
         mask_before_first_difference=args.mask_before_first_difference, max_length=args.max_length,
         lora=args.lora, lora_rank=args.lora_rank, gradient_checkpointing=args.gradient_checkpointing,
         bf16=args.bf16, save_steps=args.save_steps, logging_steps=args.logging_steps, resume=args.resume,
-        seed=args.seed, pack=args.pack,
+        seed=args.seed, pack=args.pack, states_per_block=args.states_per_block, warmup_steps=args.warmup_steps,
     )
     out = train(config)
     if int(os.environ.get("RANK", "0")) == 0:

@@ -29,7 +29,9 @@ at about half the cost.
 Every block of a prompt shares prompt + l, so `PromptGroups` hands the collator all of a prompt's
 entries as one item and the row carries each block's n - 1 student tokens after it (each block
 sees its own prefix and itself only): one forward trains ~12 blocks (256 tokens, n = 16) for about
-the price of one, and the AR term sees l once instead of once per block.
+the price of one, and the AR term sees l once instead of once per block. `states_per_block` = K
+appends K distinct states of each block the same way (K x (n - 1) tokens per block): K GC samples
+of a block per step for a longer row rather than K forwards.
 """
 
 from __future__ import annotations
@@ -57,12 +59,15 @@ class TrajectoryCollator:
     max_length: int = 1024
     seed: int = 0
     pack: bool = False  # one forward per entry (see the module docstring); GC on the teacher's output only
+    states_per_block: int = 1  # packed rows only: distinct GC states of each block, side by side in the row
 
     def __post_init__(self) -> None:
         if self.loss_type not in ("gc", "lc"):
             raise ValueError(f"loss type must be gc or lc, got {self.loss_type!r}")
         if self.pack and (self.loss_type != "gc" or self.use_labels):
             raise ValueError("packing needs GC with the AR loss on the teacher's output (its target is a prefix of it)")
+        if self.states_per_block > 1 and not self.pack:
+            raise ValueError("several states per block need a packed row (they share its prefix)")
         self.rng = random.Random(self.seed)
 
     def _pair(self, entry: dict) -> tuple[list[int], list[int]]:
@@ -73,6 +78,15 @@ class TrajectoryCollator:
             return states[j], states[min(j + 1, len(states) - 1)]
         candidates = [s for s in states[:-1] + list(entry.get("augmented_states") or []) if s != fixed_point]
         return (self.rng.choice(candidates) if candidates else fixed_point), fixed_point
+
+    def _pairs(self, entry: dict) -> list[tuple[list[int], list[int]]]:
+        """Up to `states_per_block` GC pairs of one entry, distinct states drawn without replacement."""
+        if self.states_per_block == 1:
+            return [self._pair(entry)]
+        fixed_point = entry["fixed_point"]
+        candidates = [s for s in entry["states"][:-1] + list(entry.get("augmented_states") or []) if s != fixed_point]
+        chosen = self.rng.sample(candidates, min(self.states_per_block, len(candidates))) or [fixed_point]
+        return [(state, fixed_point) for state in chosen]
 
     def _left_pad(self, sequences: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
         width = max(len(s) for s in sequences)
@@ -168,11 +182,11 @@ class TrajectoryCollator:
         for entry in group:
             if entry["prompt_ids"] != prompt or entry["teacher_output_ids"] != output:
                 raise ValueError("a packed row holds blocks of one prompt and one teacher output")
-            student, target = self._pair(entry)
             start = len(entry["prefix_ids"])  # the block's first column in `full`
-            if full[start : start + len(target)] != target:
-                raise ValueError("an entry's fixed point is not its block of the teacher output: collect again")
-            blocks.append((start, student, target))
+            for student, target in self._pairs(entry):
+                if full[start : start + len(target)] != target:
+                    raise ValueError("an entry's fixed point is not its block of the teacher output: collect again")
+                blocks.append((start, student, target))
         cut = min(max(0, len(full) - self.max_length), min(start for start, _, _ in blocks) - 1)  # keep every block
         return full[cut:], len(prompt) - cut, [(start - cut, student, target) for start, student, target in blocks]
 
@@ -221,6 +235,7 @@ class CllmTrainer(Trainer):
         self.tokens_processed = 0  # real tokens through the forwards, this process
         self.attention = self.model.config._attn_implementation  # the packed mask's format depends on it
         self._window_counts: torch.Tensor | None = None
+        self._log_window = {"consistency_loss": 0.0, "ar_loss": 0.0, "micro_batches": 0}
 
     def get_batch_samples(self, epoch_iterator, num_batches, device):
         batches, _ = super().get_batch_samples(epoch_iterator, num_batches, device)
@@ -269,15 +284,20 @@ class CllmTrainer(Trainer):
         return (loss, {"logits": student_logits}) if return_outputs else loss
 
     def _remember_terms(self, consistency, autoregressive, counts, inputs) -> None:
-        """Per-token means of this micro-batch, for the log (independent of accumulation)."""
+        """Adds this micro-batch's per-token means (independent of accumulation) to the log window:
+        the log shows their mean since the last log, not one noisy micro-batch."""
         if counts is not None:
             consistency = consistency * counts[0] / inputs["block_mask"].sum().clamp(min=1)
             autoregressive = autoregressive * counts[1] / (inputs["labels"][:, 1:] != IGNORE).sum().clamp(min=1)
-        self._last_terms = {"consistency_loss": float(consistency.detach()), "ar_loss": float(autoregressive.detach())}
+        self._log_window["consistency_loss"] += float(consistency.detach())
+        self._log_window["ar_loss"] += float(autoregressive.detach())
+        self._log_window["micro_batches"] += 1
 
     def log(self, logs: dict, *args, **kwargs) -> None:
-        if "loss" in logs and getattr(self, "_last_terms", None):
-            logs = logs | {k: round(v, 4) for k, v in self._last_terms.items()}
+        window = self._log_window
+        if "loss" in logs and window["micro_batches"]:
+            logs = logs | {k: round(window[k] / window["micro_batches"], 4) for k in ("consistency_loss", "ar_loss")}
+            self._log_window = {"consistency_loss": 0.0, "ar_loss": 0.0, "micro_batches": 0}
         super().log(logs, *args, **kwargs)
 
 
@@ -315,6 +335,8 @@ class TrainConfig:
     resume: bool = False
     seed: int = 0
     pack: str = "prompt"  # prompt | entry | none: what one packed forward trains (see PACKING)
+    states_per_block: int = 1  # distinct states of a block trained per step (packed rows only)
+    warmup_steps: float = 0  # linear warmup: steps, or a fraction of all steps when < 1
 
     def __post_init__(self) -> None:
         from cllm.errors import CllmError
@@ -332,6 +354,8 @@ class TrainConfig:
             (self.max_length >= 8, "--max-length must be >= 8"),
             (self.save_steps >= 1 and self.logging_steps >= 1, "--save-steps and --logging-steps must be >= 1"),
             (self.pack in PACKING, f"--pack must be one of {', '.join(PACKING)}"),
+            (self.states_per_block >= 1, "--states-per-block must be >= 1"),
+            (self.warmup_steps >= 0, "--warmup-steps must be >= 0"),
         ]
         for ok, message in checks:
             if not ok:
@@ -403,6 +427,7 @@ def train(config: TrainConfig) -> Path:
         per_device_train_batch_size=config.batch_size,
         gradient_accumulation_steps=config.grad_accum,
         learning_rate=config.learning_rate,
+        warmup_steps=config.warmup_steps,
         num_train_epochs=config.epochs,
         max_steps=config.max_steps,
         logging_steps=config.logging_steps,
@@ -417,12 +442,15 @@ def train(config: TrainConfig) -> Path:
         dataloader_num_workers=0,
     )
     packing = _packing(config, model)
+    if packing == "none" and config.states_per_block > 1:
+        raise CllmError("--states-per-block > 1 needs a packed row: GC on the target's output, sdpa or eager attention")
     if packing == "prompt":
         dataset = PromptGroups(dataset)
     collator = TrajectoryCollator(
         pad_token_id=loaded.pad_token_id, eos_token_ids=loaded.eos_token_ids, loss_type=config.loss_type,
         use_labels=config.use_labels, mask_before_first_difference=config.mask_before_first_difference,
         max_length=config.max_length, seed=config.seed, pack=packing != "none",
+        states_per_block=config.states_per_block,
     )
     trainer = CllmTrainer(
         model=model, args=args, train_dataset=dataset, data_collator=collator, ar_weight=config.ar_weight,
