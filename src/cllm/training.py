@@ -49,6 +49,11 @@ from cllm.losses import after_eos_mask, ar_loss, consistency_loss, from_first_di
 IGNORE = -100
 
 
+def _gc_states(entry: dict) -> list[list[int]]:
+    """The states GC trains from: the trajectory's and the augmented ones, the fixed point excluded."""
+    return [s for s in entry["states"][:-1] + list(entry.get("augmented_states") or []) if s != entry["fixed_point"]]
+
+
 @dataclass
 class TrajectoryCollator:
     pad_token_id: int
@@ -76,17 +81,16 @@ class TrajectoryCollator:
         if self.loss_type == "lc":
             j = self.rng.randrange(len(states) - 1) if len(states) > 1 else 0
             return states[j], states[min(j + 1, len(states) - 1)]
-        candidates = [s for s in states[:-1] + list(entry.get("augmented_states") or []) if s != fixed_point]
+        candidates = _gc_states(entry)
         return (self.rng.choice(candidates) if candidates else fixed_point), fixed_point
 
     def _pairs(self, entry: dict) -> list[tuple[list[int], list[int]]]:
         """Up to `states_per_block` GC pairs of one entry, distinct states drawn without replacement."""
         if self.states_per_block == 1:
             return [self._pair(entry)]
-        fixed_point = entry["fixed_point"]
-        candidates = [s for s in entry["states"][:-1] + list(entry.get("augmented_states") or []) if s != fixed_point]
-        chosen = self.rng.sample(candidates, min(self.states_per_block, len(candidates))) or [fixed_point]
-        return [(state, fixed_point) for state in chosen]
+        candidates = _gc_states(entry)
+        chosen = self.rng.sample(candidates, min(self.states_per_block, len(candidates))) or [entry["fixed_point"]]
+        return [(state, entry["fixed_point"]) for state in chosen]
 
     def _left_pad(self, sequences: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
         width = max(len(s) for s in sequences)
@@ -209,6 +213,10 @@ class PromptGroups(torch.utils.data.Dataset):
         return [self.entries[i] for i in self.groups[index]]
 
 
+def _empty_log_window() -> dict[str, float]:
+    return {"consistency_loss": 0.0, "ar_loss": 0.0, "micro_batches": 0}
+
+
 def _positions(mask: torch.Tensor) -> torch.Tensor:
     return (mask.cumsum(1) - 1).clamp(min=0)
 
@@ -235,7 +243,7 @@ class CllmTrainer(Trainer):
         self.tokens_processed = 0  # real tokens through the forwards, this process
         self.attention = self.model.config._attn_implementation  # the packed mask's format depends on it
         self._window_counts: torch.Tensor | None = None
-        self._log_window = {"consistency_loss": 0.0, "ar_loss": 0.0, "micro_batches": 0}
+        self._log_window = _empty_log_window()
 
     def get_batch_samples(self, epoch_iterator, num_batches, device):
         batches, _ = super().get_batch_samples(epoch_iterator, num_batches, device)
@@ -297,7 +305,7 @@ class CllmTrainer(Trainer):
         window = self._log_window
         if "loss" in logs and window["micro_batches"]:
             logs = logs | {k: round(window[k] / window["micro_batches"], 4) for k in ("consistency_loss", "ar_loss")}
-            self._log_window = {"consistency_loss": 0.0, "ar_loss": 0.0, "micro_batches": 0}
+            self._log_window = _empty_log_window()
         super().log(logs, *args, **kwargs)
 
 
