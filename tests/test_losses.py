@@ -30,10 +30,19 @@ def test_closed_forms_on_two_tokens():
     jsd = 0.5 * (0.8 * math.log(0.8 / m[0]) + 0.2 * math.log(0.2 / m[1])) + \
         0.5 * (0.4 * math.log(0.4 / m[0]) + 0.6 * math.log(0.6 / m[1]))
     assert token_distance(p, q, "jsd", beta=0.5).item() == pytest.approx(jsd, rel=1e-5)
+    assert token_distance(p, q, "argmax_ce").item() == pytest.approx(-math.log(0.4), rel=1e-5)
     with pytest.raises(ValueError):
         token_distance(p, q, "jsd", beta=1.0)
     with pytest.raises(ValueError):
         token_distance(p, q, "l2")
+
+
+def test_argmax_ce_depends_on_the_target_only_through_its_top_token():
+    student = torch.tensor([[0.3, -1.0, 2.0]])
+    confident, hesitant = torch.tensor([[9.0, 0.0, 0.0]]), torch.tensor([[0.2, 0.1, 0.15]])
+    expected = -torch.log_softmax(student, -1)[0, 0]
+    assert token_distance(confident, student, "argmax_ce").item() == pytest.approx(expected.item(), rel=1e-6)
+    assert token_distance(hesitant, student, "argmax_ce").item() == pytest.approx(expected.item(), rel=1e-6)
 
 
 def test_masking_and_normalisation():

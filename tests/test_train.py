@@ -39,7 +39,7 @@ def generate_ids(model: Path, decoder: str, capsys) -> list[int]:
 
 
 @pytest.mark.parametrize("extra", [
-    [], ["--pack", "entry"], ["--states-per-block", "3", "--warmup-steps", "0.5"], ["--lora", "--lora-rank", "4"], ["--loss", "lc", "--distance", "jsd"],
+    [], ["--pack", "entry"], ["--states-per-block", "3", "--warmup-steps", "0.5", "--distance", "argmax_ce"], ["--lora", "--lora-rank", "4"], ["--loss", "lc", "--distance", "jsd"],
     ["--bf16", "--gradient-checkpointing"],
 ])
 def test_train_saves_a_model_every_command_loads(collection, tmp_path, capsys, extra):

@@ -161,8 +161,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="entries per micro-batch; prompts (all their blocks) with --pack prompt (default: %(default)s)")
     train.add_argument("--grad-accum", type=_positive_int, default=1, help="micro-batches per optimizer step (default: %(default)s)")
     train.add_argument("--loss", choices=["gc", "lc"], default="gc", help="global or local consistency (default: %(default)s)")
-    train.add_argument("--distance", choices=["forward_kl", "reverse_kl", "jsd"], default="forward_kl",
-                       help="divergence D (default: %(default)s)")
+    train.add_argument("--distance", choices=["forward_kl", "reverse_kl", "jsd", "argmax_ce"], default="forward_kl",
+                       help="divergence D; argmax_ce: cross-entropy to the target's top token (default: %(default)s)")
     train.add_argument("--beta", type=float, default=0.5, help="beta of the generalized JSD (default: %(default)s)")
     train.add_argument("--ar-weight", type=float, default=1.0,
                        help="weight w of the AR loss; both terms are per-token means (default: %(default)s)")

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-DISTANCES = ("forward_kl", "reverse_kl", "jsd")
+DISTANCES = ("forward_kl", "reverse_kl", "jsd", "argmax_ce")
 
 
 def token_distance(
@@ -28,11 +28,16 @@ def token_distance(
     jsd:        generalized Jensen-Shannon, beta * KL(p || m) + (1 - beta) * KL(q || m) with
                 m = beta * p + (1 - beta) * q; beta = 0.5 is the symmetric JSD. Both terms
                 vanish as beta reaches 0 or 1, so beta must lie strictly between them.
+    argmax_ce:  -log q(argmax p), forward KL to the one-hot of p's top token: Jacobi decoding only
+                needs q's argmax to be the fixed point's token, not p's whole distribution, which
+                a wrong prefix often cannot determine. Not in the paper: cllm's own option.
     """
     if distance not in DISTANCES:
         raise ValueError(f"unknown distance {distance!r}; choose one of {', '.join(DISTANCES)}")
     log_p = F.log_softmax(target_logits.detach().float(), dim=-1)
     log_q = F.log_softmax(student_logits.float(), dim=-1)
+    if distance == "argmax_ce":
+        return -log_q.gather(-1, target_logits.argmax(-1, keepdim=True)).squeeze(-1)
     if distance == "forward_kl":
         return (log_p.exp() * (log_p - log_q)).sum(-1)
     if distance == "reverse_kl":
