@@ -34,10 +34,10 @@ def token_distance(
     """
     if distance not in DISTANCES:
         raise ValueError(f"unknown distance {distance!r}; choose one of {', '.join(DISTANCES)}")
-    log_p = F.log_softmax(target_logits.detach().float(), dim=-1)
     log_q = F.log_softmax(student_logits.float(), dim=-1)
     if distance == "argmax_ce":
-        return -log_q.gather(-1, target_logits.argmax(-1, keepdim=True)).squeeze(-1)
+        return -log_q.gather(-1, target_logits.detach().argmax(-1, keepdim=True)).squeeze(-1)
+    log_p = F.log_softmax(target_logits.detach().float(), dim=-1)
     if distance == "forward_kl":
         return (log_p.exp() * (log_p - log_q)).sum(-1)
     if distance == "reverse_kl":

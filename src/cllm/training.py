@@ -242,7 +242,6 @@ class CllmTrainer(Trainer):
         self.model_accepts_loss_kwargs = True  # our loss is already normalised for accumulation
         self.tokens_processed = 0  # real tokens through the forwards, this process
         self.attention = self.model.config._attn_implementation  # the packed mask's format depends on it
-        self._window_counts: torch.Tensor | None = None
         self._log_window = _empty_log_window()
 
     def get_batch_samples(self, epoch_iterator, num_batches, device):
