@@ -3,6 +3,8 @@
 import pytest
 
 from cllm.bench import DecoderSpec, RunRecord, summarize
+from cllm.cli import JACOBI_INITS, _short_names
+from cllm.decoding import INIT_STRATEGIES
 from cllm.errors import CllmError
 
 
@@ -33,7 +35,11 @@ def test_decoder_spec_parsing():
     assert DecoderSpec.parse("jacobi:8") == DecoderSpec("jacobi", 8)
     assert DecoderSpec.parse("jacobi").block_size == 16
     assert DecoderSpec.parse("hf").label == "hf"
-    for bad in ("jacobi:0", "jacobi:x", "ar:2", "beam"):
+    assert DecoderSpec.parse("jacobi:8:lookup") == DecoderSpec("jacobi", 8, "lookup")
+    assert DecoderSpec.parse("jacobi:8:lookup").label == "jacobi:8:lookup"
+    assert DecoderSpec.parse("jacobi:8:prompt").label == "jacobi:8"
+    assert JACOBI_INITS == INIT_STRATEGIES  # the CLI spells them out to keep --help free of torch
+    for bad in ("jacobi:0", "jacobi:x", "ar:2", "beam", "jacobi:8:zeros"):
         with pytest.raises(CllmError):
             DecoderSpec.parse(bad)
 
@@ -64,3 +70,9 @@ def test_two_models_compare_against_the_target_ar_and_count_degenerate_runs(tmp_
     write_report(tmp_path, {"command": "test"}, list(summaries.values()), records)
     assert (tmp_path / "bench.png").stat().st_size > 1000
     assert "bench.png" in (tmp_path / "bench.md").read_text()
+
+
+def test_models_with_the_same_directory_name_get_distinct_labels():
+    assert _short_names(["default", "runs/a5/cllm", "runs/a8/cllm"]) == ["default", "a5/cllm", "a8/cllm"]
+    assert _short_names(["default", "runs/a8/cllm/"]) == ["default", "cllm"]
+    assert _short_names(["x/run/cllm", "y/run/cllm"]) == ["x/run/cllm", "y/run/cllm"]

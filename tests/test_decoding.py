@@ -8,7 +8,7 @@ import pytest
 import torch
 from tiny_models import VOCAB, tiny_model
 
-from cllm.decoding import ar, count_stationary, hf_generate, jacobi, left_pad
+from cllm.decoding import INIT_STRATEGIES, _GuessMaker, _Rows, ar, count_stationary, hf_generate, jacobi, jacobi_no_cache, left_pad, lookup_continuation
 
 ARCHS = ["llama", "qwen2", "gpt2"]
 BLOCK_SIZES = [1, 2, 3, 8, 16]
@@ -42,8 +42,8 @@ def test_jacobi_equals_ar_equals_generate(arch, seed, batch):
     for eos_token_id in (None, eos):
         expected = hf_generate(model, input_ids, attention_mask, max_new_tokens=max_new_tokens, eos_token_id=eos_token_id).token_ids
         assert ar(model, input_ids, attention_mask, max_new_tokens=max_new_tokens, eos_token_id=eos_token_id).token_ids == expected
-        for n in BLOCK_SIZES:
-            init = rng.choice(["prompt", "repeat", "pad"])
+        for step, n in enumerate(BLOCK_SIZES):
+            init = INIT_STRATEGIES[(seed + step) % len(INIT_STRATEGIES)]  # every guess with every n across seeds
             out = jacobi(model, input_ids, attention_mask, block_size=n, max_new_tokens=max_new_tokens,
                          eos_token_id=eos_token_id, init=init, seed=seed)
             assert out.token_ids == expected, f"n={n} init={init} eos={eos_token_id}"
@@ -137,6 +137,65 @@ def test_count_stationary_on_a_hand_made_trajectory():
     # pos 2: right from state 1 while pos 1 wrong -> stationary; pos 3: right only at the end.
     assert count_stationary(changing) == 1
     assert count_stationary(torch.tensor([[1, 2, 3]])) == 0
+
+
+def test_lookup_continuation_follows_the_latest_longest_match():
+    # the last 3 tokens [1, 2, 3] occurred before, followed by 4, 5
+    assert lookup_continuation([1, 2, 3, 4, 5, 9, 1, 2, 3], n=4) == [4, 5, 9, 1]
+    # only the last token recurs: its latest earlier occurrence wins ([3] at index 5 -> 7)
+    assert lookup_continuation([3, 6, 8, 8, 8, 3, 7, 2, 3], n=2) == [7, 2]
+    # a 2-token match beats a more recent 1-token match
+    assert lookup_continuation([5, 3, 0, 2, 3, 9, 5, 3], n=1) == [0]
+    # the continuation stops at the end of the context; nothing recurs -> nothing
+    assert lookup_continuation([4, 4], n=5) == [4]
+    assert lookup_continuation([1, 2, 3], n=5) == []
+    assert lookup_continuation([7], n=5) == []
+
+
+@pytest.mark.parametrize("arch_name", ARCHS)
+def test_lookup_guess_starts_every_block_from_the_context(arch_name):
+    model = tiny_model(arch_name, seed=5)
+    prompt = [4, 6, 4, 6, 4, 6, 2]
+    out = jacobi(model, torch.tensor([prompt]), block_size=5, max_new_tokens=61, init="lookup", return_trajectory=True)
+    reference = jacobi_no_cache(model, torch.tensor([prompt]), block_size=5, max_new_tokens=61, init="lookup",
+                                return_trajectory=True)
+    assert out.token_ids == reference.token_ids == ar(model, torch.tensor([prompt]), max_new_tokens=61).token_ids
+    context, looked_up = prompt + out.token_ids[0][:1], 0
+    for states, same_states in zip(out.trajectories[0], reference.trajectories[0]):
+        assert torch.equal(states, same_states)
+        found = lookup_continuation(context, n=5)[: states.shape[1]]
+        assert states[0, : len(found)].tolist() == found
+        looked_up += bool(found)
+        context += states[-1].tolist()
+    assert looked_up >= 2, "too few blocks started from a lookup: the test would prove little"
+
+
+def _one_row(prompt: list[int], out: list[int]) -> _Rows:
+    return _Rows(index=torch.tensor([0]), slot_mask=torch.ones(1, len(prompt)), n_real=torch.tensor([len(prompt)]),
+                 pending=torch.tensor(out[-1:]), out=torch.tensor([out + [0] * 8]), n_out=torch.tensor([len(out)]),
+                 prompt=torch.tensor([[0] + prompt]), prompt_len=torch.tensor([len(prompt)]))
+
+
+def test_lookup_refresh_rewrites_the_unfixed_part_only_on_a_disagreeing_two_token_match():
+    maker = _GuessMaker("lookup", seed=0, batch=1, pad_token_id=0)
+    rows = _one_row(prompt=[7, 1, 2, 3, 4], out=[9, 1, 2])  # context ends in [1, 2], seen before, then 3 4 9 1 2
+    block = torch.tensor([[1, 2, 8, 8, 8, 8]])
+    maker.refresh(rows, block, fixed=torch.tensor([2]), block_len=torch.tensor([6]), done=torch.tensor([False]))
+    assert block.tolist() == [[1, 2, 3, 4, 9, 1]]
+
+    agreeing = torch.tensor([[1, 2, 3, 8, 8, 8]])  # the iterate already continues with 3: kept whole
+    maker.refresh(rows, agreeing, fixed=torch.tensor([2]), block_len=torch.tensor([6]), done=torch.tensor([False]))
+    assert agreeing.tolist() == [[1, 2, 3, 8, 8, 8]]
+
+    one_token_match = _one_row(prompt=[7, 2, 3, 4], out=[9, 1, 2])  # only [2] recurs
+    block = torch.tensor([[1, 2, 8, 8, 8, 8]])
+    maker.refresh(one_token_match, block, fixed=torch.tensor([2]), block_len=torch.tensor([6]), done=torch.tensor([False]))
+    assert block.tolist() == [[1, 2, 8, 8, 8, 8]]
+
+    for strategy in ("prompt", "repeat", "pad"):  # the other guesses never touch the iterate
+        block = torch.tensor([[1, 2, 8, 8, 8, 8]])
+        _GuessMaker(strategy, 0, 1, 0).refresh(rows, block, torch.tensor([2]), torch.tensor([6]), torch.tensor([False]))
+        assert block.tolist() == [[1, 2, 8, 8, 8, 8]]
 
 
 def test_bad_arguments_raise_value_error():

@@ -42,3 +42,5 @@ def test_jacobi_equals_ar_on_ten_prompts_at_128_tokens(loaded):
         got = jacobi(loaded.model, torch.tensor([prompt]), block_size=16, **kwargs)
         assert got.token_ids[0] == reference
         assert got.stats[0].forward_passes <= len(reference)
+    # lookup guesses rewrite iterates mid-block; batched, so rows refresh at different iterations
+    assert jacobi(loaded.model, input_ids, attention_mask, block_size=16, init="lookup", **kwargs).token_ids == expected

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from cllm.decoding import DECODERS, DecodeOutput
+from cllm.decoding import DECODERS, INIT_STRATEGIES, DecodeOutput
 from cllm.errors import CllmError
 from cllm.models import LoadedModel
 from cllm.trajectories import is_degenerate
@@ -28,22 +28,27 @@ DEGENERATE_SPAN = 32  # a repeated span this long marks an output as degenerate 
 
 @dataclass(frozen=True)
 class DecoderSpec:
-    """`hf`, `ar`, or `jacobi` with a block size; written `jacobi:16` on the command line."""
+    """`hf`, `ar`, or `jacobi` with a block size and an initial guess; written `jacobi:16` or
+    `jacobi:16:lookup` on the command line (the guess defaults to `prompt`)."""
 
     kind: str
     block_size: int = 1
+    init: str = "prompt"
 
     @property
     def label(self) -> str:
-        return f"jacobi:{self.block_size}" if self.kind == "jacobi" else self.kind
+        if self.kind != "jacobi":
+            return self.kind
+        return f"jacobi:{self.block_size}" + ("" if self.init == "prompt" else f":{self.init}")
 
     @classmethod
     def parse(cls, text: str) -> DecoderSpec:
-        kind, _, size = text.partition(":")
+        kind, _, rest = text.partition(":")
+        size, _, init = rest.partition(":")
         if kind not in DECODERS:
-            raise CllmError(f"unknown decoder {text!r}; use hf, ar or jacobi:N")
+            raise CllmError(f"unknown decoder {text!r}; use hf, ar or jacobi:N[:INIT]")
         if kind != "jacobi":
-            if size:
+            if rest:
                 raise CllmError(f"decoder {kind} takes no block size")
             return cls(kind)
         try:
@@ -52,7 +57,10 @@ class DecoderSpec:
             raise CllmError(f"bad block size in {text!r}") from None
         if block_size < 1:
             raise CllmError(f"block size must be >= 1 in {text!r}")
-        return cls("jacobi", block_size)
+        init = init or "prompt"
+        if init not in INIT_STRATEGIES:
+            raise CllmError(f"unknown initial guess {init!r} in {text!r}; choose one of {', '.join(INIT_STRATEGIES)}")
+        return cls("jacobi", block_size, init)
 
 
 @dataclass
@@ -81,7 +89,7 @@ def decode_once(
     input_ids = torch.tensor([prompt_ids], device=device)
     kwargs = dict(max_new_tokens=max_new_tokens, eos_token_id=loaded.eos_token_ids, pad_token_id=loaded.pad_token_id)
     if spec.kind == "jacobi":
-        kwargs["block_size"] = spec.block_size
+        kwargs |= dict(block_size=spec.block_size, init=spec.init)
     _synchronize(device)
     start = time.perf_counter()
     output = DECODERS[spec.kind](loaded.model, input_ids, **kwargs)
@@ -259,16 +267,21 @@ def plot_block_sizes(summaries: Sequence[DecoderSummary], path: Path) -> bool:
     if not jacobi:
         return False
     figure, (speed_axis, forward_axis) = plt.subplots(1, 2, figsize=(10, 4))
-    for model in dict.fromkeys(s.model for s in jacobi):
-        points = sorted((int(s.decoder.split(":")[1]), s) for s in jacobi if s.model == model)
+    specs = {id(s): DecoderSpec.parse(s.decoder) for s in jacobi}
+    for model, init in dict.fromkeys((s.model, specs[id(s)].init) for s in jacobi):
+        points = sorted(
+            ((specs[id(s)].block_size, s) for s in jacobi if (s.model, specs[id(s)].init) == (model, init)),
+            key=lambda point: point[0],
+        )
         sizes = [size for size, _ in points]
-        speed_axis.plot(sizes, [s.speedup_vs_reference_ar or 0 for _, s in points], marker="o", label=model or "model")
-        forward_axis.plot(sizes, [s.tokens_per_forward for _, s in points], marker="o", label=model or "model")
+        label = (model or "model") + ("" if init == "prompt" else f" ({init} guess)")
+        speed_axis.plot(sizes, [s.speedup_vs_reference_ar or 0 for _, s in points], marker="o", label=label)
+        forward_axis.plot(sizes, [s.tokens_per_forward for _, s in points], marker="o", label=label)
     speed_axis.axhline(1.0, color="grey", linestyle=":", linewidth=1)
     speed_axis.set(xlabel="Jacobi block size n", ylabel="speedup vs target AR (median, wall clock)", xscale="log", title="speed")
     forward_axis.set(xlabel="Jacobi block size n", ylabel="tokens per forward", xscale="log", title="tokens per forward")
     for axis in (speed_axis, forward_axis):
-        axis.set_xticks(sorted({int(s.decoder.split(":")[1]) for s in jacobi}))
+        axis.set_xticks(sorted({spec.block_size for spec in specs.values()}))
         axis.get_xaxis().set_major_formatter(matplotlib.ticker.ScalarFormatter())
         axis.legend()
         axis.grid(alpha=0.3)

@@ -51,12 +51,22 @@ def _add_model_args(parser: argparse.ArgumentParser, several: bool = False) -> N
     group.add_argument("--raw", action="store_true", help="feed prompts as plain text, without the chat template")
 
 
+# decoding.INIT_STRATEGIES, spelled out so that --help does not import torch (a test keeps them equal)
+JACOBI_INITS = ("prompt", "repeat", "pad", "lookup")
+
+
 def _add_decoding_args(parser: argparse.ArgumentParser, max_new_tokens: int) -> None:
     parser.add_argument(
         "--max-new-tokens", type=_positive_int, default=max_new_tokens, help="tokens to generate at most (default: %(default)s)"
     )
     parser.add_argument(
         "--block-size", type=_positive_int, default=16, help="Jacobi block size n (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--init", choices=JACOBI_INITS, default="prompt",
+        help="Jacobi initial guess of a block: tokens drawn from the prompt (the paper's), the last token "
+        "repeated, padding, or lookup: what followed the latest earlier occurrence of the last 1-3 tokens "
+        "(exact like the others; default: %(default)s)",
     )
 
 
@@ -82,10 +92,6 @@ def build_parser() -> argparse.ArgumentParser:
         help="ar: our greedy KV-cache loop; jacobi: Jacobi decoding; hf: transformers generate (default: %(default)s)",
     )
     _add_decoding_args(generate, max_new_tokens=128)
-    generate.add_argument(
-        "--init", choices=["prompt", "repeat", "pad"], default="prompt",
-        help="Jacobi initial guess: tokens drawn from the prompt, the last token repeated, or padding (default: %(default)s)",
-    )
     generate.add_argument("--seed", type=int, default=0, help="seed of the Jacobi initial guesses (default: %(default)s)")
     generate.add_argument("--batch-size", type=_positive_int, default=1, help="prompts decoded together (default: %(default)s)")
     generate.add_argument("--stats", action="store_true", help="print a table of decoding statistics to stderr")
@@ -107,7 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--path", help="dataset file (for gsm8k, jsonl, sharegpt)")
     bench.add_argument(
         "--decoders", default="hf,ar,jacobi:8,jacobi:16,jacobi:32",
-        help="comma-separated: hf, ar, jacobi:N (default: %(default)s)",
+        help="comma-separated: hf, ar, jacobi:N or jacobi:N:INIT with INIT one of --init's (default: %(default)s)",
     )
     bench.add_argument("--max-new-tokens", type=_positive_int, default=128, help="tokens per prompt at most (default: %(default)s)")
     bench.add_argument("--limit", type=_positive_int, help="use only the first N prompts")
@@ -134,7 +140,6 @@ def build_parser() -> argparse.ArgumentParser:
     _add_decoding_args(collect, max_new_tokens=256)
     collect.add_argument("--limit", type=_positive_int, help="use only the first N prompts")
     collect.add_argument("--batch-size", type=_positive_int, default=8, help="prompts decoded together (default: %(default)s)")
-    collect.add_argument("--init", choices=["prompt", "repeat", "pad"], default="prompt", help="initial guess (default: %(default)s)")
     collect.add_argument("--seed", type=int, default=0, help="seed of guesses and augmentation (default: %(default)s)")
     collect.add_argument("--augment", action="store_true", help="also store states with random wrong tokens corrected")
     collect.add_argument("--drop-degenerate", action="store_true", help="drop the entries of degenerate (repetitive) outputs")
@@ -474,16 +479,23 @@ def cmd_bench(args: argparse.Namespace) -> None:
     if len(set(names)) != len(names):
         raise CllmError("the same --model is given twice")
     models = []
-    for name in names:
+    for name, label in zip(names, _short_names(names)):
         args.model = name
-        models.append((_short_name(name), _load(args)))
+        models.append((label, _load(args)))
     args.model = names
     _bench(models, args, prompts, specs, args.out, repeats=args.repeats)
 
 
-def _short_name(model: str) -> str:
-    """A label for tables: the directory or file name (the full path is in the report's meta)."""
-    return model if model == "default" else Path(model.rstrip("/")).name or model
+def _short_names(models: Sequence[str]) -> list[str]:
+    """Labels for tables: each model's directory or file name, with as many parent directories as
+    it takes to tell them apart (runs/a/cllm and runs/b/cllm -> a/cllm, b/cllm); the full paths
+    are in the report's meta."""
+    parts = [("default",) if m == "default" else Path(m.rstrip("/")).parts or (m,) for m in models]
+    for depth in range(1, max(len(p) for p in parts) + 1):
+        labels = ["/".join(p[-depth:]) for p in parts]
+        if len(set(labels)) == len(labels):
+            return labels
+    return list(models)
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
@@ -494,7 +506,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
 
     loaded = _load(args)
     encoded = _encode_all(loaded, DEMO_PROMPTS, args.raw, args.max_new_tokens)
-    jacobi_spec = DecoderSpec("jacobi", args.block_size)
+    jacobi_spec = DecoderSpec("jacobi", args.block_size, args.init)
     out = Console()
     for number, (text, ids) in enumerate(zip(DEMO_PROMPTS, encoded), start=1):
         ar_output, ar_seconds = decode_once(loaded, DecoderSpec("ar"), ids, args.max_new_tokens)
@@ -642,7 +654,7 @@ def run_eval(args: argparse.Namespace) -> dict:
 
     out = args.out or Path("runs/eval") / f"{args.task}.json"
     settings = evaluation.DecodeSettings(
-        decoder=args.decoder, block_size=args.block_size, max_new_tokens=args.max_new_tokens,
+        decoder=args.decoder, block_size=args.block_size, init=args.init, max_new_tokens=args.max_new_tokens,
         batch_size=args.batch_size, template="raw" if args.raw else "chat",
     )
     if args.task == "gsm8k":
@@ -675,7 +687,7 @@ def run_eval(args: argparse.Namespace) -> dict:
             report = evaluation.mtbench_answers(loaded, items, settings, model_id, answers, args.second_turn, advance)
     report["seconds"] = round(time.perf_counter() - start, 2)
     report["settings"] = {"model": args.model, "dtype": args.dtype, "template": settings.template} | (
-        {} if args.task == "perplexity" else {"decoder": args.decoder, "block_size": args.block_size,
+        {} if args.task == "perplexity" else {"decoder": args.decoder, "block_size": args.block_size, "init": args.init,
                                                 "max_new_tokens": args.max_new_tokens, "batch_size": args.batch_size})
     report["command"] = args.command_line
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -706,9 +718,10 @@ def cmd_viz(args: argparse.Namespace) -> None:
     if not args.prompt.strip():
         raise CllmError("empty prompt")
     views = {}
-    for name in args.model or ["default"]:
+    names = args.model or ["default"]
+    for name, label in zip(names, _short_names(names)):
         args.model = name
-        views[_short_name(name)] = trajectory_views(_load(args), args.prompt, args.block_size, args.blocks, args.raw)
+        views[label] = trajectory_views(_load(args), args.prompt, args.block_size, args.blocks, args.raw)
     args.out.mkdir(parents=True, exist_ok=True)
     render_html(views, args.prompt, args.out / "trajectory.html")
     render_png(views, args.out / "trajectory.png")

@@ -30,7 +30,9 @@ from dataclasses import dataclass, field
 import torch
 from transformers import DynamicCache, GenerationConfig, PreTrainedModel
 
-INIT_STRATEGIES = ("prompt", "repeat", "pad")
+INIT_STRATEGIES = ("prompt", "repeat", "pad", "lookup")
+LOOKUP_MAX_NGRAM = 3
+LOOKUP_MIN_NGRAM_MID_BLOCK = 2  # a lone recurring token is too weak a reason to discard the iterate
 
 TokenCallback = Callable[[int, list[int]], None]
 """Called as `callback(row, new_token_ids)` whenever a row's output grows (streaming)."""
@@ -295,7 +297,10 @@ class _GuessMaker:
 
     `prompt` (the paper's choice) draws n tokens uniformly from the row's own prompt; every row has
     its own generator, seeded `seed + row` or by its entry of a per-row `seed` list, so a row's
-    guesses do not depend on its batch mates.
+    guesses do not depend on its batch mates. `lookup` starts from what followed the latest earlier
+    occurrence of the context's last tokens (see `lookup_continuation`) and fills the rest like
+    `prompt`: answers repeat numbers and phrases of their question, and the acceptance rule verifies
+    every guess, so the output stays the greedy one whatever the guess.
     """
 
     def __init__(self, strategy: str, seed: int | Sequence[int], batch: int, pad_token_id: int) -> None:
@@ -323,7 +328,43 @@ class _GuessMaker:
         prompt_len = rows.prompt_len[which, None]
         width = rows.prompt.shape[1]
         offsets = width - prompt_len + (draws * prompt_len).long()
-        return rows.prompt[which].gather(1, offsets)
+        guesses = rows.prompt[which].gather(1, offsets)
+        if self.strategy == "lookup":
+            for slot, i in enumerate(which.tolist()):
+                found = lookup_continuation(_context(rows, i), n)
+                guesses[slot, : len(found)] = torch.tensor(found, dtype=torch.long, device=device)
+        return guesses
+
+    def refresh(self, rows: _Rows, block: torch.Tensor, fixed: torch.Tensor, block_len: torch.Tensor, done: torch.Tensor) -> None:
+        """`lookup` only, after an iteration: where the verified context's last 2-3 tokens recur
+        and what followed them disagrees with the iterate's first unfixed token, overwrite the
+        unfixed positions with it. The iterate there was computed from a rejected token, the
+        lookup from verified ones; the acceptance rule checks both alike."""
+        if self.strategy != "lookup":
+            return
+        for i in ((fixed < block_len) & ~done).nonzero().flatten().tolist():
+            start = int(fixed[i])
+            found = lookup_continuation(_context(rows, i), int(block_len[i]) - start, min_ngram=LOOKUP_MIN_NGRAM_MID_BLOCK)
+            if found and found[0] != int(block[i, start]):
+                block[i, start : start + len(found)] = torch.tensor(found, dtype=torch.long, device=block.device)
+
+
+def _context(rows: _Rows, i: int) -> list[int]:
+    """Row i's prompt and output so far (its last token is `pending`)."""
+    prompt = rows.prompt[i, rows.prompt.shape[1] - int(rows.prompt_len[i]) :]
+    return prompt.tolist() + rows.out[i, : int(rows.n_out[i])].tolist()
+
+
+def lookup_continuation(context: Sequence[int], n: int, max_ngram: int = LOOKUP_MAX_NGRAM, min_ngram: int = 1) -> list[int]:
+    """Up to n tokens that followed the latest earlier occurrence of the context's last `size`
+    tokens, trying size = max_ngram down to min_ngram (prompt lookup); [] when no suffix recurs."""
+    context = list(context)
+    for size in range(min(max_ngram, len(context) - 1), min_ngram - 1, -1):
+        key = context[-size:]
+        for start in range(len(context) - size - 1, -1, -1):
+            if context[start : start + size] == key:
+                return context[start + size : start + size + n]
+    return []
 
 
 def stationary_mask(states: torch.Tensor) -> torch.Tensor:
@@ -436,12 +477,13 @@ def jacobi(
         _emit(rows, prediction, count, on_tokens)
         fixed = fixed + accepted
         block_iters += 1
+        done = hit_eos | (rows.n_out >= max_new_tokens)
+        make_guess.refresh(rows, block, fixed, block_len, done)
         for row, emitted, state in zip(rows.index.tolist(), count.tolist(), block):
             stats[row].forward_passes += 1
             stats[row].fast_forward += emitted - 1
             states[row].append(state)
 
-        done = hit_eos | (rows.n_out >= max_new_tokens)
         converged = (fixed >= block_len) | done
         if bool((block_iters > block_len).any()):
             raise RuntimeError("Jacobi block exceeded n iterations; acceptance must fix >= 1 token per forward")
@@ -506,6 +548,7 @@ def jacobi_no_cache(
     while produced < max_new_tokens and not finished:
         length = min(block_size, max_new_tokens - produced)
         rows.pending = sequence[-1:]
+        rows.out, rows.n_out = sequence[None, input_ids.shape[1] :], torch.tensor([produced])
         block = make_guess(rows, torch.zeros(1, dtype=torch.long), block_size)[0, :length]
         states, fixed = [block], 0
         while fixed < length:
@@ -521,6 +564,8 @@ def jacobi_no_cache(
             fixed += accepted
             stats.forward_passes += 1
             stats.fast_forward += accepted - 1
+            rows.out, rows.n_out = torch.cat([sequence, block[:fixed]])[None, input_ids.shape[1] :], torch.tensor([produced + fixed])
+            make_guess.refresh(rows, block[None], torch.tensor([fixed]), torch.tensor([length]), torch.tensor([finished]))
             states.append(block)
             if finished:
                 break

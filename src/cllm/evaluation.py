@@ -30,6 +30,7 @@ from cllm.sandbox import Limits, run_untrusted
 class DecodeSettings:
     decoder: str = "jacobi"
     block_size: int = 16
+    init: str = "prompt"
     max_new_tokens: int = 256
     batch_size: int = 1
     template: str = "chat"  # chat | raw
@@ -49,7 +50,7 @@ def generate_all(
         input_ids, attention_mask = left_pad(batch, loaded.pad_token_id)
         kwargs = dict(max_new_tokens=settings.max_new_tokens, eos_token_id=loaded.eos_token_ids, pad_token_id=loaded.pad_token_id)
         if settings.decoder == "jacobi":
-            kwargs["block_size"] = settings.block_size
+            kwargs |= dict(block_size=settings.block_size, init=settings.init)
         start = time.perf_counter()
         output = DECODERS[settings.decoder](loaded.model, input_ids.to(device), attention_mask.to(device), **kwargs)
         seconds = time.perf_counter() - start
