@@ -186,6 +186,9 @@ def test_bad_output_directories_are_clear_errors(loaded, model_dir, tmp_path):
     with pytest.raises(CllmError, match="corrupt"):
         collect(loaded, prompts, config(model_dir), done)
 
+    with pytest.raises(CllmError, match="lookup rewrites iterates"):
+        config(model_dir, init="lookup")
+
     shard_broken = tmp_path / "shard"
     collect(loaded, prompts, config(model_dir), shard_broken)
     next((shard_broken / "data").glob("*.parquet")).write_bytes(b"PAR1 garbage")

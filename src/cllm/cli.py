@@ -65,8 +65,9 @@ def _add_decoding_args(parser: argparse.ArgumentParser, max_new_tokens: int) -> 
     parser.add_argument(
         "--init", choices=JACOBI_INITS, default="prompt",
         help="Jacobi initial guess of a block: tokens drawn from the prompt (the paper's), the last token "
-        "repeated, padding, or lookup: what followed the latest earlier occurrence of the last 1-3 tokens "
-        "(exact like the others; default: %(default)s)",
+        "repeated, padding, or lookup: what followed the latest earlier occurrence of the context's last "
+        "1-3 tokens, also refreshed mid-block (not for collect). The output is the greedy one whatever "
+        "the guess (default: %(default)s)",
     )
 
 

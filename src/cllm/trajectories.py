@@ -87,6 +87,8 @@ class CollectConfig:
             (self.batch_size >= 1, f"--batch-size must be >= 1, got {self.batch_size}"),
             (self.limit is None or self.limit >= 1, f"--limit must be >= 1, got {self.limit}"),
             (self.init in INIT_STRATEGIES, f"unknown --init {self.init!r}"),
+            (self.init != "lookup", "--init lookup rewrites iterates mid-block, so its states are not Jacobi "
+             "trajectories: collect with prompt, repeat or pad"),
             (self.engine in ENGINES, f"unknown --engine {self.engine!r}; choose kv or nokv"),
             (self.template in ("chat", "raw"), f"unknown --template {self.template!r}; choose chat or raw"),
             (self.engine == "kv" or self.batch_size == 1, "--engine nokv decodes one prompt at a time: use --batch-size 1"),
