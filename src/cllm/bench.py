@@ -267,11 +267,10 @@ def plot_block_sizes(summaries: Sequence[DecoderSummary], path: Path) -> bool:
     if not jacobi:
         return False
     figure, (speed_axis, forward_axis) = plt.subplots(1, 2, figsize=(10, 4))
-    specs = {id(s): DecoderSpec.parse(s.decoder) for s in jacobi}
-    for model, init in dict.fromkeys((s.model, specs[id(s)].init) for s in jacobi):
+    parsed = [(DecoderSpec.parse(s.decoder), s) for s in jacobi]
+    for model, init in dict.fromkeys((s.model, spec.init) for spec, s in parsed):
         points = sorted(
-            ((specs[id(s)].block_size, s) for s in jacobi if (s.model, specs[id(s)].init) == (model, init)),
-            key=lambda point: point[0],
+            ((spec.block_size, s) for spec, s in parsed if (s.model, spec.init) == (model, init)), key=lambda point: point[0]
         )
         sizes = [size for size, _ in points]
         label = (model or "model") + ("" if init == "prompt" else f" ({init} guess)")
@@ -281,7 +280,7 @@ def plot_block_sizes(summaries: Sequence[DecoderSummary], path: Path) -> bool:
     speed_axis.set(xlabel="Jacobi block size n", ylabel="speedup vs target AR (median, wall clock)", xscale="log", title="speed")
     forward_axis.set(xlabel="Jacobi block size n", ylabel="tokens per forward", xscale="log", title="tokens per forward")
     for axis in (speed_axis, forward_axis):
-        axis.set_xticks(sorted({spec.block_size for spec in specs.values()}))
+        axis.set_xticks(sorted({spec.block_size for spec, _ in parsed}))
         axis.get_xaxis().set_major_formatter(matplotlib.ticker.ScalarFormatter())
         axis.legend()
         axis.grid(alpha=0.3)

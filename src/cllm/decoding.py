@@ -349,21 +349,26 @@ class _GuessMaker:
                 block[i, start : start + len(found)] = torch.tensor(found, dtype=torch.long, device=block.device)
 
 
-def _context(rows: _Rows, i: int) -> list[int]:
+def _context(rows: _Rows, i: int) -> torch.Tensor:
     """Row i's prompt and output so far (its last token is `pending`)."""
     prompt = rows.prompt[i, rows.prompt.shape[1] - int(rows.prompt_len[i]) :]
-    return prompt.tolist() + rows.out[i, : int(rows.n_out[i])].tolist()
+    return torch.cat([prompt, rows.out[i, : int(rows.n_out[i])]])
 
 
-def lookup_continuation(context: Sequence[int], n: int, max_ngram: int = LOOKUP_MAX_NGRAM, min_ngram: int = 1) -> list[int]:
+def lookup_continuation(
+    context: torch.Tensor | Sequence[int], n: int, max_ngram: int = LOOKUP_MAX_NGRAM, min_ngram: int = 1
+) -> list[int]:
     """Up to n tokens that followed the latest earlier occurrence of the context's last `size`
     tokens, trying size = max_ngram down to min_ngram (prompt lookup); [] when no suffix recurs."""
-    context = list(context)
-    for size in range(min(max_ngram, len(context) - 1), min_ngram - 1, -1):
-        key = context[-size:]
-        for start in range(len(context) - size - 1, -1, -1):
-            if context[start : start + size] == key:
-                return context[start + size : start + size + n]
+    context = torch.as_tensor(context, dtype=torch.long)
+    length = context.shape[0]
+    for size in range(min(max_ngram, length - 1), min_ngram - 1, -1):
+        # every window that some token follows, the suffix itself excluded
+        earlier = context[: length - 1].unfold(0, size, 1)
+        hits = (earlier == context[length - size :]).all(dim=1).nonzero()
+        if len(hits):
+            start = int(hits[-1]) + size
+            return context[start : start + n].tolist()
     return []
 
 
