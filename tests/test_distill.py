@@ -21,7 +21,7 @@ def test_tiny_recipe_end_to_end_then_skipped(tmp_path, capsys):
     recipe = yaml.safe_load((RECIPES / "tiny.yaml").read_text())
     recipe["model"] = str(save_tiny_model(tmp_path / "target", eos_token_id=None, context=2048))
     recipe["out"] = str(tmp_path / "run")
-    for options in [recipe["collect"], recipe["bench"]["gsm8k"], *recipe["eval"].values()]:
+    for options in [recipe["collect"], *recipe["collect_more"].values(), recipe["bench"]["gsm8k"], *recipe["eval"].values()]:
         options["path"] = str(data)
     path = tmp_path / "tiny.yaml"
     path.write_text(yaml.safe_dump(recipe))
@@ -30,10 +30,17 @@ def test_tiny_recipe_end_to_end_then_skipped(tmp_path, capsys):
     out = tmp_path / "run"
     report = json.loads((out / "report.json").read_text())
     assert report["train"]["global_step"] == 4
+    assert (out / "trajectories-more" / "summary-p000of001.json").is_file()
+    config = json.loads((out / "cllm" / "train_summary.json").read_text())["config"]
+    assert config["trajectories"] == f"{out / 'trajectories'},{out / 'trajectories-more'}" and config["teacher"]
     rows = {(r["model"], r["decoder"]) for r in report["bench"]["gsm8k"]}
     assert rows == {(m, d) for m in ("target", "cllm") for d in ("ar", "jacobi:2", "jacobi:4")}
     assert all(r["agreement_with_ar"] == 1.0 for r in report["bench"]["gsm8k"])  # float32 tiny model: exact
-    assert set(report["eval"]) == {"gsm8k-target", "gsm8k-cllm", "perplexity-target", "perplexity-cllm"}
+    assert set(report["eval"]) == {"gsm8k-target", "gsm8k-cllm", "perplexity-target", "perplexity-cllm", "fidelity"}
+    assert 0 <= report["eval"]["fidelity"]["gsm8k"]["same_top1"] < 1  # 4 steps at lr 1e-3 move a tiny model
+    for row in report["bench"]["gsm8k"]:  # no speed without its fidelity
+        assert row["same_top1_vs_target"] == 1.0 if row["model"] == "target" else row["same_top1_vs_target"] < 1.0
+        assert row["identical_to_target"] is not None and row["kl_vs_target"] is not None
     assert report["eval"]["gsm8k-cllm"]["n"] == 3
     assert (out / "bench" / "gsm8k" / "bench.png").is_file() and (out / "report.md").is_file()
     capsys.readouterr()

@@ -5,7 +5,8 @@ import math
 import pytest
 import torch
 
-from cllm.losses import after_eos_mask, ar_loss, consistency_loss, from_first_difference_mask, token_distance
+from cllm.losses import (after_eos_mask, ar_loss, consistency_loss, distillation_loss, from_first_difference_mask,
+                         token_distance)
 
 
 def two_token_logits(p: float) -> torch.Tensor:
@@ -83,3 +84,18 @@ def test_masks():
     state = torch.tensor([[1, 2, 9, 4], [1, 2, 3, 4]])
     fixed = torch.tensor([[1, 2, 3, 4], [1, 2, 3, 4]])
     assert from_first_difference_mask(state, fixed).tolist() == [[False, False, True, True], [False] * 4]
+
+
+def test_distillation_loss_is_the_mean_kl_from_teacher_to_student_over_the_counted_positions():
+    teacher = torch.stack([two_token_logits(0.9), two_token_logits(0.5), two_token_logits(0.2)])[None]  # (1, 3, 2)
+    student = torch.stack([two_token_logits(0.6), two_token_logits(0.5), two_token_logits(0.99)])[None].requires_grad_()
+    kl = lambda p, q: p * math.log(p / q) + (1 - p) * math.log((1 - p) / (1 - q))  # noqa: E731
+    mask = torch.tensor([[True, True, False]])  # the third position (say, the prompt) does not count
+    loss = distillation_loss(student, teacher, mask)
+    assert loss.item() == pytest.approx((kl(0.9, 0.6) + 0.0) / 2, rel=1e-5)
+    assert distillation_loss(student, teacher, mask, num_items=4).item() == pytest.approx(kl(0.9, 0.6) / 4, rel=1e-5)
+    loss.backward()
+    assert student.grad[0, 2].abs().max() == 0 and student.grad[0, 0].abs().max() > 0
+    # the whole distribution counts, not only the top token: same argmax, different loss
+    assert distillation_loss(two_token_logits(0.7)[None, None], teacher[:, :1], torch.ones(1, 1, dtype=torch.bool)).item() > 0
+    assert distillation_loss(teacher, teacher, torch.ones(1, 3, dtype=torch.bool)).item() == pytest.approx(0.0, abs=1e-7)

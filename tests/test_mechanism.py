@@ -95,3 +95,41 @@ def test_consistency_training_raises_tokens_per_forward(tmp_path):
                             eos_token_id=EOS, pad_token_id=PAD).token_ids
     assert trained_jacobi == trained_ar
     assert trained_ar == greedy, "the AR loss should keep the language intact"
+
+
+def test_a_frozen_teacher_keeps_the_model_faithful_where_self_targets_let_it_drift(tmp_path):
+    """Consistency training alone (no AR term), equal steps: with the paper's self-targets the
+    student chases its own drifting fixed points and stops predicting the target's tokens; with a
+    frozen teacher (its targets + KL(teacher || student) on its output) it keeps them and still
+    learns to fast-forward."""
+    import copy
+
+    from cllm.fidelity import summarize_positions, teacher_forced_positions
+
+    phrases = synthetic_language()
+    target = ar_pretrain(phrases)
+    entries = Dataset.from_list(trajectories(target))
+    in_domain = [([BOS, t] + phrases[t] + [EOS], 2) for t in TOPICS]
+    rng = random.Random(0)
+    prompts = [[BOS] + [rng.randrange(3, 40) for _ in range(rng.randrange(1, 5))] for _ in range(32)]
+    elsewhere = [(p + ar(target, torch.tensor([p]), max_new_tokens=16, eos_token_id=EOS, pad_token_id=PAD).token_ids[0], len(p))
+                 for p in prompts]  # the target's own continuations of prompts it was never trained on
+    before = tokens_per_forward(target)
+    results = {}
+    for name, extra in (("self", {}), ("teacher", {"teacher": copy.deepcopy(target), "distill_weight": 1.0})):
+        model = copy.deepcopy(target).train()
+        args = TrainingArguments(output_dir=str(tmp_path / name), per_device_train_batch_size=16, max_steps=150,
+                                 learning_rate=2e-3, lr_scheduler_type="constant", save_strategy="no", report_to=[],
+                                 use_cpu=True, remove_unused_columns=False, disable_tqdm=True, seed=0)
+        CllmTrainer(model=model, args=args, train_dataset=entries, ar_weight=0.0,
+                    data_collator=TrajectoryCollator(pad_token_id=PAD, eos_token_ids=[EOS]), **extra).train()
+        model.eval()
+        results[name] = {
+            "in_domain": summarize_positions(*teacher_forced_positions(model, target, in_domain))["same_top1"],
+            "elsewhere": summarize_positions(*teacher_forced_positions(model, target, elsewhere))["same_top1"],
+            "tokens_per_forward": tokens_per_forward(model),
+        }
+    print(results)
+    assert results["teacher"]["in_domain"] >= 0.95 > 0.5 > results["self"]["in_domain"]
+    assert results["teacher"]["elsewhere"] > results["self"]["elsewhere"] + 0.1
+    assert results["teacher"]["tokens_per_forward"] >= 1.5 * before

@@ -39,7 +39,7 @@ def generate_ids(model: Path, decoder: str, capsys) -> list[int]:
 
 
 @pytest.mark.parametrize("extra", [
-    [], ["--pack", "entry"], ["--states-per-block", "3", "--warmup-steps", "0.5", "--distance", "argmax_ce"], ["--lora", "--lora-rank", "4"], ["--loss", "lc", "--distance", "jsd"],
+    [], ["--pack", "entry"], ["--teacher", "--distill-weight", "1", "--pack", "none"], ["--states-per-block", "3", "--warmup-steps", "0.5", "--distance", "argmax_ce"], ["--lora", "--lora-rank", "4", "--teacher", "--distill-weight", "0.5"], ["--loss", "lc", "--distance", "jsd"],
     ["--bf16", "--gradient-checkpointing"],
 ])
 def test_train_saves_a_model_every_command_loads(collection, tmp_path, capsys, extra):
@@ -145,10 +145,12 @@ def loss_and_gradient(trainer, model, batch: dict, losses: list, gradients: list
 
 
 @pytest.mark.parametrize("arch,attention", [("llama", "sdpa"), ("qwen2", "eager"), ("gpt2", "sdpa"), ("gpt2", "eager")])
-@pytest.mark.parametrize("distance", ["forward_kl", "jsd"])
-def test_one_packed_forward_gives_the_loss_and_gradient_of_three_forwards(collection, tmp_path, arch, attention, distance):
+@pytest.mark.parametrize("distance,with_teacher", [("forward_kl", False), ("jsd", False), ("forward_kl", True)])
+def test_one_packed_forward_gives_the_loss_and_gradient_of_three_forwards(collection, tmp_path, arch, attention, distance,
+                                                                          with_teacher):
     """Packing is a saving, not another objective: over a batch of entries of different lengths and
-    blocks, the packed loss and every parameter's gradient equal those of the three forwards."""
+    blocks, the packed loss and every parameter's gradient equal those of the three forwards (with a
+    frozen teacher too: its targets and the distillation term)."""
     from transformers import TrainingArguments
 
     from cllm.trajectories import load_trajectories
@@ -160,7 +162,11 @@ def test_one_packed_forward_gives_the_loss_and_gradient_of_three_forwards(collec
     model = tiny_model(arch, seed=5)  # float64, eval mode: no dropout, so both ways see the same network
     model.set_attn_implementation(attention)
     args = TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True, disable_tqdm=True)
-    trainer = CllmTrainer(model=model, args=args, distance=distance)
+    teacher = None
+    if with_teacher:
+        teacher = tiny_model(arch, seed=6)
+        teacher.set_attn_implementation(attention)
+    trainer = CllmTrainer(model=model, args=args, distance=distance, teacher=teacher, distill_weight=0.5 if teacher else 0.0)
     # HF's eager attention gives NaN on left-padded float64 batches (the three-forward side): one entry at a time
     for batch_entries in [entries] if attention == "sdpa" else [[entry] for entry in entries]:
         losses, gradients = [], []
@@ -168,7 +174,8 @@ def test_one_packed_forward_gives_the_loss_and_gradient_of_three_forwards(collec
             batch = TrajectoryCollator(pad_token_id=0, eos_token_ids=[1], seed=7, pack=pack)(batch_entries)
             loss_and_gradient(trainer, model, batch, losses, gradients)
         assert "packed_ids" in batch and losses[0] > 0 and gradients[0].abs().max() > 0
-        tolerance = {} if attention == "sdpa" else {"rtol": 1e-4, "atol": 1e-5}  # eager: softmax in float32
+        # eager: softmax in float32; the losses sum in float32 (the teacher's terms add more of those sums)
+        tolerance = {} if attention == "sdpa" and not teacher else {"rtol": 1e-4, "atol": 1e-5}
         torch.testing.assert_close(losses[1], losses[0], **tolerance)
         torch.testing.assert_close(gradients[1], gradients[0], **tolerance)
 

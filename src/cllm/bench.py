@@ -164,6 +164,10 @@ class DecoderSummary:
     runs: int = 0
     degenerate_runs: int = 0
     speedup_vs_reference_ar: float | None = None  # the same, against the first model's ar (the target)
+    # fidelity to the target (the first model): no speed number without it
+    identical_to_target: float | None = None  # fraction of runs whose output equals the target's greedy output
+    same_top1_vs_target: float | None = None  # teacher-forced on the target's outputs: same top token (per model)
+    kl_vs_target: float | None = None  # ... and mean KL(target || model) per token, nats
 
     @property
     def name(self) -> str:
@@ -185,13 +189,45 @@ def _paired_median_speedup(runs: Sequence[RunRecord], reference: dict) -> float 
     return statistics.median(r.tokens_per_second / ref.tokens_per_second for r, ref in pairs)
 
 
-def summarize(records: Sequence[RunRecord]) -> list[DecoderSummary]:
-    """One summary per (model, decoder), in first-seen order; the first model's ar is the reference."""
+def target_runs(records: Sequence[RunRecord]) -> dict[tuple[int, int], RunRecord]:
+    """The first model's greedy outputs by (prompt, repeat): its ar runs, else its first decoder's
+    (every decoder here is greedy, so any of them gives the target's output)."""
+    if not records:
+        return {}
+    model = records[0].model
+    decoder = "ar" if any(r.model == model and r.decoder == "ar" for r in records) else records[0].decoder
+    return {(r.prompt_index, r.repeat): r for r in records if r.model == model and r.decoder == decoder}
+
+
+def teacher_forced_fidelity(models: Sequence[BenchModel], records: Sequence[RunRecord]) -> dict[str, dict]:
+    """Per model after the first: same top-1 and mean KL(target || model) teacher-forced on the
+    target's outputs of this run (first repeat); models with another tokenizer are left out."""
+    from cllm.fidelity import check_same_tokenizer, summarize_positions, teacher_forced_positions
+
+    reference = target_runs(records)
+    target = models[0]
+    result = {}
+    for model in models[1:]:
+        try:
+            check_same_tokenizer(model.loaded, target.loaded)
+        except CllmError:
+            continue
+        sequences = [(target.prompts[i] + run.token_ids, len(target.prompts[i])) for (i, repeat), run in reference.items() if repeat == 0]
+        summary = summarize_positions(*teacher_forced_positions(model.loaded.model, target.loaded.model, sequences))
+        result[model.name] = {"same_top1": summary["same_top1"], "kl_mean": summary["kl_mean"]}
+    return result
+
+
+def summarize(records: Sequence[RunRecord], fidelity: dict[str, dict] | None = None) -> list[DecoderSummary]:
+    """One summary per (model, decoder), in first-seen order; the first model's ar is the reference.
+    `fidelity` (from `teacher_forced_fidelity`) fills the teacher-forced columns."""
     groups: dict[tuple[str, str], list[RunRecord]] = {}
     for record in records:
         groups.setdefault((record.model, record.decoder), []).append(record)
     ar_runs = {model: {(r.prompt_index, r.repeat): r for r in runs} for (model, decoder), runs in groups.items() if decoder == "ar"}
     reference_model = records[0].model if records else ""
+    reference_outputs = target_runs(records)
+    fidelity = fidelity or {}
     summaries = []
     for (model, decoder), runs in groups.items():
         speeds = [r.tokens_per_second for r in runs]
@@ -218,6 +254,10 @@ def summarize(records: Sequence[RunRecord]) -> list[DecoderSummary]:
                 runs=len(runs),
                 degenerate_runs=sum(is_degenerate(r.token_ids, DEGENERATE_SPAN) for r in runs),
                 speedup_vs_reference_ar=_paired_median_speedup(runs, ar_runs.get(reference_model, {})),
+                identical_to_target=sum(r.token_ids == reference_outputs[r.prompt_index, r.repeat].token_ids
+                                        for r in runs) / len(runs),
+                same_top1_vs_target=1.0 if model == reference_model else fidelity.get(model, {}).get("same_top1"),
+                kl_vs_target=0.0 if model == reference_model else fidelity.get(model, {}).get("kl_mean"),
             )
         )
     return summaries
@@ -233,12 +273,18 @@ def format_ratio(value: float | None) -> str:
     return f"{value:.2f}x" if value is not None else "-"
 
 
+def _percent(value: float | None, form: str) -> str:
+    return "-" if value is None else format(value, form)
+
+
 def markdown_table(summaries: Sequence[DecoderSummary]) -> str:
     several = len({s.model for s in summaries}) > 1
     header = (
         "| model | decoder | median tok/s | p25-p75 tok/s | speedup vs own ar |"
         + (" speedup vs target ar |" if several else "")
-        + " tokens/forward | identical to ar | common prefix with ar | mean new tokens | fast-forward/prompt"
+        + " tokens/forward |"
+        + (" identical to target | same top-1 as target | KL to target |" if several else "")
+        + " identical to ar | common prefix with ar | mean new tokens | fast-forward/prompt"
         " | stationary/prompt | degenerate runs |"
     )
     lines = [header, "|" + "---|" * (header.count("|") - 1)]
@@ -249,7 +295,10 @@ def markdown_table(summaries: Sequence[DecoderSummary]) -> str:
             f"| {s.model or '-'} | {s.decoder} | {s.median_tokens_per_second:.1f} | {s.p25_tokens_per_second:.1f}-"
             f"{s.p75_tokens_per_second:.1f} | {format_ratio(s.speedup_vs_ar)} |"
             + (f" {format_ratio(s.speedup_vs_reference_ar)} |" if several else "")
-            + f" {s.tokens_per_forward:.3f} | {agreement} | {prefix} | {s.mean_new_tokens:.1f} "
+            + f" {s.tokens_per_forward:.3f} |"
+            + (f" {_percent(s.identical_to_target, '.0%')} | {_percent(s.same_top1_vs_target, '.1%')} | "
+               f"{_percent(s.kl_vs_target, '.3f')} |" if several else "")
+            + f" {agreement} | {prefix} | {s.mean_new_tokens:.1f} "
             f"| {s.fast_forward_per_prompt:.1f} | {s.stationary_per_prompt:.1f} | {s.degenerate_runs}/{s.runs} |"
         )
     return "\n".join(lines)

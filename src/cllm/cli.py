@@ -158,7 +158,8 @@ def build_parser() -> argparse.ArgumentParser:
         "continues from the last one); the final model is saved to OUT, loadable with --model OUT. "
         "Runs as one CPU process or under `accelerate launch` (see configs/).",
     )
-    train.add_argument("--trajectories", required=True, type=Path, help="a directory written by cllm collect")
+    train.add_argument("--trajectories", required=True, type=Path, action="append",
+                       help="a directory written by cllm collect; repeat it to train on a mix of collections")
     train.add_argument("--out", required=True, type=Path, help="output directory for the trained model")
     train.add_argument("--lr", type=float, default=2e-5, help="learning rate (default: %(default)s)")
     train.add_argument("--epochs", type=float, default=1.0, help="epochs over the entries (default: %(default)s)")
@@ -192,6 +193,12 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--warmup-steps", type=float, default=0,
                        help="linear learning-rate warmup: a number of steps, or a fraction of all steps when < 1 "
                        "(default: %(default)s)")
+    train.add_argument("--teacher", action="store_true",
+                       help="keep a frozen copy of the target as teacher: consistency targets come from it, not "
+                       "from the drifting student (one more no-grad forward per step)")
+    train.add_argument("--distill-weight", type=float, default=0.0,
+                       help="weight of KL(teacher || student) over the whole next-token distribution on the "
+                       "teacher's output; needs --teacher (default: %(default)s)")
     train.add_argument("--bf16", action="store_true", help="bf16 autocast (where the device supports it)")
     train.add_argument("--save-steps", type=_positive_int, default=100, help="checkpoint every N steps (default: %(default)s)")
     train.add_argument("--logging-steps", type=_positive_int, default=10, help="log every N steps (default: %(default)s)")
@@ -207,13 +214,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     evaluate = commands.add_parser(
         "eval",
-        help="quality: gsm8k accuracy, humaneval pass@1, perplexity, mtbench answers",
+        help="quality: gsm8k accuracy, humaneval pass@1, perplexity, mtbench answers, fidelity to a target",
         description="gsm8k: accuracy on a GSM8K split (final number extracted, see docs/results.md). "
         "humaneval: pass@1, every completion run in a sandboxed subprocess. perplexity: on --text FILE or "
         "on a GSM8K split (question + worked answer). mtbench: answers to the 80 questions as FastChat JSONL "
-        "(judge them with FastChat). Writes a JSON report with one record per item to --out.",
+        "(judge them with FastChat). fidelity: how closely --model follows --target on the target's own greedy "
+        "outputs (cached next to --out): same top-1 token and KL(target || model) teacher-forced, identical "
+        "outputs free-running, perplexity ratio on reference texts; per --dataset, the first being in-domain. "
+        "Writes a JSON report with one record per item to --out.",
     )
-    evaluate.add_argument("task", choices=["gsm8k", "humaneval", "perplexity", "mtbench"])
+    evaluate.add_argument("task", choices=["gsm8k", "humaneval", "perplexity", "mtbench", "fidelity"])
     evaluate.add_argument("--out", type=Path, help="JSON report (default: runs/eval/<task>.json)")
     evaluate.add_argument("--limit", type=_positive_int, help="evaluate the first N items only")
     evaluate.add_argument("--split", default="test", help="GSM8K split (default: %(default)s)")
@@ -228,6 +238,15 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--answers", type=Path, help="mtbench: answers JSONL (default: next to --out)")
     evaluate.add_argument("--model-id", help="mtbench: model_id in the answers (default: the model's directory name)")
     evaluate.add_argument("--second-turn", action="store_true", help="mtbench: also answer the second turn")
+    evaluate.add_argument("--target", help="fidelity: the target model the CLLM was made from (required)")
+    evaluate.add_argument("--dataset", default="gsm8k,mtbench,humaneval",
+                          help="fidelity: comma-separated prompt sources, the first in-domain (default: %(default)s; "
+                          "gsm8k takes --split, 20 prompts each unless --limit)")
+    evaluate.add_argument("--target-outputs", type=Path,
+                          help="fidelity: cache of the target's greedy outputs, shared by every report that names it "
+                          "(default: fidelity-target-outputs.json next to --out)")
+    evaluate.add_argument("--free-running", action=argparse.BooleanOptionalAction, default=True,
+                          help="fidelity: also decode with the model and compare whole outputs (default: on)")
     _add_model_args(evaluate)
 
     viz = commands.add_parser(
@@ -254,11 +273,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = commands.add_parser(
         "demo",
-        help="a few prompts decoded with AR and Jacobi, then a small speed table",
+        help="a few prompts decoded with AR and Jacobi, then a small speed table (target vs CLLM when there is one)",
         description="The main job on the default model: shows that Jacobi decoding returns exactly the AR "
-        "text, then times hf, ar and jacobi side by side.",
+        "text, then times hf, ar and jacobi side by side. When the quick CLLM exists ($CLLM_HOME/quick/cllm, "
+        "made in about 15 minutes by `cllm distill recipes/quick.yaml`), or --cllm names one, the target and the "
+        "CLLM are compared instead: tokens/forward, speedup over the target's AR, and fidelity to the target.",
     )
     _add_decoding_args(demo, max_new_tokens=64)
+    demo.add_argument("--cllm", help="a CLLM of --model to compare with it (default: $CLLM_HOME/quick/cllm if it exists)")
     _add_model_args(demo)
     return parser
 
@@ -416,14 +438,19 @@ def _progress() -> Progress:
 
 def _bench(models: Sequence[tuple[str, object]], args, prompt_texts: Sequence[str], specs, out_dir: Path | None,
            repeats: int = 1) -> list:
-    from cllm.bench import BenchModel, machine_description, markdown_table, run_benchmark, summarize, write_report
+    from cllm.bench import (BenchModel, machine_description, markdown_table, run_benchmark, summarize,
+                            teacher_forced_fidelity, write_report)
 
     bench_models = [BenchModel(name, loaded, _encode_all(loaded, prompt_texts, args.raw, args.max_new_tokens))
                     for name, loaded in models]
     with _progress() as progress:
         task = progress.add_task("benchmarking", total=len(prompt_texts) * len(specs) * len(models) * repeats)
         records = run_benchmark(bench_models, specs, args.max_new_tokens, repeats=repeats, on_step=lambda: progress.advance(task))
-    summaries = summarize(records)
+    fidelity = None
+    if len(bench_models) > 1:
+        with stderr.status("fidelity: teacher-forcing every model on the target's outputs ..."):
+            fidelity = teacher_forced_fidelity(bench_models, records)
+    summaries = summarize(records, fidelity)
     if out_dir is None:
         Console().print(_summary_table(summaries))
         return summaries
@@ -444,14 +471,19 @@ def _bench(models: Sequence[tuple[str, object]], args, prompt_texts: Sequence[st
 
 
 def _summary_table(summaries) -> Table:
+    several = len({s.model for s in summaries}) > 1
     table = Table()
-    for column in ("decoder", "median tok/s", "speedup vs ar", "tokens/forward", "identical to ar"):
+    columns = ["decoder", "median tok/s", "speedup vs target ar" if several else "speedup vs ar", "tokens/forward",
+               "identical to ar"] + (["same top-1 as target", "KL to target"] if several else [])
+    for column in columns:
         table.add_column(column, justify="right")
     for s in summaries:
-        table.add_row(
-            s.name, f"{s.median_tokens_per_second:.1f}", f"{s.speedup_vs_ar:.2f}x", f"{s.tokens_per_forward:.3f}",
-            f"{s.agreement_with_ar:.0%}",
-        )
+        speedup = s.speedup_vs_reference_ar if several else s.speedup_vs_ar
+        row = [s.name, f"{s.median_tokens_per_second:.1f}", f"{speedup:.2f}x", f"{s.tokens_per_forward:.3f}", f"{s.agreement_with_ar:.0%}"]
+        if several:
+            row += ["-" if s.same_top1_vs_target is None else f"{s.same_top1_vs_target:.1%}",
+                    "-" if s.kl_vs_target is None else f"{s.kl_vs_target:.3f}"]
+        table.add_row(*row)
     return table
 
 
@@ -499,12 +531,22 @@ def _short_names(models: Sequence[str]) -> list[str]:
     return list(models)
 
 
+def quick_cllm() -> Path:
+    """Where `cllm distill recipes/quick.yaml` puts its CLLM (the recipe's out is {cllm_home}/quick)."""
+    from cllm.models import cllm_home
+
+    return cllm_home() / "quick" / "cllm"
+
+
 def cmd_demo(args: argparse.Namespace) -> None:
     import torch
 
     from cllm.bench import DecoderSpec, decode_once
     from cllm.prompts import DEMO_PROMPTS
 
+    cllm = args.cllm or (str(quick_cllm()) if args.model == "default" and (quick_cllm() / "config.json").is_file() else None)
+    if cllm is not None:
+        return _demo_target_vs_cllm(args, cllm)
     loaded = _load(args)
     encoded = _encode_all(loaded, DEMO_PROMPTS, args.raw, args.max_new_tokens)
     jacobi_spec = DecoderSpec("jacobi", args.block_size, args.init)
@@ -525,7 +567,30 @@ def cmd_demo(args: argparse.Namespace) -> None:
     specs = [DecoderSpec("hf"), DecoderSpec("ar"), jacobi_spec]
     _bench([("", loaded)], args, DEMO_PROMPTS, specs, out_dir=None)
     out.print(f"[dim]{torch.get_num_threads()} CPU threads; vanilla Jacobi gains little before consistency training.[/dim]")
+    if args.model == "default":
+        out.print("No CLLM yet: `cllm distill recipes/quick.yaml` makes one of the default model in about 15 minutes "
+                  f"on 2 CPU cores (into {quick_cllm()}); `cllm demo` then compares it with the target.", highlight=False)
 
+
+def _demo_target_vs_cllm(args: argparse.Namespace, cllm: str) -> None:
+    """Target vs CLLM on the demo prompts: speed and fidelity side by side."""
+    from cllm.bench import DecoderSpec
+    from cllm.prompts import DEMO_PROMPTS
+
+    from cllm.fidelity import check_same_tokenizer
+
+    target = _load(args)
+    model = _load(argparse.Namespace(**{**vars(args), "model": cllm}))
+    check_same_tokenizer(model, target)
+    out = Console()
+    out.rule(f"target ({args.model}) vs CLLM ({cllm}), {len(DEMO_PROMPTS)} prompts, batch size 1, one process")
+    specs = [DecoderSpec("ar"), DecoderSpec("jacobi", args.block_size), DecoderSpec("jacobi", args.block_size, "lookup")]
+    summaries = _bench([("target", target), ("cllm", model)], args, DEMO_PROMPTS, specs, out_dir=None)
+    fidelity = next(s for s in summaries if s.model == "cllm")
+    out.print(f"Fidelity of the CLLM, teacher-forced on the target's answers: same top token {fidelity.same_top1_vs_target:.1%}, "
+              f"KL {fidelity.kl_vs_target:.3f} nats/token; its greedy answer equals the target's on "
+              f"{fidelity.identical_to_target:.0%} of the prompts. Jacobi's output is always the CLLM's own greedy "
+              "output; `cllm eval fidelity` measures this on more prompts.", highlight=False)
 
 # ---------------------------------------------------------------------------------------------
 # collect and data inspect
@@ -626,10 +691,13 @@ def cmd_data(args: argparse.Namespace) -> None:
 def cmd_train(args: argparse.Namespace) -> None:
     from cllm.training import TrainConfig, train
 
-    if not args.trajectories.is_dir():
-        raise CllmError(f"trajectories directory not found: {args.trajectories}")
+    for directory in args.trajectories:
+        if not directory.is_dir():
+            raise CllmError(f"trajectories directory not found: {directory}")
+        if "," in str(directory):
+            raise CllmError(f"a trajectories directory name may not contain a comma: {directory}")
     config = TrainConfig(
-        model=args.model, trajectories=str(args.trajectories), out=str(args.out), dtype=args.dtype,
+        model=args.model, trajectories=",".join(map(str, args.trajectories)), out=str(args.out), dtype=args.dtype,
         device=args.device, learning_rate=args.lr, epochs=args.epochs, max_steps=args.max_steps,
         batch_size=args.batch_size, grad_accum=args.grad_accum, loss_type=args.loss, distance=args.distance,
         beta=args.beta, ar_weight=args.ar_weight, use_labels=args.use_labels, label_smoothing=args.label_smoothing,
@@ -637,6 +705,7 @@ def cmd_train(args: argparse.Namespace) -> None:
         lora=args.lora, lora_rank=args.lora_rank, gradient_checkpointing=args.gradient_checkpointing,
         bf16=args.bf16, save_steps=args.save_steps, logging_steps=args.logging_steps, resume=args.resume,
         seed=args.seed, pack=args.pack, states_per_block=args.states_per_block, warmup_steps=args.warmup_steps,
+        teacher=args.teacher, distill_weight=args.distill_weight,
     )
     out = train(config)
     if int(os.environ.get("RANK", "0")) == 0:
@@ -658,6 +727,8 @@ def run_eval(args: argparse.Namespace) -> dict:
         decoder=args.decoder, block_size=args.block_size, init=args.init, max_new_tokens=args.max_new_tokens,
         batch_size=args.batch_size, template="raw" if args.raw else "chat",
     )
+    if args.task == "fidelity":
+        return _run_fidelity(args, out, settings)
     if args.task == "gsm8k":
         items = load_prompts("gsm8k", SourceOptions(path=args.path, split=args.split), limit=args.limit)
     elif args.task == "humaneval":
@@ -691,15 +762,51 @@ def run_eval(args: argparse.Namespace) -> dict:
         {} if args.task == "perplexity" else {"decoder": args.decoder, "block_size": args.block_size, "init": args.init,
                                                 "max_new_tokens": args.max_new_tokens, "batch_size": args.batch_size})
     report["command"] = args.command_line
+    _write_json(out, report)
+    return {k: v for k, v in report.items() if k != "items"}
+
+
+def _write_json(out: Path, report: dict) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = out.with_suffix(".tmp")
     staging.write_text(json.dumps(report, indent=2, ensure_ascii=False))
     staging.replace(out)
-    return {k: v for k, v in report.items() if k != "items"}
+
+
+def _run_fidelity(args: argparse.Namespace, out: Path, settings) -> dict:
+    from cllm.data import SourceOptions, load_prompts
+    from cllm.fidelity import FidelitySettings, TargetOutputs, evaluate_fidelity, markdown_table
+
+    if not args.target:
+        raise CllmError("eval fidelity needs --target: the model the CLLM was made from")
+    names = [name.strip() for name in args.dataset.split(",") if name.strip()]
+    if not names or len(set(names)) != len(names):
+        raise CllmError(f"--dataset must name distinct prompt sources, got {args.dataset!r}")
+    limit = args.limit or 20
+    domains = {name: load_prompts(name, SourceOptions(path=args.path if name == "gsm8k" else None, split=args.split), limit=limit)
+               for name in names}
+    model = _load(args)
+    target = _load(argparse.Namespace(**{**vars(args), "model": args.target}))
+    cache = TargetOutputs(args.target_outputs or out.parent / "fidelity-target-outputs.json")
+    total = sum(map(len, domains.values())) * (2 if args.free_running else 1)
+    with _progress() as progress:
+        task = progress.add_task("eval fidelity", total=total)
+        start = time.perf_counter()
+        report = evaluate_fidelity(model, target, domains, FidelitySettings(settings, args.free_running), cache,
+                                   in_domain=names[0], on_batch=lambda count: progress.advance(task, count))
+    report |= {"task": "fidelity", "model": args.model, "target": args.target, "dtype": args.dtype,
+               "seconds": round(time.perf_counter() - start, 2), "command": args.command_line}
+    _write_json(out, report)
+    out.with_suffix(".md").write_text(f"`{args.command_line}`\n\n" + markdown_table(report) + "\n")
+    print(markdown_table(report), file=sys.stderr)
+    return report
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
     summary = run_eval(args)
+    if args.task == "fidelity":
+        print(json.dumps(summary))
+        return
     headline = {"gsm8k": ("accuracy", "correct"), "humaneval": ("pass@1", "passed"), "perplexity": ("perplexity", "tokens"),
                 "mtbench": ("answers_file", "questions")}[args.task]
     stderr.print(f"{args.task}: " + ", ".join(f"{key} = {summary[key]}" for key in headline) +

@@ -33,12 +33,18 @@ def load_recipe(path: Path) -> dict:
         raise CllmError(f"{path}: not valid YAML ({exc})") from None
     if not isinstance(recipe, dict) or "out" not in recipe:
         raise CllmError(f"{path}: a recipe is a mapping with at least 'out' (see recipes/)")
-    unknown = set(recipe) - {"out", "model", "dtype", "device", "threads", *STAGES}
+    from cllm.models import cllm_home
+
+    recipe["out"] = str(recipe["out"]).replace("{cllm_home}", str(cllm_home()))  # recipes/quick.yaml writes there
+    unknown = set(recipe) - {"out", "model", "dtype", "device", "threads", "collect_more", *STAGES}
     if unknown:
         raise CllmError(f"{path}: unknown keys {', '.join(sorted(unknown))}")
-    for stage in STAGES:
+    for stage in (*STAGES, "collect_more"):
         if not isinstance(recipe.get(stage, {}), dict):
             raise CllmError(f"{path}: '{stage}' must be a mapping of flags")
+    for name, options in (recipe.get("collect_more") or {}).items():
+        if not isinstance(options, dict):
+            raise CllmError(f"{path}: collect_more.{name} must be a mapping of collect flags")
     return recipe
 
 
@@ -61,17 +67,20 @@ def run_distill(recipe: dict, run: Callable[[list[str]], None], say: Callable[[s
     cllm = out / "cllm"
     common = flags({k: recipe[k] for k in ("dtype", "device", "threads") if k in recipe})
 
-    trajectories = out / "trajectories"
-    if _collection_complete(trajectories):
-        say(f"collect: done ({trajectories}), skipped")
-    else:
-        run(["collect", "--model", target, "--out", str(trajectories), *common, *flags(recipe.get("collect", {}))])
+    collections = {"trajectories": recipe.get("collect", {})}
+    collections |= {f"trajectories-{name}": options for name, options in (recipe.get("collect_more") or {}).items()}
+    for directory, options in collections.items():
+        trajectories = out / directory
+        if _collection_complete(trajectories):
+            say(f"collect: done ({trajectories}), skipped")
+        else:
+            run(["collect", "--model", target, "--out", str(trajectories), *common, *flags(options)])
 
     if (cllm / "train_summary.json").is_file():
         say(f"train: done ({cllm}), skipped")
     else:
-        run(["train", "--model", target, "--trajectories", str(out / "trajectories"), "--out", str(cllm), "--resume",
-             *common, *flags(recipe.get("train", {}))])
+        mix = [arg for directory in collections for arg in ("--trajectories", str(out / directory))]
+        run(["train", "--model", target, *mix, "--out", str(cllm), "--resume", *common, *flags(recipe.get("train", {}))])
 
     for name, options in (recipe.get("bench") or {}).items():
         report = out / "bench" / name / "bench.json"
@@ -79,6 +88,11 @@ def run_distill(recipe: dict, run: Callable[[list[str]], None], say: Callable[[s
         _run_unless_done(f"bench {name}", report, argv, run, say)
 
     for task, options in (recipe.get("eval") or {}).items():
+        if task == "fidelity":  # of the CLLM to the target
+            report = out / "eval" / "fidelity.json"
+            argv = ["eval", "fidelity", "--model", str(cllm), "--target", target, "--out", str(report), *common, *flags(options)]
+            _run_unless_done("eval fidelity", report, argv, run, say)
+            continue
         for label, model in (("target", target), ("cllm", str(cllm))):
             report = out / "eval" / f"{task}-{label}.json"
             argv = ["eval", task, "--model", model, "--out", str(report), *common, *flags(options)]
@@ -133,14 +147,20 @@ def write_report(out: Path) -> dict:
     for path in sorted((out / "bench").glob("*/bench.json")):
         bench = json.loads(path.read_text())
         report["bench"][path.parent.name] = [
-            {k: row[k] for k in ("model", "decoder", "median_tokens_per_second", "speedup_vs_ar", "speedup_vs_reference_ar",
-                                 "tokens_per_forward", "agreement_with_ar", "degenerate_runs", "runs")}
+            {k: row.get(k) for k in ("model", "decoder", "median_tokens_per_second", "speedup_vs_ar", "speedup_vs_reference_ar",
+                                     "tokens_per_forward", "identical_to_target", "same_top1_vs_target", "kl_vs_target",
+                                     "agreement_with_ar", "degenerate_runs", "runs")}
             for row in bench["summary"]
         ]
     report["eval"] = {}
     for path in sorted((out / "eval").glob("*.json")):
         result = json.loads(path.read_text())
+        if "task" not in result:  # not a report: the fidelity cache of the target's outputs
+            continue
         headline = {k: result[k] for k in ("n", "accuracy", "pass@1", "perplexity", "questions") if k in result}
+        if result.get("task") == "fidelity":
+            headline = {domain: {k: row.get(k) for k in ("same_top1", "kl_mean", "identical", "perplexity_ratio")}
+                        for domain, row in result["domains"].items()} | {"out_of_domain": result.get("out_of_domain")}
         if "decoding" in result:
             headline["tokens_per_forward"] = result["decoding"]["tokens_per_forward"]
         report["eval"][path.stem] = headline
@@ -149,13 +169,16 @@ def write_report(out: Path) -> dict:
     if "train" in report:
         lines.append(f"Training: {report['train']}\n")
     for name, rows in report["bench"].items():
-        lines += [f"## bench {name}", "", "| model | decoder | median tok/s | vs own ar | vs target ar | tokens/forward | identical to ar | degenerate |",
-                  "|---|---|---|---|---|---|---|---|"]
+        lines += [f"## bench {name}", "", "| model | decoder | median tok/s | vs own ar | vs target ar | tokens/forward "
+                  "| identical to target | same top-1 as target | KL to target | identical to ar | degenerate |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|"]
         for row in rows:
-            agreement = f"{row['agreement_with_ar']:.0%}" if row["agreement_with_ar"] is not None else "-"
+            def cell(key: str, form: str) -> str:
+                return "-" if row.get(key) is None else format(row[key], form)
             lines.append(f"| {row['model']} | {row['decoder']} | {row['median_tokens_per_second']:.1f} | {format_ratio(row['speedup_vs_ar'])} "
-                         f"| {format_ratio(row['speedup_vs_reference_ar'])} | {row['tokens_per_forward']:.3f} | {agreement} "
-                         f"| {row['degenerate_runs']}/{row['runs']} |")
+                         f"| {format_ratio(row['speedup_vs_reference_ar'])} | {row['tokens_per_forward']:.3f} "
+                         f"| {cell('identical_to_target', '.0%')} | {cell('same_top1_vs_target', '.1%')} | {cell('kl_vs_target', '.3f')} "
+                         f"| {cell('agreement_with_ar', '.0%')} | {row['degenerate_runs']}/{row['runs']} |")
         lines.append("")
     if report["eval"]:
         lines += ["## eval", "", "| task-model | result |", "|---|---|"]

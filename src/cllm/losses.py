@@ -94,6 +94,21 @@ def ar_loss(
     return _normalise(per_position.sum(), mask, num_items)
 
 
+def distillation_loss(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    mask: torch.Tensor,
+    num_items: int | torch.Tensor | None = None,
+) -> torch.Tensor:
+    """sum_t KL(p_teacher(.|l_<t, x) || q_theta(.|l_<t, x)) over the counted positions of the
+    teacher's own output l: the whole next-token distribution, not only its top token, so the
+    student keeps the teacher's ranking of the alternatives as well as its greedy choice.
+
+    student_logits, teacher_logits: (B, T, V) aligned position by position; mask: (B, T).
+    """
+    return consistency_loss(student_logits, teacher_logits, mask, "forward_kl", num_items=num_items)
+
+
 def after_eos_mask(tokens: torch.Tensor, eos_token_ids: Sequence[int]) -> torch.Tensor:
     """(B, L) True up to and including each row's first EOS, False after it."""
     is_eos = torch.isin(tokens, torch.tensor(list(eos_token_ids), device=tokens.device, dtype=tokens.dtype))

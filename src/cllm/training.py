@@ -44,7 +44,7 @@ from pathlib import Path
 import torch
 from transformers import Trainer
 
-from cllm.losses import after_eos_mask, ar_loss, consistency_loss, from_first_difference_mask
+from cllm.losses import after_eos_mask, ar_loss, consistency_loss, distillation_loss, from_first_difference_mask
 
 IGNORE = -100
 
@@ -176,6 +176,7 @@ class TrajectoryCollator:
             "student_columns": torch.stack(student_columns), "target_columns": torch.stack(target_columns),
             "block_mask": torch.stack(block_masks), "labels": labels,
             "real_tokens": torch.tensor(sum(len(sequence) + len(blocks) * (n - 1) for sequence, _, blocks in rows)),
+            "packed_width": torch.tensor(width),  # columns of prompt + l; the student tokens come after
         }
 
     def _packed_row(self, group: list[dict]) -> tuple[list[int], int, list[tuple[int, list[int], list[int]]]]:
@@ -226,15 +227,27 @@ def _logits(model, ids: torch.Tensor, mask: torch.Tensor, keep: int) -> torch.Te
 
 
 class CllmTrainer(Trainer):
-    """`transformers.Trainer` with the CLLM objective L = L_consistency + ar_weight * L_AR.
+    """`transformers.Trainer` with the CLLM objective
+    L = L_consistency + ar_weight * L_AR + distill_weight * KL(teacher || student) on the teacher's output.
+
+    Without a teacher the consistency targets are the student's own detached logits at the fixed
+    point (the paper's q_stopgrad), which drift with the student. With a frozen `teacher` (the
+    target, never updated) they are the teacher's logits there, and the distillation term pulls
+    the student's whole next-token distribution on the teacher's output back to the teacher's:
+    the fidelity levers of docs/training.md.
 
     Both terms are sums over counted tokens divided by the number of counted tokens of the whole
     optimizer step (every micro-batch of the accumulation window, every process), so gradient
     accumulation and data parallelism give the same gradient as one big batch.
     """
 
-    def __init__(self, *args, ar_weight: float = 1.0, distance: str = "forward_kl", beta: float = 0.5, label_smoothing: float = 0.0, **kwargs):
+    def __init__(self, *args, ar_weight: float = 1.0, distance: str = "forward_kl", beta: float = 0.5,
+                 label_smoothing: float = 0.0, teacher: torch.nn.Module | None = None, distill_weight: float = 0.0, **kwargs):
         super().__init__(*args, **kwargs)
+        if distill_weight > 0 and teacher is None:
+            raise ValueError("a distillation weight needs a teacher")
+        self.teacher = None if teacher is None else teacher.to(self.args.device).eval().requires_grad_(False)
+        self.distill_weight = distill_weight
         self.ar_weight = ar_weight
         self.distance = distance
         self.beta = beta
@@ -254,26 +267,42 @@ class CllmTrainer(Trainer):
             counts = self.accelerator.gather(counts[None]).sum(0)
         return batches, counts
 
-    def _separate_logits(self, model, inputs) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _separate_logits(self, model, inputs) -> tuple[torch.Tensor, ...]:
+        """student, consistency target, AR and teacher-on-AR (None without a teacher) logits."""
         n = inputs["block_mask"].shape[1]
+        width = inputs["labels"].shape[1]
         student_logits = _logits(model, inputs["student_ids"], inputs["student_mask"], n)  # (B, n, V)
         with torch.no_grad():
-            target_logits = _logits(model, inputs["target_ids"], inputs["target_mask"], n)
-        ar_logits = _logits(model, inputs["ar_ids"], inputs["ar_mask"], inputs["labels"].shape[1])[:, :-1]  # (B, T-1, V)
-        return student_logits, target_logits, ar_logits
+            target_logits = _logits(self.teacher or model, inputs["target_ids"], inputs["target_mask"], n)
+            teacher_ar_logits = (None if self.teacher is None
+                                 else _logits(self.teacher, inputs["ar_ids"], inputs["ar_mask"], width)[:, :-1])
+        ar_logits = _logits(model, inputs["ar_ids"], inputs["ar_mask"], width)[:, :-1]  # (B, T-1, V)
+        return student_logits, target_logits, ar_logits, teacher_ar_logits
 
-    def _packed_logits(self, model, inputs) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _packed_logits(self, model, inputs) -> tuple[torch.Tensor, ...]:
         allowed = inputs["packed_allowed"][:, None]  # (B, 1, T, T), used as given by HF's mask code
         if self.attention != "sdpa":  # eager attention adds the mask to the scores
             allowed = torch.zeros(allowed.shape, device=allowed.device).masked_fill(~allowed, torch.finfo(torch.float32).min)
         logits = model(input_ids=inputs["packed_ids"], attention_mask=allowed, position_ids=inputs["packed_positions"]).logits
-
         grid = logits.flatten(0, 1)
-        return grid[inputs["student_columns"]], grid[inputs["target_columns"]].detach(), logits[:, :-1]
+        if self.teacher is None:
+            return grid[inputs["student_columns"]], grid[inputs["target_columns"]].detach(), logits[:, :-1], None
+        # The teacher reads prompt + l only (the columns before the appended student tokens): the
+        # same logits there as over the whole row, since nothing attends to the appended tokens.
+        total, width = logits.shape[1], int(inputs["packed_width"])
+        with torch.no_grad():
+            teacher_logits = self.teacher(input_ids=inputs["packed_ids"][:, :width], attention_mask=allowed[:, :, :width, :width],
+                                          position_ids=inputs["packed_positions"][:, :width]).logits
+        columns = inputs["target_columns"]
+        target_logits = teacher_logits.flatten(0, 1)[columns // total * width + columns % total]
+        teacher_ar_logits = torch.zeros_like(logits[:, :-1])
+        teacher_ar_logits[:, : width - 1] = teacher_logits[:, :-1]  # labels past prompt + l are ignored
+        return grid[inputs["student_columns"]], target_logits, logits[:, :-1], teacher_ar_logits
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         packed = "packed_ids" in inputs
-        student_logits, target_logits, ar_logits = (self._packed_logits if packed else self._separate_logits)(model, inputs)
+        student_logits, target_logits, ar_logits, teacher_ar_logits = (
+            self._packed_logits if packed else self._separate_logits)(model, inputs)
         labels = inputs["labels"]
         counts = num_items_in_batch if isinstance(num_items_in_batch, torch.Tensor) and num_items_in_batch.numel() == 2 else None
         consistency = consistency_loss(
@@ -282,28 +311,37 @@ class CllmTrainer(Trainer):
         )
         autoregressive = ar_loss(ar_logits, labels[:, 1:], self.label_smoothing, num_items=None if counts is None else counts[1])
         loss = consistency + self.ar_weight * autoregressive
+        distill = None
+        if teacher_ar_logits is not None:
+            distill = distillation_loss(ar_logits, teacher_ar_logits, labels[:, 1:] != IGNORE,
+                                        num_items=None if counts is None else counts[1])
+            loss = loss + self.distill_weight * distill
         if counts is not None and self.args.world_size > 1:
             loss = loss * self.args.world_size  # DDP averages gradients over processes; our counts are global
         if model.training:
-            self._remember_terms(consistency, autoregressive, counts, inputs)
+            self._remember_terms(consistency, autoregressive, distill, counts, inputs)
             self.tokens_processed += int(inputs["real_tokens"] if packed else
                                          inputs["student_mask"].sum() + inputs["target_mask"].sum() + inputs["ar_mask"].sum())
         return (loss, {"logits": student_logits}) if return_outputs else loss
 
-    def _remember_terms(self, consistency, autoregressive, counts, inputs) -> None:
+    def _remember_terms(self, consistency, autoregressive, distill, counts, inputs) -> None:
         """Adds this micro-batch's per-token means (independent of accumulation) to the log window:
         the log shows their mean since the last log, not one noisy micro-batch."""
+        labelled = (inputs["labels"][:, 1:] != IGNORE).sum().clamp(min=1)
+        terms = {"consistency_loss": consistency, "ar_loss": autoregressive, "distill_loss": distill}
         if counts is not None:
-            consistency = consistency * counts[0] / inputs["block_mask"].sum().clamp(min=1)
-            autoregressive = autoregressive * counts[1] / (inputs["labels"][:, 1:] != IGNORE).sum().clamp(min=1)
-        self._log_window["consistency_loss"] += float(consistency.detach())
-        self._log_window["ar_loss"] += float(autoregressive.detach())
+            scale = {"consistency_loss": counts[0] / inputs["block_mask"].sum().clamp(min=1),
+                     "ar_loss": counts[1] / labelled, "distill_loss": counts[1] / labelled}
+            terms = {k: None if v is None else v * scale[k] for k, v in terms.items()}
+        for key, value in terms.items():
+            if value is not None:
+                self._log_window[key] = self._log_window.get(key, 0.0) + float(value.detach())
         self._log_window["micro_batches"] += 1
 
     def log(self, logs: dict, *args, **kwargs) -> None:
         window = self._log_window
         if "loss" in logs and window["micro_batches"]:
-            logs = logs | {k: round(window[k] / window["micro_batches"], 4) for k in ("consistency_loss", "ar_loss")}
+            logs = logs | {k: round(v / window["micro_batches"], 4) for k, v in window.items() if k != "micro_batches"}
             self._log_window = _empty_log_window()
         super().log(logs, *args, **kwargs)
 
@@ -316,7 +354,7 @@ class TrainConfig:
     """`cllm train` settings; validated on construction."""
 
     model: str
-    trajectories: str
+    trajectories: str  # a collection directory, or several joined by commas (a data mix)
     out: str
     dtype: str = "float32"
     device: str = "auto"
@@ -344,6 +382,8 @@ class TrainConfig:
     pack: str = "prompt"  # prompt | entry | none: what one packed forward trains (see PACKING)
     states_per_block: int = 1  # distinct states of a block trained per step (packed rows only)
     warmup_steps: float = 0  # linear warmup: steps, or a fraction of all steps when < 1
+    teacher: bool = False  # a frozen copy of the target gives the consistency targets and the distillation term
+    distill_weight: float = 0.0  # weight of KL(teacher || student) on the teacher's output (needs teacher)
 
     def __post_init__(self) -> None:
         from cllm.errors import CllmError
@@ -363,6 +403,8 @@ class TrainConfig:
             (self.pack in PACKING, f"--pack must be one of {', '.join(PACKING)}"),
             (self.states_per_block >= 1, "--states-per-block must be >= 1"),
             (self.warmup_steps >= 0, "--warmup-steps must be >= 0"),
+            (self.distill_weight >= 0, "--distill-weight must be >= 0"),
+            (self.teacher or self.distill_weight == 0, "--distill-weight needs --teacher (the frozen target)"),
         ]
         for ok, message in checks:
             if not ok:
@@ -416,8 +458,10 @@ def train(config: TrainConfig) -> Path:
     from cllm.models import ModelConfig, load_model
     from cllm.trajectories import load_trajectories
 
-    loaded = load_model(ModelConfig(name=config.model, dtype=config.dtype, device=config.device))
-    dataset = load_trajectories(config.trajectories)
+    model_config = ModelConfig(name=config.model, dtype=config.dtype, device=config.device)
+    loaded = load_model(model_config)
+    teacher = load_model(model_config).model if config.teacher else None
+    parts = [load_trajectories(path) for path in config.trajectories.split(",")]
     out = Path(config.out)
     checkpoints = out / "checkpoints"
     last = last_complete_checkpoint(checkpoints) if config.resume else None
@@ -451,8 +495,12 @@ def train(config: TrainConfig) -> Path:
     packing = _packing(config, model)
     if packing == "none" and config.states_per_block > 1:
         raise CllmError("--states-per-block > 1 needs a packed row: GC on the target's output, sdpa or eager attention")
-    if packing == "prompt":
-        dataset = PromptGroups(dataset)
+    if packing == "prompt":  # group per collection: prompt indices restart in each
+        dataset = torch.utils.data.ConcatDataset([PromptGroups(part) for part in parts])
+    else:
+        import datasets
+
+        dataset = datasets.concatenate_datasets(parts) if len(parts) > 1 else parts[0]
     collator = TrajectoryCollator(
         pad_token_id=loaded.pad_token_id, eos_token_ids=loaded.eos_token_ids, loss_type=config.loss_type,
         use_labels=config.use_labels, mask_before_first_difference=config.mask_before_first_difference,
@@ -462,6 +510,7 @@ def train(config: TrainConfig) -> Path:
     trainer = CllmTrainer(
         model=model, args=args, train_dataset=dataset, data_collator=collator, ar_weight=config.ar_weight,
         distance=config.distance, beta=config.beta, label_smoothing=config.label_smoothing,
+        teacher=teacher, distill_weight=config.distill_weight,
     )
     try:
         result = trainer.train(resume_from_checkpoint=last if config.resume else None)
