@@ -254,14 +254,14 @@ def test_the_log_shows_the_mean_loss_terms_since_the_last_log(tmp_path):
     from cllm.training import CllmTrainer
 
     trainer = CllmTrainer(model=tiny_model("llama", seed=5), args=TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True))
-    for consistency, autoregressive in ((1.0, 4.0), (3.0, 2.0)):
-        trainer._remember_terms(torch.tensor(consistency), torch.tensor(autoregressive), None, {})
+    for consistency, autoregressive, distill in ((1.0, 4.0, 0.5), (3.0, 2.0, 1.5)):
+        trainer._remember_terms(torch.tensor(consistency), torch.tensor(autoregressive), torch.tensor(distill), None, {})
     trainer.log({"loss": 5.0})
-    trainer._remember_terms(torch.tensor(0.5), torch.tensor(0.25), None, {})
+    trainer._remember_terms(torch.tensor(0.5), torch.tensor(0.25), None, None, {})  # no teacher: no distill term
     trainer.log({"loss": 0.75})
     first, second = trainer.state.log_history[-2:]
-    assert (first["consistency_loss"], first["ar_loss"]) == (2.0, 3.0)
-    assert (second["consistency_loss"], second["ar_loss"]) == (0.5, 0.25)
+    assert (first["consistency_loss"], first["ar_loss"], first["distill_loss"]) == (2.0, 3.0, 1.0)
+    assert (second["consistency_loss"], second["ar_loss"]) == (0.5, 0.25) and "distill_loss" not in second
 
 
 def test_packing_keeps_the_block_when_the_sequence_is_cut_to_max_length(collection):

@@ -295,9 +295,7 @@ class CllmTrainer(Trainer):
                                           position_ids=inputs["packed_positions"][:, :width]).logits
         columns = inputs["target_columns"]
         target_logits = teacher_logits.flatten(0, 1)[columns // total * width + columns % total]
-        teacher_ar_logits = torch.zeros_like(logits[:, :-1])
-        teacher_ar_logits[:, : width - 1] = teacher_logits[:, :-1]  # labels past prompt + l are ignored
-        return grid[inputs["student_columns"]], target_logits, logits[:, :-1], teacher_ar_logits
+        return grid[inputs["student_columns"]], target_logits, logits[:, :-1], teacher_logits[:, :-1]
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         packed = "packed_ids" in inputs
@@ -313,7 +311,8 @@ class CllmTrainer(Trainer):
         loss = consistency + self.ar_weight * autoregressive
         distill = None
         if teacher_ar_logits is not None:
-            distill = distillation_loss(ar_logits, teacher_ar_logits, labels[:, 1:] != IGNORE,
+            width = teacher_ar_logits.shape[1]  # packed rows: prompt + l only; the labels after it are ignored
+            distill = distillation_loss(ar_logits[:, :width], teacher_ar_logits, labels[:, 1 : width + 1] != IGNORE,
                                         num_items=None if counts is None else counts[1])
             loss = loss + self.distill_weight * distill
         if counts is not None and self.args.world_size > 1:
@@ -327,9 +326,9 @@ class CllmTrainer(Trainer):
     def _remember_terms(self, consistency, autoregressive, distill, counts, inputs) -> None:
         """Adds this micro-batch's per-token means (independent of accumulation) to the log window:
         the log shows their mean since the last log, not one noisy micro-batch."""
-        labelled = (inputs["labels"][:, 1:] != IGNORE).sum().clamp(min=1)
         terms = {"consistency_loss": consistency, "ar_loss": autoregressive, "distill_loss": distill}
         if counts is not None:
+            labelled = (inputs["labels"][:, 1:] != IGNORE).sum().clamp(min=1)
             scale = {"consistency_loss": counts[0] / inputs["block_mask"].sum().clamp(min=1),
                      "ar_loss": counts[1] / labelled, "distill_loss": counts[1] / labelled}
             terms = {k: None if v is None else v * scale[k] for k, v in terms.items()}
