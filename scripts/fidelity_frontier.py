@@ -1,8 +1,10 @@
 """The speed/fidelity trade-off of several `cllm distill` runs: one point per run and guess.
 
-Reads RUN/bench/<bench>/bench.json (the CLLM's Jacobi rows, the target being the first model) and
-RUN/eval/fidelity.json of each run; prints a markdown table and draws tokens/forward against same
-top-1 and KL, in-domain and out-of-domain.
+Reads RUN/bench/<bench>/bench.json (the CLLM's Jacobi rows on GSM8K, the target being the first
+model) and RUN/eval/fidelity.json of each run; prints a markdown table and draws tokens/forward
+against same top-1 and KL. In-domain points take their speed from the bench (both guesses);
+out-of-domain points from the fidelity run's own free-running decoding of those prompts (the
+lookup guess, float32), the only speed measured there.
 
 Usage: .venv/bin/python scripts/fidelity_frontier.py --out docs/figures/fidelity-frontier.png RUN [RUN ...]
 """
@@ -19,7 +21,9 @@ def points(run: Path) -> dict:
     fidelity = json.loads((run / "eval" / "fidelity.json").read_text())
     rows = {row["decoder"]: row for row in bench["summary"] if row["model"] != bench["summary"][0]["model"]}
     in_domain = fidelity["domains"][fidelity["in_domain"]]
+    others = [row for name, row in fidelity["domains"].items() if name != fidelity["in_domain"]]
     return {
+        "out_lookup_tpf": sum(row["model_tokens_per_forward"] for row in others) / len(others),
         "run": run.name,
         "paper": rows.get("jacobi:16"), "lookup": rows.get("jacobi:16:lookup"),
         "in_top1": in_domain["same_top1"], "in_kl": in_domain["kl_mean"], "identical": in_domain.get("identical"),
@@ -28,11 +32,17 @@ def points(run: Path) -> dict:
     }
 
 
-def target_point(run: Path) -> dict:
-    """The target itself (perfectly faithful by definition), from the first run's bench."""
+def target_point(run: Path, itself: Path | None) -> dict:
+    """The target, from the first run's bench; `itself` is `cllm eval fidelity` of the target against
+    itself (where it has run), for its out-of-domain speed."""
     summary = json.loads(next(run.glob("bench/*/bench.json")).read_text())["summary"]
     rows = {row["decoder"]: row for row in summary if row["model"] == summary[0]["model"]}
-    return {"run": "target", "paper": rows.get("jacobi:16"), "lookup": rows.get("jacobi:16:lookup"), "in_top1": 1.0,
+    out_speed = None
+    if itself is not None:
+        domains = json.loads(itself.read_text())["domains"]
+        others = [row for name, row in list(domains.items())[1:]]
+        out_speed = sum(row["model_tokens_per_forward"] for row in others) / len(others)
+    return {"out_lookup_tpf": out_speed, "run": "target", "paper": rows.get("jacobi:16"), "lookup": rows.get("jacobi:16:lookup"), "in_top1": 1.0,
             "in_kl": 0.0, "identical": 1.0, "out_top1": 1.0, "out_kl": 0.0, "ppl_ratio": 1.0}
 
 
@@ -49,31 +59,46 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def domain_table(runs: list[Path]) -> str:
+    """Every run's `cllm eval fidelity` rows, domain by domain."""
+    lines = ["| run | domain | same top-1 | KL mean | KL p90 | KL p99 | identical outputs | common prefix "
+             "| perplexity ratio | CLLM tokens/forward (lookup, float32) |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for run in runs:
+        fidelity = json.loads((run / "eval" / "fidelity.json").read_text())
+        for name, row in fidelity["domains"].items():
+            ratio = "-" if row.get("perplexity_ratio") is None else f"{row['perplexity_ratio']:.2f}"
+            lines.append(f"| {run.name} | {name} | {row['same_top1']:.1%} | {row['kl_mean']:.3f} | {row['kl_p90']:.3f} "
+                         f"| {row['kl_p99']:.3f} | {row['identical']:.0%} | {row['common_prefix_fraction']:.0%} | {ratio} "
+                         f"| {row['model_tokens_per_forward']:.2f} |")
+    return "\n".join(lines)
+
+
 def plot(rows: list[dict], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    series = [  # (label, marker, colour, x domain, speed of a row)
+        ("GSM8K, paper guess (bf16 bench)", "o", "tab:blue", "in", lambda r: r["paper"] and r["paper"]["tokens_per_forward"]),
+        ("GSM8K, lookup guess (bf16 bench)", "o", "tab:orange", "in", lambda r: r["lookup"] and r["lookup"]["tokens_per_forward"]),
+        ("MT-bench + HumanEval, lookup guess (float32)", "s", "tab:green", "out", lambda r: r["out_lookup_tpf"]),
+    ]
     figure, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     for axis, (metric, label) in zip(axes, (("top1", "same top-1 as the target"), ("kl", "KL(target || CLLM), nats/token"))):
-        for domain, marker in (("in", "o"), ("out", "s")):
-            for guess, colour in (("paper", "tab:blue"), ("lookup", "tab:orange")):
-                xs = [r[f"{domain}_{metric}"] for r in rows if r[guess]]
-                ys = [r[guess]["tokens_per_forward"] for r in rows if r[guess]]
-                axis.scatter(xs, ys, marker=marker, color=colour, alpha=0.8 if domain == "in" else 0.45,
-                             label=f"{'GSM8K' if domain == 'in' else 'out-of-domain'}, {guess} guess")
-                if domain == "in":
-                    for r in (r for r in rows if r[guess]):
-                        axis.annotate(r["run"], (r[f"in_{metric}"], r[guess]["tokens_per_forward"]), fontsize=7,
-                                      xytext=(3, 3), textcoords="offset points")
-        axis.set(xlabel=label, ylabel="tokens per forward (CLLM, Jacobi n=16)")
+        for name, marker, colour, domain, speed in series:
+            points = [(r[f"{domain}_{metric}"], speed(r), r["run"]) for r in rows if speed(r)]
+            axis.scatter([x for x, _, _ in points], [y for _, y, _ in points], marker=marker, color=colour, label=name)
+            for x, y, run in points:
+                axis.annotate(run, (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        axis.set(xlabel=label, ylabel="tokens per forward (Jacobi n=16)")
         axis.grid(alpha=0.3)
     axes[0].axvline(0.95, color="grey", linestyle=":", linewidth=1)
     axes[1].axvline(0.05, color="grey", linestyle=":", linewidth=1)
     axes[1].set_xscale("symlog", linthresh=0.01)
+    axes[1].set_xlim(left=0)
     axes[0].legend(fontsize=7)
-    figure.suptitle("speed vs fidelity: every run a point (dotted: the fidelity targets)")
+    figure.suptitle("speed vs fidelity to the target, every run a point (dotted: the fidelity targets)")
     figure.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=120)
@@ -83,9 +108,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("runs", nargs="+", type=Path)
     parser.add_argument("--out", type=Path, required=True, help="the figure (PNG)")
+    parser.add_argument("--target-fidelity", type=Path, help="`cllm eval fidelity` of the target against itself")
     args = parser.parse_args()
-    rows = [target_point(args.runs[0])] + [points(run) for run in args.runs]
+    rows = [target_point(args.runs[0], args.target_fidelity)] + [points(run) for run in args.runs]
     print(table(rows))
+    print()
+    print(domain_table(([args.target_fidelity.parent.parent] if args.target_fidelity else []) + args.runs))
     plot(rows, args.out)
 
 

@@ -111,14 +111,16 @@ class TargetOutputs:
     def get(self, target: LoadedModel, settings: DecodeSettings, records: Sequence[PromptRecord],
             on_batch: Callable[[int], None] | None = None) -> list[list[int]]:
         cached = self.data.setdefault(self.key(target, settings), {})
-        missing = [r for r in records if r.id not in cached]
+        prompts = [r.formatted(settings.template) for r in records]
+        keys = [hashlib.sha256(prompt.encode()).hexdigest()[:24] for prompt in prompts]  # the text, not the id
+        missing = [(key, prompt) for key, prompt in dict(zip(keys, prompts)).items() if key not in cached]
         if missing:
-            generations = generate_all(target, [r.formatted(settings.template) for r in missing], settings, on_batch)
-            cached.update({r.id: g["token_ids"] for r, g in zip(missing, generations)})
+            generations = generate_all(target, [prompt for _, prompt in missing], settings, on_batch)
+            cached.update({key: g["token_ids"] for (key, _), g in zip(missing, generations)})
             self._save()
-        elif on_batch is not None:
-            on_batch(len(records))
-        return [cached[r.id] for r in records]
+        if on_batch is not None:
+            on_batch(len(records) - len(missing))
+        return [cached[key] for key in keys]
 
     def _save(self) -> None:
         if self.path is None:
