@@ -178,7 +178,8 @@ def _quantile(values: list[float], q: float) -> float:
     return statistics.quantiles(values, n=4, method="inclusive")[int(q * 4) - 1] if len(values) > 1 else values[0]
 
 
-def _common_prefix(a: list[int], b: list[int]) -> int:
+def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    """Tokens before the first difference."""
     return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
 
 
@@ -232,11 +233,11 @@ def summarize(records: Sequence[RunRecord], fidelity: dict[str, dict] | None = N
     for (model, decoder), runs in groups.items():
         speeds = [r.tokens_per_second for r in runs]
         reference = ar_runs.get(model, {})
-        agreement = common_prefix = None
+        agreement = prefix_with_ar = None
         if reference:
             paired = [(r, reference[r.prompt_index, r.repeat]) for r in runs]
             agreement = sum(r.token_ids == ref.token_ids for r, ref in paired) / len(runs)
-            common_prefix = statistics.mean(_common_prefix(r.token_ids, ref.token_ids) for r, ref in paired)
+            prefix_with_ar = statistics.mean(common_prefix(r.token_ids, ref.token_ids) for r, ref in paired)
         summaries.append(
             DecoderSummary(
                 decoder=decoder,
@@ -246,7 +247,7 @@ def summarize(records: Sequence[RunRecord], fidelity: dict[str, dict] | None = N
                 speedup_vs_ar=_paired_median_speedup(runs, reference),
                 tokens_per_forward=sum(r.new_tokens for r in runs) / max(1, sum(r.forward_passes for r in runs)),
                 agreement_with_ar=agreement,
-                common_prefix_with_ar=common_prefix,
+                common_prefix_with_ar=prefix_with_ar,
                 mean_new_tokens=statistics.mean(r.new_tokens for r in runs),
                 fast_forward_per_prompt=statistics.mean(r.fast_forward for r in runs),
                 stationary_per_prompt=statistics.mean(r.stationary for r in runs),

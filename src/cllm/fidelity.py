@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from cllm.bench import common_prefix
 from cllm.data import PromptRecord
 from cllm.errors import CllmError
 from cllm.evaluation import DecodeSettings, generate_all, perplexity
@@ -71,10 +72,6 @@ def summarize_positions(same: torch.Tensor, kl: torch.Tensor) -> dict:
     quantiles = torch.quantile(kl.double(), torch.tensor([0.9, 0.99], dtype=torch.float64)).tolist()
     return {"positions": same.numel(), "same_top1": round(same.double().mean().item(), 5),
             "kl_mean": round(kl.double().mean().item(), 5), "kl_p90": round(quantiles[0], 5), "kl_p99": round(quantiles[1], 5)}
-
-
-def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
-    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
 
 
 def compare_outputs(outputs: Sequence[Sequence[int]], references: Sequence[Sequence[int]]) -> dict:
