@@ -276,7 +276,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="a few prompts decoded with AR and Jacobi, then a small speed table (target vs CLLM when there is one)",
         description="The main job on the default model: shows that Jacobi decoding returns exactly the AR "
         "text, then times hf, ar and jacobi side by side. When the quick CLLM exists ($CLLM_HOME/quick/cllm, "
-        "made in about 15 minutes by `cllm distill recipes/quick.yaml`), or --cllm names one, the target and the "
+        "made in about 7 minutes on 2 CPU cores by `cllm distill recipes/quick.yaml`), or --cllm names one, the target and the "
         "CLLM are compared instead: tokens/forward, speedup over the target's AR, and fidelity to the target.",
     )
     _add_decoding_args(demo, max_new_tokens=64)
@@ -309,6 +309,11 @@ def _load(args: argparse.Namespace):
 
     with stderr.status(f"loading model {args.model} ..."):
         return load_model(ModelConfig(name=args.model, dtype=args.dtype, device=args.device, threads=args.threads))
+
+
+def _load_named(args: argparse.Namespace, name: str):
+    """Another model (a target, a CLLM) with the same dtype, device and threads as --model."""
+    return _load(argparse.Namespace(**{**vars(args), "model": name}))
 
 
 def _encode_all(loaded, prompts: Sequence[str], raw: bool, max_new_tokens: int) -> list[list[int]]:
@@ -568,19 +573,18 @@ def cmd_demo(args: argparse.Namespace) -> None:
     _bench([("", loaded)], args, DEMO_PROMPTS, specs, out_dir=None)
     out.print(f"[dim]{torch.get_num_threads()} CPU threads; vanilla Jacobi gains little before consistency training.[/dim]")
     if args.model == "default":
-        out.print("No CLLM yet: `cllm distill recipes/quick.yaml` makes one of the default model in about 15 minutes "
+        out.print("No CLLM yet: `cllm distill recipes/quick.yaml` makes one of the default model in about 7 minutes "
                   f"on 2 CPU cores (into {quick_cllm()}); `cllm demo` then compares it with the target.", highlight=False)
 
 
 def _demo_target_vs_cllm(args: argparse.Namespace, cllm: str) -> None:
     """Target vs CLLM on the demo prompts: speed and fidelity side by side."""
     from cllm.bench import DecoderSpec
+    from cllm.fidelity import check_same_tokenizer
     from cllm.prompts import DEMO_PROMPTS
 
-    from cllm.fidelity import check_same_tokenizer
-
     target = _load(args)
-    model = _load(argparse.Namespace(**{**vars(args), "model": cllm}))
+    model = _load_named(args, cllm)
     check_same_tokenizer(model, target)
     out = Console()
     out.rule(f"target ({args.model}) vs CLLM ({cllm}), {len(DEMO_PROMPTS)} prompts, batch size 1, one process")
@@ -786,7 +790,7 @@ def _run_fidelity(args: argparse.Namespace, out: Path, settings) -> dict:
     domains = {name: load_prompts(name, SourceOptions(path=args.path if name == "gsm8k" else None, split=args.split), limit=limit)
                for name in names}
     model = _load(args)
-    target = _load(argparse.Namespace(**{**vars(args), "model": args.target}))
+    target = _load_named(args, args.target)
     cache = TargetOutputs(args.target_outputs or out.parent / "fidelity-target-outputs.json")
     total = sum(map(len, domains.values())) * (2 if args.free_running else 1)
     with _progress() as progress:
