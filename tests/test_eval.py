@@ -111,6 +111,18 @@ def test_eval_perplexity_and_humaneval_cli(model_dir, tmp_path, capsys):
     capsys.readouterr()
 
 
+def test_eval_humaneval_refuses_to_run_code_unprotected(model_dir, tmp_path, capsys, monkeypatch):
+    from cllm import sandbox
+    monkeypatch.setattr(sandbox, "unavailable_reason", lambda: "namespaces are disabled")
+    common = ["eval", "humaneval", "--limit", "1", "--max-new-tokens", "4", "--model", model_dir]
+    assert main([*common, "--out", str(tmp_path / "refused.json")]) == 2
+    stderr = capsys.readouterr().err.strip()
+    assert len(stderr.splitlines()) == 1 and "namespaces are disabled" in stderr and "--unsafe-exec" in stderr
+    assert not (tmp_path / "refused.json").exists()
+    assert main([*common, "--unsafe-exec", "--out", str(tmp_path / "unsafe.json")]) == 0
+    assert json.loads((tmp_path / "unsafe.json").read_text())["n"] == 1
+
+
 def test_eval_mtbench_writes_fastchat_answers(model_dir, tmp_path, capsys):
     answers = tmp_path / "answers.jsonl"
     assert main(["eval", "mtbench", "--limit", "2", "--second-turn", "--max-new-tokens", "6", "--model", model_dir,

@@ -216,7 +216,8 @@ def build_parser() -> argparse.ArgumentParser:
         "eval",
         help="quality: gsm8k accuracy, humaneval pass@1, perplexity, mtbench answers, fidelity to a target",
         description="gsm8k: accuracy on a GSM8K split (final number extracted, see docs/results.md). "
-        "humaneval: pass@1, every completion run in a sandboxed subprocess. perplexity: on --text FILE or "
+        "humaneval: pass@1, every completion run in an OS-level sandbox (namespaces, read-only root, no network, "
+        "unprivileged; docs/sandbox.md), refused where the kernel does not allow one. perplexity: on --text FILE or "
         "on a GSM8K split (question + worked answer). mtbench: answers to the 80 questions as FastChat JSONL "
         "(judge them with FastChat). fidelity: how closely --model follows --target on the target's own greedy "
         "outputs (cached next to --out): same top-1 token and KL(target || model) teacher-forced, identical "
@@ -233,6 +234,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_decoding_args(evaluate, max_new_tokens=256)
     evaluate.add_argument("--batch-size", type=_positive_int, default=1, help="prompts decoded together (default: %(default)s)")
     evaluate.add_argument("--timeout", type=float, default=10.0, help="humaneval: seconds per program (default: %(default)s)")
+    evaluate.add_argument("--unsafe-exec", action="store_true",
+                          help="humaneval: where the kernel refuses the sandbox's namespaces, run generated code anyway "
+                          "with only resource limits and Python-level guards (not a security boundary)")
     evaluate.add_argument("--text", type=Path, help="perplexity: a UTF-8 text file (scored as one text)")
     evaluate.add_argument("--window", type=_positive_int, default=512, help="perplexity: tokens per window (default: %(default)s)")
     evaluate.add_argument("--answers", type=Path, help="mtbench: answers JSONL (default: next to --out)")
@@ -724,7 +728,7 @@ def run_eval(args: argparse.Namespace) -> dict:
     """Runs one `cllm eval` task and writes its report; returns the report without the items."""
     from cllm import evaluation
     from cllm.data import SourceOptions, load_prompts
-    from cllm.sandbox import Limits
+    from cllm.sandbox import Limits, check_available as check_sandbox
 
     out = args.out or Path("runs/eval") / f"{args.task}.json"
     settings = evaluation.DecodeSettings(
@@ -737,6 +741,8 @@ def run_eval(args: argparse.Namespace) -> dict:
         items = load_prompts("gsm8k", SourceOptions(path=args.path, split=args.split), limit=args.limit)
     elif args.task == "humaneval":
         items = evaluation.humaneval_problems(args.limit)
+        if not args.unsafe_exec:
+            check_sandbox()  # before the model spends minutes generating code that could not run
     elif args.task == "mtbench":
         items = evaluation.mtbench_questions(args.limit)
     elif args.text is not None:
@@ -754,7 +760,8 @@ def run_eval(args: argparse.Namespace) -> dict:
         if args.task == "gsm8k":
             report = evaluation.evaluate_gsm8k(loaded, items, settings, advance)
         elif args.task == "humaneval":
-            report = evaluation.evaluate_humaneval(loaded, items, settings, Limits(seconds=args.timeout), advance)
+            report = evaluation.evaluate_humaneval(loaded, items, settings, Limits(seconds=args.timeout), advance,
+                                                  unsafe=args.unsafe_exec)
         elif args.task == "perplexity":
             report = evaluation.perplexity(loaded, items, window=args.window, on_text=advance)
         else:

@@ -143,15 +143,17 @@ def extract_code(completion: str, prompt: str, entry_point: str) -> str:
 
 
 def evaluate_humaneval(
-    loaded: LoadedModel, problems: Sequence[dict], settings: DecodeSettings, limits: Limits = Limits(), on_batch=None
+    loaded: LoadedModel, problems: Sequence[dict], settings: DecodeSettings, limits: Limits = Limits(), on_batch=None,
+    unsafe: bool = False,
 ) -> dict:
+    """pass@1; `unsafe` runs the programs even where the OS sandbox is unavailable (cllm.sandbox)."""
     prompts = [p["prompt"] if settings.template == "raw" else humaneval_prompt(p["prompt"]) for p in problems]
     generations = generate_all(loaded, prompts, settings, on_batch)
     items = []
     for problem, generation in zip(problems, generations):
         program = extract_code(generation["text"], problem["prompt"], problem["entry_point"])
         test = f"{program}\n\n{problem['test']}\n\ncheck({problem['entry_point']})\n"
-        result = run_untrusted(test, limits)
+        result = run_untrusted(test, limits, unsafe=unsafe)
         items.append({"id": problem["task_id"], "passed": result.passed, "status": result.status,
                       "detail": result.detail[-200:]} | generation)
     passed = sum(i["passed"] for i in items)
