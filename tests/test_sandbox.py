@@ -211,8 +211,8 @@ def test_no_connection_reaches_a_host_listener(python_guard, tmp_path):
     programs = [
         f"import socket\nsocket.create_connection(('127.0.0.1', {port}), timeout=2).sendall(b'leak')\n",
         f"import urllib.request\nurllib.request.urlopen('http://127.0.0.1:{port}/', timeout=2)\n",
-        f"import socket\ns = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\ns.sendto(b'leak', ('127.0.0.1', {udp_port}))\n"
-        "s.sendto(b'leak', ('10.0.0.1', 53))\n",
+        (f"import socket\ns = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\ns.sendto(b'leak', ('127.0.0.1', {udp_port}))\n"
+         "s.sendto(b'leak', ('10.0.0.1', 53))\n"),
         f"import socket\ns = socket.socket(socket.AF_UNIX)\ns.connect({unix_path!r})\n",
         f"import socket\ns = socket.socket(socket.AF_UNIX)\ns.connect({abstract_name!r})\n",
         "import socket\nsocket.getaddrinfo('pypi.org', 443)\n",

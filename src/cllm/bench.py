@@ -20,6 +20,7 @@ import torch
 
 from cllm.decoding import DECODERS, INIT_STRATEGIES, DecodeOutput
 from cllm.errors import CllmError
+from cllm.files import write_atomically
 from cllm.models import LoadedModel
 from cllm.trajectories import is_degenerate
 
@@ -348,9 +349,9 @@ def write_report(out_dir: Path, meta: dict, summaries: Sequence[DecoderSummary],
         "summary": [asdict(s) for s in summaries],
         "runs": [asdict(r) | {"tokens_per_second": r.tokens_per_second} for r in records],
     }
-    (out_dir / "bench.json").write_text(json.dumps(report, indent=2))
+    write_atomically(out_dir / "bench.json", json.dumps(report, indent=2))
     lines = [f"- {key}: {value}" for key, value in meta.items()]
     figure = out_dir / "bench.png"
     if plot_block_sizes(summaries, figure):
         lines.append(f"\n![speedup and tokens per forward vs block size]({figure.name})")
-    (out_dir / "bench.md").write_text("\n".join(lines) + "\n\n" + markdown_table(summaries) + "\n")
+    write_atomically(out_dir / "bench.md", "\n".join(lines) + "\n\n" + markdown_table(summaries) + "\n")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import subprocess
 import sys
@@ -17,6 +18,7 @@ from rich.table import Table
 
 from cllm.distill import command_line
 from cllm.errors import CllmError
+from cllm.files import check_output_dir, check_output_file, read_text, write_atomically
 
 stderr = Console(stderr=True)
 
@@ -33,6 +35,30 @@ def _positive_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _finite_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = _finite_float(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+    return value
+
+
+def _non_negative_float(text: str) -> float:
+    value = _finite_float(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
     return value
 
 
@@ -161,7 +187,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--trajectories", required=True, type=Path, action="append",
                        help="a directory written by cllm collect; repeat it to train on a mix of collections")
     train.add_argument("--out", required=True, type=Path, help="output directory for the trained model")
-    train.add_argument("--lr", type=float, default=2e-5, help="learning rate (default: %(default)s)")
+    train.add_argument("--lr", type=_positive_float, default=2e-5, help="learning rate (default: %(default)s)")
     train.add_argument("--epochs", type=float, default=1.0, help="epochs over the entries (default: %(default)s)")
     train.add_argument("--max-steps", type=int, default=-1, help="optimizer steps; overrides --epochs when > 0")
     train.add_argument("--batch-size", type=_positive_int, default=1,
@@ -171,7 +197,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--distance", choices=["forward_kl", "reverse_kl", "jsd", "argmax_ce"], default="forward_kl",
                        help="divergence D; argmax_ce: cross-entropy to the target's top token (default: %(default)s)")
     train.add_argument("--beta", type=float, default=0.5, help="beta of the generalized JSD (default: %(default)s)")
-    train.add_argument("--ar-weight", type=float, default=1.0,
+    train.add_argument("--ar-weight", type=_non_negative_float, default=1.0,
                        help="weight w of the AR loss; both terms are per-token means (default: %(default)s)")
     train.add_argument("--use-labels", action="store_true", help="AR loss on dataset labels instead of the target's output")
     train.add_argument("--label-smoothing", type=float, default=0.0, help="for the AR loss (default: %(default)s)")
@@ -196,7 +222,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--teacher", action="store_true",
                        help="keep a frozen copy of the target as teacher: consistency targets come from it, not "
                        "from the drifting student (one more no-grad forward per step)")
-    train.add_argument("--distill-weight", type=float, default=0.0,
+    train.add_argument("--distill-weight", type=_non_negative_float, default=0.0,
                        help="weight of KL(teacher || student) over the whole next-token distribution on the "
                        "teacher's output; needs --teacher (default: %(default)s)")
     train.add_argument("--bf16", action="store_true", help="bf16 autocast (where the device supports it)")
@@ -233,7 +259,7 @@ def build_parser() -> argparse.ArgumentParser:
                           help="greedy decoder; the score does not depend on it (default: %(default)s)")
     _add_decoding_args(evaluate, max_new_tokens=256)
     evaluate.add_argument("--batch-size", type=_positive_int, default=1, help="prompts decoded together (default: %(default)s)")
-    evaluate.add_argument("--timeout", type=float, default=10.0, help="humaneval: seconds per program (default: %(default)s)")
+    evaluate.add_argument("--timeout", type=_positive_float, default=10.0, help="humaneval: seconds per program (default: %(default)s)")
     evaluate.add_argument("--unsafe-exec", action="store_true",
                           help="humaneval: where the kernel refuses the sandbox's namespaces, run generated code anyway "
                           "with only resource limits and Python-level guards (not a security boundary)")
@@ -302,10 +328,27 @@ def _read_prompts(args: argparse.Namespace) -> list[str]:
         return read_prompts_jsonl(args.file)
     if args.prompt is None:
         raise CllmError("no prompt: give one as an argument, - for stdin, or --file")
-    text = sys.stdin.read() if args.prompt == "-" else args.prompt
+    text = _read_stdin() if args.prompt == "-" else _check_utf8(args.prompt, "the prompt")
     if not text.strip():
         raise CllmError("empty prompt")
     return [text]
+
+
+def _read_stdin() -> str:
+    data = sys.stdin.buffer.read()  # bytes: the text layer would smuggle bad bytes in as surrogates
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise CllmError(f"stdin is not valid UTF-8 (byte 0x{data[exc.start]:02x} at offset {exc.start})") from None
+
+
+def _check_utf8(text: str, what: str) -> str:
+    """Arguments with bytes that are not UTF-8 reach Python as lone surrogates; refuse them here."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise CllmError(f"{what} is not valid UTF-8") from None
+    return text
 
 
 def _load(args: argparse.Namespace):
@@ -617,7 +660,7 @@ def _process_shard(args: argparse.Namespace) -> tuple[int, int]:
 
 def cmd_collect(args: argparse.Namespace) -> None:
     from cllm.data import SourceOptions, load_prompts
-    from cllm.trajectories import CollectConfig, collect, shard_prompts
+    from cllm.trajectories import CollectConfig, CollectionDir, check_collection, collect, shard_prompts
 
     config = CollectConfig(
         model=args.model, dataset=args.dataset, dataset_path=args.path, template=args.template, dtype=args.dtype,
@@ -629,7 +672,9 @@ def cmd_collect(args: argparse.Namespace) -> None:
     options = SourceOptions(path=args.path, prompt_field=args.prompt_field, label_field=args.label_field, split=args.split)
     records = load_prompts(args.dataset, options, limit=args.limit)
     total = len(shard_prompts(len(records), shard_index, num_shards))
+    check_collection(args.out, config)
     loaded = _load(args)
+    CollectionDir(args.out, config, shard_index, num_shards)  # its manifest written before the progress bar shows
     progress = Progress(
         TextColumn("collecting"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[speed]}"),
         TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(), console=stderr,
@@ -698,12 +743,12 @@ def cmd_data(args: argparse.Namespace) -> None:
 
 def cmd_train(args: argparse.Namespace) -> None:
     from cllm.training import TrainConfig, train
+    from cllm.trajectories import shard_files
 
     for directory in args.trajectories:
-        if not directory.is_dir():
-            raise CllmError(f"trajectories directory not found: {directory}")
         if "," in str(directory):
             raise CllmError(f"a trajectories directory name may not contain a comma: {directory}")
+        shard_files(directory)  # a damaged or foreign collection is refused before the model loads
     config = TrainConfig(
         model=args.model, trajectories=",".join(map(str, args.trajectories)), out=str(args.out), dtype=args.dtype,
         device=args.device, learning_rate=args.lr, epochs=args.epochs, max_steps=args.max_steps,
@@ -730,7 +775,7 @@ def run_eval(args: argparse.Namespace) -> dict:
     from cllm.data import SourceOptions, load_prompts
     from cllm.sandbox import Limits, check_available as check_sandbox
 
-    out = args.out or Path("runs/eval") / f"{args.task}.json"
+    out = args.out
     settings = evaluation.DecodeSettings(
         decoder=args.decoder, block_size=args.block_size, init=args.init, max_new_tokens=args.max_new_tokens,
         batch_size=args.batch_size, template="raw" if args.raw else "chat",
@@ -746,9 +791,7 @@ def run_eval(args: argparse.Namespace) -> dict:
     elif args.task == "mtbench":
         items = evaluation.mtbench_questions(args.limit)
     elif args.text is not None:
-        if not args.text.is_file():
-            raise CllmError(f"text file not found: {args.text}")
-        items = [args.text.read_text(encoding="utf-8")]
+        items = [read_text(args.text, "--text")]
     else:
         records = load_prompts("gsm8k", SourceOptions(path=args.path, split=args.split), limit=args.limit)
         items = [f"{r.text}\n{r.label}" for r in records]
@@ -778,10 +821,7 @@ def run_eval(args: argparse.Namespace) -> dict:
 
 
 def _write_json(out: Path, report: dict) -> None:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = out.with_suffix(".tmp")
-    staging.write_text(json.dumps(report, indent=2, ensure_ascii=False))
-    staging.replace(out)
+    write_atomically(out, json.dumps(report, indent=2, ensure_ascii=False))
 
 
 def _run_fidelity(args: argparse.Namespace, out: Path, settings) -> dict:
@@ -808,7 +848,7 @@ def _run_fidelity(args: argparse.Namespace, out: Path, settings) -> dict:
     report |= {"task": "fidelity", "model": args.model, "target": args.target, "dtype": args.dtype,
                "seconds": round(time.perf_counter() - start, 2), "command": args.command_line}
     _write_json(out, report)
-    out.with_suffix(".md").write_text(f"`{args.command_line}`\n\n" + markdown_table(report) + "\n")
+    write_atomically(out.with_suffix(".md"), f"`{args.command_line}`\n\n" + markdown_table(report) + "\n")
     print(markdown_table(report), file=sys.stderr)
     return report
 
@@ -834,7 +874,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
 def cmd_viz(args: argparse.Namespace) -> None:
     from cllm.viz import render_html, render_png, trajectory_views
 
-    if not args.prompt.strip():
+    if not _check_utf8(args.prompt, "the prompt").strip():
         raise CllmError("empty prompt")
     views = {}
     names = args.model or ["default"]
@@ -875,21 +915,59 @@ COMMANDS = {
 }
 
 
+def _check_outputs(args: argparse.Namespace) -> None:
+    """Every path the command will write, checked before any work (and before a model loads)."""
+    if args.command in ("bench", "collect", "train", "viz"):
+        check_output_dir(args.out, "--out")
+    elif args.command == "eval":
+        args.out = args.out or Path("runs/eval") / f"{args.task}.json"
+        for flag in ("out", "answers", "target_outputs"):
+            if getattr(args, flag) is not None:
+                check_output_file(getattr(args, flag), "--" + flag.replace("_", "-"))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     try:
         argv = list(sys.argv[1:] if argv is None else argv)
         args = build_parser().parse_args(argv)
         args.command_line = command_line(argv)  # recorded in reports
+        _check_outputs(args)
         COMMANDS[args.command](args)
+        sys.stdout.flush()  # a full disk or a closed pipe shows here, inside the handlers below
     except CllmError as exc:
-        stderr.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
-        return 2
+        return _fail(str(exc))
     except KeyboardInterrupt:
         stderr.print("interrupted")
         return 130
     except BrokenPipeError:
+        _detach_stdout()
         return 0
+    except OSError as exc:  # the disk, the terminal, a path that changed under us
+        where = exc.filename or ("stdout" if _detach_stdout() else None)
+        return _fail(f"{exc.strerror or exc}" + (f": {where}" if where else ""))
+    except UnicodeDecodeError as exc:
+        return _fail(f"input is not valid UTF-8 (byte 0x{exc.object[exc.start]:02x} at offset {exc.start})")
     return 0
+
+
+def _fail(message: str) -> int:
+    stderr.print(f"[red]error:[/red] {message}", highlight=False, soft_wrap=True)
+    return 2
+
+
+def _detach_stdout() -> bool:
+    """Points a stdout that cannot be written (full disk, closed pipe) at /dev/null, so that the
+    interpreter's last flush at exit does not print a traceback; True if stdout was broken."""
+    try:
+        sys.stdout.flush()
+        return False
+    except OSError:
+        pass
+    try:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):
+        pass  # not a real file (captured in tests)
+    return True
 
 
 if __name__ == "__main__":

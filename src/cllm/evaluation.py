@@ -22,6 +22,7 @@ import torch
 from cllm.data import PromptRecord, humaneval_prompt
 from cllm.decoding import DECODERS, left_pad
 from cllm.errors import CllmError
+from cllm.files import write_atomically
 from cllm.models import LoadedModel
 from cllm.sandbox import Limits, run_untrusted
 
@@ -215,13 +216,13 @@ def mtbench_answers(
     if second_turn:
         conversations = [_conversation(loaded, q, g["text"]) for q, g in zip(questions, first)]
         seconds = generate_all(loaded, conversations, DecodeSettings(**{**settings.__dict__, "template": "raw"}), on_batch)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with open(out, "w", encoding="utf-8") as handle:
-        for question, answer, follow_up in zip(questions, first, seconds):
-            turns = [answer["text"]] + ([follow_up["text"]] if follow_up else [])
-            record = {"question_id": question["question_id"], "answer_id": uuid.uuid4().hex, "model_id": model_id,
-                      "choices": [{"index": 0, "turns": turns}], "tstamp": time.time()}
-            handle.write(json.dumps(record, ensure_ascii=False) + "\n")
+    lines = []
+    for question, answer, follow_up in zip(questions, first, seconds):
+        turns = [answer["text"]] + ([follow_up["text"]] if follow_up else [])
+        record = {"question_id": question["question_id"], "answer_id": uuid.uuid4().hex, "model_id": model_id,
+                  "choices": [{"index": 0, "turns": turns}], "tstamp": time.time()}
+        lines.append(json.dumps(record, ensure_ascii=False) + "\n")
+    write_atomically(out, "".join(lines))
     generations = first + [s for s in seconds if s]
     return {"task": "mtbench", "questions": len(questions), "turns": 2 if second_turn else 1, "answers_file": str(out),
             "decoding": decoding_summary(generations)}

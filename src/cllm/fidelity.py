@@ -27,6 +27,7 @@ from cllm.bench import common_prefix
 from cllm.data import PromptRecord
 from cllm.errors import CllmError
 from cllm.evaluation import DecodeSettings, generate_all, perplexity
+from cllm.files import read_text, write_atomically
 from cllm.losses import token_distance
 from cllm.models import LoadedModel
 
@@ -93,11 +94,15 @@ class TargetOutputs:
     def __init__(self, path: Path | None) -> None:
         self.path = path
         self.data: dict = {}
-        if path is not None and path.is_file():
+        if path is not None and path.exists():
+            # refused rather than overwritten: the path may name some other file by mistake
             try:
-                self.data = json.loads(path.read_text())
-            except ValueError:
-                self.data = {}  # a damaged cache is only lost time: decode again
+                self.data = json.loads(read_text(path, "--target-outputs"))
+            except json.JSONDecodeError:
+                raise CllmError(f"--target-outputs {path} is corrupt or not a cache of target outputs; "
+                                "delete it to decode the target again") from None
+            if not isinstance(self.data, dict):
+                raise CllmError(f"--target-outputs {path} is not a cache of target outputs")
 
     @staticmethod
     def key(target: LoadedModel, settings: DecodeSettings) -> str:
@@ -122,10 +127,7 @@ class TargetOutputs:
     def _save(self) -> None:
         if self.path is None:
             return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        staging = self.path.with_suffix(".tmp")
-        staging.write_text(json.dumps(self.data))
-        staging.replace(self.path)
+        write_atomically(self.path, json.dumps(self.data))
 
 
 def evaluate_fidelity(

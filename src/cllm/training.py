@@ -44,6 +44,8 @@ from pathlib import Path
 import torch
 from transformers import Trainer
 
+from cllm.errors import CllmError
+from cllm.files import write_atomically
 from cllm.losses import after_eos_mask, ar_loss, consistency_loss, distillation_loss, from_first_difference_mask
 
 IGNORE = -100
@@ -385,7 +387,6 @@ class TrainConfig:
     distill_weight: float = 0.0  # weight of KL(teacher || student) on the teacher's output (needs teacher)
 
     def __post_init__(self) -> None:
-        from cllm.errors import CllmError
         from cllm.losses import DISTANCES
 
         checks = [
@@ -442,10 +443,26 @@ def last_complete_checkpoint(checkpoints: Path) -> str | None:
     for path in found:
         try:
             json.loads((path / "trainer_state.json").read_text())
-            return str(path)
         except (OSError, ValueError):
             shutil.rmtree(path, ignore_errors=True)
+            continue
+        _check_weights(path)
+        return str(path)
     return None
+
+
+def _check_weights(checkpoint: Path) -> None:
+    """A complete checkpoint whose weight files were damaged later: say so instead of failing deep
+    inside Trainer."""
+    from safetensors import SafetensorError, safe_open
+
+    for weights in checkpoint.glob("*.safetensors"):
+        try:
+            with safe_open(str(weights), framework="pt") as handle:
+                handle.keys()
+        except (SafetensorError, OSError) as exc:
+            raise CllmError(f"checkpoint {checkpoint} is damaged ({weights.name}: {str(exc).splitlines()[0]}); "
+                            "delete it to resume from the one before") from None
 
 
 def train(config: TrainConfig) -> Path:
@@ -453,17 +470,16 @@ def train(config: TrainConfig) -> Path:
     train_summary.json: steps, seconds, tokens/s) to `config.out`."""
     from transformers import TrainingArguments
 
-    from cllm.errors import CllmError
     from cllm.models import ModelConfig, load_model
     from cllm.trajectories import load_trajectories
 
+    out = Path(config.out)
+    checkpoints = out / "checkpoints"
+    last = last_complete_checkpoint(checkpoints) if config.resume else None  # first: a damaged one fails fast
     model_config = ModelConfig(name=config.model, dtype=config.dtype, device=config.device)
     loaded = load_model(model_config)
     teacher = load_model(model_config).model if config.teacher else None
     parts = [load_trajectories(path) for path in config.trajectories.split(",")]
-    out = Path(config.out)
-    checkpoints = out / "checkpoints"
-    last = last_complete_checkpoint(checkpoints) if config.resume else None
     if config.resume:
         from rich.console import Console
 
@@ -529,5 +545,5 @@ def train(config: TrainConfig) -> Path:
             "train_loss": result.metrics.get("train_loss"),
         }
         summary["seconds_per_step"] = round(seconds / max(1, summary["steps_this_run"]), 3)
-        (out / "train_summary.json").write_text(json.dumps(summary | {"config": asdict(config)}, indent=2))
+        write_atomically(out / "train_summary.json", json.dumps(summary | {"config": asdict(config)}, indent=2))
     return out

@@ -30,6 +30,7 @@ import torch
 from cllm.data import PromptRecord
 from cllm.decoding import INIT_STRATEGIES, DecodeOutput, jacobi, jacobi_no_cache, left_pad
 from cllm.errors import CllmError
+from cllm.files import write_atomically
 from cllm.models import LoadedModel
 
 FORMAT = "cllm-trajectories"
@@ -213,29 +214,10 @@ class CollectionDir:
         self._open(config)
 
     def _open(self, config: CollectConfig) -> None:
-        manifest_path = self.root / MANIFEST
-        expected = {"format": FORMAT, "version": FORMAT_VERSION, "config": asdict(config)}
-        if manifest_path.is_file():
-            try:
-                manifest = json.loads(manifest_path.read_text())
-            except (json.JSONDecodeError, UnicodeDecodeError):
-                raise CllmError(f"{manifest_path} is corrupt; use a new --out directory") from None
-            if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-                raise CllmError(f"{self.root} is not a cllm trajectory collection; use a new --out directory")
-            if manifest.get("version") != FORMAT_VERSION:
-                raise CllmError(f"{self.root} was written by format version {manifest.get('version')}, not {FORMAT_VERSION}")
-            # --limit may change: prompts come in dataset order, so a larger limit extends the collection
-            differing = sorted(k for k, v in expected["config"].items() if k != "limit" and manifest["config"].get(k) != v)
-            if differing:
-                raise CllmError(
-                    f"{self.root} holds a collection with different settings ({', '.join(differing)}); "
-                    "re-run with the same settings to resume, or use a new --out directory"
-                )
-        elif self.root.exists() and any(self.root.iterdir()):
-            raise CllmError(f"{self.root} exists, is not empty and is not a cllm trajectory collection")
-        else:
+        if not check_collection(self.root, config):
             self.data.mkdir(parents=True, exist_ok=True)
-            _write_atomically(manifest_path, json.dumps(expected, indent=2).encode())
+            expected = {"format": FORMAT, "version": FORMAT_VERSION, "config": asdict(config)}
+            write_atomically(self.root / MANIFEST, json.dumps(expected, indent=2))
         self.data.mkdir(exist_ok=True)
         for stray in self.data.glob(".tmp-*"):
             stray.unlink()  # a temporary file of a killed run: its batch is redone
@@ -251,20 +233,19 @@ class CollectionDir:
             raise CllmError(f"{self.root} already holds more prompts than this --limit asks for ({len(beyond)} batches "
                             "more); use that run's --limit or larger, or a new --out directory")
         manifest_path = self.root / MANIFEST
-        manifest = json.loads(manifest_path.read_text())
+        manifest = read_manifest(self.root)
         if manifest["config"].get("limit") != config.limit:
             manifest["config"]["limit"] = config.limit
-            _write_atomically(manifest_path, json.dumps(manifest, indent=2).encode())
+            write_atomically(manifest_path, json.dumps(manifest, indent=2).encode())
 
     def finished(self, batch_number: int, prompt_ids: list[str]) -> bool:
         path = self.shard_path(batch_number)
         if not path.is_file():
             return False
         try:
-            metadata = pq.read_schema(path).metadata or {}
-            covered = json.loads(metadata[b"cllm_prompt_ids"])
-        except Exception:
-            raise CllmError(f"shard {path} is unreadable; delete it to collect its prompts again") from None
+            covered = json.loads((check_shard(path).metadata or {})[b"cllm_prompt_ids"])
+        except (KeyError, json.JSONDecodeError):
+            raise CllmError(f"shard {path} does not record its prompts; delete it to collect them again") from None
         if covered != prompt_ids:
             raise CllmError(f"shard {path} covers other prompts than this run's batch; use a new --out directory")
         return True
@@ -280,13 +261,7 @@ class CollectionDir:
         temporary.replace(path)
 
     def write_summary(self, summary: CollectSummary) -> None:
-        _write_atomically(self.root / f"summary-{self.part}.json", json.dumps(summary.to_dict(), indent=2).encode())
-
-
-def _write_atomically(path: Path, data: bytes) -> None:
-    temporary = path.with_name(f".tmp-{path.name}")
-    temporary.write_bytes(data)
-    temporary.replace(path)
+        write_atomically(self.root / f"summary-{self.part}.json", json.dumps(summary.to_dict(), indent=2).encode())
 
 
 def _decode_batch(loaded: LoadedModel, config: CollectConfig, prompts: list[list[int]], seeds: list[int]) -> DecodeOutput:
@@ -366,10 +341,65 @@ def collect(
     return summary
 
 
+def check_collection(root: Path, config: CollectConfig) -> bool:
+    """Whether `root` holds a collection this config may resume (True) or is free for a new one
+    (False); anything else is a CllmError. Writes nothing: `cllm collect` calls it before loading
+    the model, so that a wrong --out fails at once."""
+    if not (root / MANIFEST).is_file():
+        if root.exists() and (not root.is_dir() or any(root.iterdir())):
+            raise CllmError(f"{root} exists, is not empty and is not a cllm trajectory collection")
+        return False
+    manifest = read_manifest(root, hint="use a new --out directory")
+    if manifest.get("format") != FORMAT:
+        raise CllmError(f"{root} is not a cllm trajectory collection; use a new --out directory")
+    if manifest.get("version") != FORMAT_VERSION:
+        raise CllmError(f"{root} was written by format version {manifest.get('version')}, not {FORMAT_VERSION}")
+    # --limit may change: prompts come in dataset order, so a larger limit extends the collection
+    differing = sorted(k for k, v in asdict(config).items() if k != "limit" and manifest["config"].get(k) != v)
+    if differing:
+        raise CllmError(f"{root} holds a collection with different settings ({', '.join(differing)}); "
+                        "re-run with the same settings to resume, or use a new --out directory")
+    for shard in (root / "data").glob("train-*.parquet"):
+        check_shard(shard)  # a damaged shard is reported now, not after hours of decoding
+    return True
+
+
+def read_manifest(root: Path, hint: str = "collect it again") -> dict:
+    try:
+        manifest = json.loads((root / MANIFEST).read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise CllmError(f"{root / MANIFEST} is corrupt; {hint}") from None
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("config"), dict):
+        raise CllmError(f"{root / MANIFEST} is corrupt; {hint}")
+    return manifest
+
+
+def check_shard(path: Path) -> pa.Schema:
+    """The shard's schema, or a CllmError saying what is wrong with the file."""
+    try:
+        schema = pq.read_schema(path)
+    except (pa.ArrowException, OSError):
+        raise CllmError(f"shard {path} is unreadable (truncated or not parquet); delete it and re-run cllm collect "
+                        "to redo its prompts") from None
+    missing = [name for name in SCHEMA.names if name not in schema.names]
+    if missing:
+        raise CllmError(f"{path} is not a cllm trajectory shard: it lacks the columns {', '.join(missing)}")
+    return schema
+
+
 def shard_files(root: Path) -> list[Path]:
+    """The shards of a finished or partial collection, each checked readable."""
+    if not root.exists():
+        raise CllmError(f"trajectories directory not found: {root}")
+    if not root.is_dir():
+        raise CllmError(f"{root} is not a directory (a trajectory collection is one)")
     if not (root / MANIFEST).is_file():
         raise CllmError(f"{root} is not a cllm trajectory collection (no {MANIFEST})")
-    return sorted((root / "data").glob("train-*.parquet"))
+    read_manifest(root)
+    files = sorted((root / "data").glob("train-*.parquet"))
+    for path in files:
+        check_shard(path)
+    return files
 
 
 def read_entries(root: Path) -> pa.Table:
@@ -379,8 +409,8 @@ def read_entries(root: Path) -> pa.Table:
         return SCHEMA.empty_table()
     try:
         table = pa.concat_tables(pq.read_table(f, schema=SCHEMA) for f in files)
-    except Exception as exc:
-        raise CllmError(f"cannot read the shards of {root}: {exc}") from None
+    except (pa.ArrowException, OSError) as exc:
+        raise CllmError(f"the shards of {root} are unreadable: {str(exc).splitlines()[0]}") from None
     return table.sort_by([("prompt_index", "ascending"), ("block_index", "ascending")])
 
 
@@ -399,7 +429,7 @@ def inspect_collection(root: Path, histogram_max: int = 16) -> dict:
     from cllm.decoding import accepted_per_iteration
 
     table = read_entries(root)
-    manifest = json.loads((root / MANIFEST).read_text())
+    manifest = read_manifest(root)
     rows = table.select(["prompt_id", "states", "iterations", "degenerate"]).to_pylist()
     gained: dict[int, int] = {}
     for row in rows:

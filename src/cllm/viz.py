@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from cllm.decoding import accepted_per_iteration, jacobi, stationary_mask
+from cllm.files import write_atomically
 from cllm.models import LoadedModel
 
 
@@ -63,7 +64,7 @@ def render_html(views: dict[str, list[BlockView]], prompt: str, path: Path) -> N
                 parts.append(f"<tr><td>y({j})</td>{cells}</tr>")
             parts.append("</table>")
     parts.append("</body></html>")
-    path.write_text("\n".join(parts), encoding="utf-8")
+    write_atomically(path, "\n".join(parts))
 
 
 def render_png(views: dict[str, list[BlockView]], path: Path) -> None:
