@@ -94,6 +94,8 @@ def _processes_mentioning(token: str) -> list[int]:
 # each, as a Python list), token, home (the home secret), sleeper (its pid).
 DESTRUCTIVE = {
     "posix.system": "import posix\nfor d in {dirs}:\n    posix.system(f'touch {{d}}/pwned; rm -f {{d}}/precious.txt')\n",
+    "posix.fork": "import posix\nif posix.fork() == 0:\n    for d in {dirs}:\n        try:\n            open(d + '/forked', 'w')\n"
+        "        except OSError:\n            pass\n    posix.execv('/bin/sleep', ['sleep', '600', '{token}'])\n",
     "posix.unlink": "import posix\nfor v in {victims}:\n    posix.unlink(v)\n",
     "io.FileIO": "import io\nfor d in {dirs}:\n    io.FileIO(d + '/new', 'w').write(b'x')\n",
     "open for writing": "for v in {victims}:\n    open(v, 'w').write('gone')\n",
