@@ -650,6 +650,8 @@ def _demo_target_vs_cllm(args: argparse.Namespace, cllm: str) -> None:
 def _process_shard(args: argparse.Namespace) -> tuple[int, int]:
     num_shards = args.num_shards or int(os.environ.get("WORLD_SIZE", "1"))
     shard_index = args.shard_index if args.shard_index is not None else int(os.environ.get("RANK", "0"))
+    if not 0 <= shard_index < num_shards:
+        raise CllmError(f"--shard-index must be in [0, {num_shards}), got {shard_index}")
     if args.device == "auto" and num_shards > 1 and "LOCAL_RANK" in os.environ:
         import torch
 
