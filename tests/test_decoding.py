@@ -8,7 +8,18 @@ import pytest
 import torch
 from tiny_models import VOCAB, tiny_model
 
-from cllm.decoding import INIT_STRATEGIES, _GuessMaker, _Rows, ar, count_stationary, hf_generate, jacobi, jacobi_no_cache, left_pad, lookup_continuation
+from cllm.decoding import (
+    INIT_STRATEGIES,
+    ar,
+    count_stationary,
+    hf_generate,
+    jacobi,
+    jacobi_no_cache,
+    left_pad,
+    lookup_continuation,
+)
+from cllm.decoding.core import _Rows
+from cllm.decoding.jacobi import _GuessMaker
 
 ARCHS = ["llama", "qwen2", "gpt2"]
 BLOCK_SIZES = [1, 2, 3, 8, 16]

@@ -1,16 +1,6 @@
-"""Greedy decoders over any Hugging Face causal LM: autoregressive (`ar`) and Jacobi (`jacobi`).
-
-Both are plain functions of (model, left-padded input ids) that use only the public forward and
-`DynamicCache` API, so every architecture with a standard cache works. Both run a batch of
-prompts of different lengths; rows leave the batch as soon as they finish.
-
-KV-cache layout. All rows share one cache tensor of S slots. A slot holds a real token of that
-row or a hole (left padding, a padded input column, or KV of a rejected Jacobi guess that another
-row's longer acceptance kept from being cropped); `_Rows.slot_mask` marks the real ones and is
-the attention mask, and position ids count real tokens only, so holes change nothing but cost.
-The last accepted token of every row (`pending`) is never in the cache: it is the first input of
-the next forward, whose prediction at that column is the next token. The prefill of the prompts
-yields the first token; Jacobi blocks cover the tokens after it.
+"""Jacobi decoding (`jacobi`, and `jacobi_no_cache`, the original code's way), its initial guesses
+and the statistics of its trajectories. The prefill of the prompts yields the first token; Jacobi
+blocks cover the tokens after it (cache layout: cllm.decoding.core).
 
 Jacobi iteration (block of n positions, `fixed` of them already known to be right):
   1. guess    -- input = [pending, unfixed guesses except the last]          (B, m)
@@ -24,272 +14,31 @@ A Jacobi block of size 1 is exactly the AR loop.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
 
 import torch
-from transformers import DynamicCache, GenerationConfig, PreTrainedModel
+from transformers import PreTrainedModel
+
+from cllm.decoding.core import (
+    DecodeOutput,
+    DecodeStats,
+    TokenCallback,
+    _as_batch,
+    _emit,
+    _emit_first_token,
+    _eos_tensor,
+    _forward,
+    _keep_real_slots,
+    _prefill,
+    _retire,
+    _Rows,
+    _truncate_at_eos,
+    _validate,
+)
 
 INIT_STRATEGIES = ("prompt", "repeat", "pad", "lookup")
 LOOKUP_MAX_NGRAM = 3
 LOOKUP_MIN_NGRAM_MID_BLOCK = 2  # a lone recurring token is too weak a reason to discard the iterate
-
-TokenCallback = Callable[[int, list[int]], None]
-"""Called as `callback(row, new_token_ids)` whenever a row's output grows (streaming)."""
-
-
-@dataclass
-class DecodeStats:
-    """What one row's decoding cost and gained.
-
-    forward_passes: forwards this row took part in, the prompt prefill included (it yields the
-        first token), so AR takes exactly one forward per token.
-    new_tokens: tokens emitted (EOS included when produced).
-    block_iterations: Jacobi iterations per block (for AR: one per token).
-    fast_forward: sum over iterations of (tokens accepted - 1), i.e. correct tokens gained in an
-        iteration beyond the one Jacobi decoding always gains; tokens discarded after an EOS do
-        not count, so fast_forward == new_tokens - forward_passes. 0 for AR.
-    stationary: block positions whose token became correct while some earlier position of the
-        block was still wrong and then never changed until the block converged (counted once per
-        position; the initial guess counts). 0 for AR.
-    """
-
-    forward_passes: int = 0
-    new_tokens: int = 0
-    block_iterations: list[int] = field(default_factory=list)
-    fast_forward: int = 0
-    stationary: int = 0
-
-    @property
-    def tokens_per_forward(self) -> float:
-        return self.new_tokens / self.forward_passes if self.forward_passes else 0.0
-
-    def to_dict(self) -> dict:
-        return {
-            "forward_passes": self.forward_passes,
-            "new_tokens": self.new_tokens,
-            "tokens_per_forward": round(self.tokens_per_forward, 4),
-            "block_iterations": self.block_iterations,
-            "fast_forward": self.fast_forward,
-            "stationary": self.stationary,
-        }
-
-
-@dataclass
-class DecodeOutput:
-    """Per row: generated token ids (no prompt, no padding), stats and optional Jacobi trajectory.
-
-    trajectories[row][block] is a (k+1, L) tensor of the states y(0)..y(k) of that block, y(k)
-    being its fixed point; L < n for a last block cut by `max_new_tokens` or by EOS.
-    """
-
-    token_ids: list[list[int]]
-    stats: list[DecodeStats]
-    trajectories: list[list[torch.Tensor]] | None = None
-
-
-def left_pad(prompts: Sequence[Sequence[int]], pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Stack prompts of different lengths, padded on the left: (input_ids, attention_mask), both (B, P)."""
-    if not prompts or any(len(p) == 0 for p in prompts):
-        raise ValueError("every prompt needs at least one token")
-    width = max(len(p) for p in prompts)
-    input_ids = torch.full((len(prompts), width), pad_token_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(prompts), width), dtype=torch.long)
-    for row, prompt in enumerate(prompts):
-        input_ids[row, width - len(prompt) :] = torch.as_tensor(list(prompt), dtype=torch.long)
-        attention_mask[row, width - len(prompt) :] = 1
-    return input_ids, attention_mask
-
-
-@dataclass
-class _Rows:
-    """Per-row decoding state of the rows still running; every tensor has the batch as dim 0."""
-
-    index: torch.Tensor  # (B,) the row's position in the caller's batch
-    slot_mask: torch.Tensor  # (B, S) 1 where the cache slot holds a real token of this row
-    n_real: torch.Tensor  # (B,) real tokens in the cache = position id of `pending`
-    pending: torch.Tensor  # (B,) last accepted token; its KV is not in the cache yet
-    out: torch.Tensor  # (B, max_new_tokens + n) generated tokens (tail beyond n_out is scratch)
-    n_out: torch.Tensor  # (B,)
-    prompt: torch.Tensor  # (B, P) left-padded prompt, for guesses drawn from it
-    prompt_len: torch.Tensor  # (B,)
-
-    def select(self, keep: torch.Tensor) -> None:
-        for name, value in vars(self).items():
-            setattr(self, name, value[keep])
-
-
-def _validate(input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int, block_size: int) -> None:
-    if input_ids.ndim != 2 or input_ids.shape[1] == 0:
-        raise ValueError("input_ids must be a non-empty (batch, length) tensor")
-    if attention_mask.shape != input_ids.shape:
-        raise ValueError("attention_mask must have the shape of input_ids")
-    if not bool(attention_mask[:, -1].all()):
-        raise ValueError("prompts must be left-padded: every row's last column must be a real token")
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    if block_size < 1:
-        raise ValueError(f"block_size must be >= 1, got {block_size}")
-
-
-def _eos_tensor(eos_token_id: int | Sequence[int] | None, device: torch.device) -> torch.Tensor:
-    if eos_token_id is None:
-        return torch.empty(0, dtype=torch.long, device=device)
-    ids = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
-    return torch.tensor(ids, dtype=torch.long, device=device)
-
-
-def _prefill(
-    model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor, scratch: int
-) -> tuple[DynamicCache, _Rows]:
-    """Run the prompts into a fresh cache; the prediction after the last prompt token is `pending`.
-
-    That first token is not emitted here: callers do it with `_emit`, so EOS and streaming
-    treat it like any other token.
-    """
-    batch = input_ids.shape[0]
-    device = input_ids.device
-    cache = DynamicCache(config=model.config)
-    positions = (attention_mask.cumsum(1) - 1).clamp(min=0)
-    logits = model(
-        input_ids=input_ids,
-        attention_mask=None if bool(attention_mask.all()) else attention_mask,
-        position_ids=positions,
-        past_key_values=cache,
-        use_cache=True,
-        logits_to_keep=1,
-    ).logits  # (B, 1, V)
-    rows = _Rows(
-        index=torch.arange(batch, device=device),
-        slot_mask=attention_mask.clone(),
-        n_real=attention_mask.sum(1),
-        pending=logits[:, -1].argmax(dim=-1),
-        out=torch.zeros((batch, scratch), dtype=torch.long, device=device),
-        n_out=torch.zeros(batch, dtype=torch.long, device=device),
-        prompt=input_ids,
-        prompt_len=attention_mask.sum(1),
-    )
-    return cache, rows
-
-
-def _emit_first_token(
-    rows: _Rows, cache: DynamicCache, eos: torch.Tensor, max_new_tokens: int,
-    results: list[list[int] | None], on_tokens: TokenCallback | None,
-) -> None:
-    """Emit the prefill's prediction and retire rows that it already finished."""
-    first = rows.pending[:, None]  # (B, 1)
-    count, hit_eos = _truncate_at_eos(first, torch.ones_like(rows.n_out), eos)
-    _emit(rows, first, count, on_tokens)
-    done = hit_eos | (rows.n_out >= max_new_tokens)
-    if done.any():
-        _retire(rows, cache, done, results)
-
-
-def _forward(
-    model: PreTrainedModel, cache: DynamicCache, rows: _Rows, tokens: torch.Tensor, real: torch.Tensor
-) -> torch.Tensor:
-    """One forward of `tokens` (B, m) after the cache; returns the greedy prediction at every column."""
-    columns = torch.arange(tokens.shape[1], device=tokens.device)
-    positions = rows.n_real[:, None] + columns  # (B, m)
-    attention_mask = torch.cat([rows.slot_mask, real.long()], dim=1)  # (B, S + m)
-    if bool(attention_mask.all()):
-        attention_mask = None  # no padding or holes: the plain causal mask, cheapest for the backend
-    logits = model(
-        input_ids=tokens,
-        attention_mask=attention_mask,
-        position_ids=positions,
-        past_key_values=cache,
-        use_cache=True,
-    ).logits  # (B, m, V)
-    return logits.argmax(dim=-1)
-
-
-def _keep_real_slots(cache: DynamicCache, rows: _Rows, fed: int, accepted: torch.Tensor) -> None:
-    """After a forward of `fed` columns, keep the KV of each row's first `accepted` columns."""
-    keep = int(accepted.max())
-    if keep < fed:
-        cache.crop(keep - fed)
-    columns = torch.arange(keep, device=accepted.device)
-    rows.slot_mask = torch.cat([rows.slot_mask, (columns < accepted[:, None]).long()], dim=1)
-    rows.n_real = rows.n_real + accepted
-
-
-def _truncate_at_eos(new_tokens: torch.Tensor, count: torch.Tensor, eos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Cut each row's `count` new tokens (B, m) after its first EOS: (kept count, hit EOS)."""
-    columns = torch.arange(new_tokens.shape[1], device=new_tokens.device)
-    is_eos = torch.isin(new_tokens, eos) & (columns < count[:, None])
-    hit = is_eos.any(dim=1)
-    first = is_eos.long().argmax(dim=1)
-    return torch.where(hit, first + 1, count), hit
-
-
-def _emit(rows: _Rows, new_tokens: torch.Tensor, count: torch.Tensor, on_tokens: TokenCallback | None) -> None:
-    """Append each row's first `count` tokens of `new_tokens` (B, m) to its output."""
-    columns = torch.arange(new_tokens.shape[1], device=new_tokens.device)
-    rows.out.scatter_(1, rows.n_out[:, None] + columns, new_tokens)
-    if on_tokens is not None:
-        for row, tokens, k in zip(rows.index.tolist(), new_tokens.tolist(), count.tolist()):
-            on_tokens(row, tokens[:k])
-    rows.n_out = rows.n_out + count
-
-
-def _retire(rows: _Rows, cache: DynamicCache, done: torch.Tensor, results: list[list[int] | None]) -> None:
-    """Store the output of finished rows and drop them from the batch and the cache."""
-    for i in done.nonzero().flatten().tolist():
-        results[int(rows.index[i])] = rows.out[i, : int(rows.n_out[i])].tolist()
-    keep = (~done).nonzero().flatten()
-    rows.select(keep)
-    cache.batch_select_indices(keep)
-
-
-def _as_batch(
-    input_ids: torch.Tensor, attention_mask: torch.Tensor | None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    if attention_mask is None:
-        attention_mask = torch.ones_like(input_ids)
-    return input_ids, attention_mask.to(input_ids.device)
-
-
-@torch.inference_mode()
-def ar(
-    model: PreTrainedModel,
-    input_ids: torch.Tensor,
-    attention_mask: torch.Tensor | None = None,
-    *,
-    max_new_tokens: int = 128,
-    eos_token_id: int | Sequence[int] | None = None,
-    pad_token_id: int = 0,
-    on_tokens: TokenCallback | None = None,
-) -> DecodeOutput:
-    """Greedy autoregressive decoding with a KV cache: one forward per new token.
-
-    input_ids, attention_mask: (B, P) left-padded prompts. Returns B outputs, each stopping after
-    its first EOS (included) or at `max_new_tokens`.
-    """
-    input_ids, attention_mask = _as_batch(input_ids, attention_mask)
-    _validate(input_ids, attention_mask, max_new_tokens, block_size=1)
-    batch = input_ids.shape[0]
-    eos = _eos_tensor(eos_token_id, input_ids.device)
-    cache, rows = _prefill(model, input_ids, attention_mask, scratch=max_new_tokens + 1)
-    results: list[list[int] | None] = [None] * batch
-    _emit_first_token(rows, cache, eos, max_new_tokens, results, on_tokens)
-    one = torch.ones((batch, 1), dtype=torch.bool, device=input_ids.device)
-    while len(rows.index):
-        prediction = _forward(model, cache, rows, rows.pending[:, None], one[: len(rows.index)])  # (B, 1)
-        _keep_real_slots(cache, rows, fed=1, accepted=torch.ones_like(rows.n_out))
-        count, hit_eos = _truncate_at_eos(prediction, torch.ones_like(rows.n_out), eos)
-        _emit(rows, prediction, count, on_tokens)
-        rows.pending = prediction[:, 0]
-        done = hit_eos | (rows.n_out >= max_new_tokens)
-        if done.any():
-            _retire(rows, cache, done, results)
-    token_ids = [r or [] for r in results]
-    return _one_token_per_forward(token_ids)
-
-
-def _one_token_per_forward(token_ids: list[list[int]]) -> DecodeOutput:
-    stats = [DecodeStats(len(t), len(t), [1] * len(t)) for t in token_ids]
-    return DecodeOutput(token_ids=token_ids, stats=stats)
 
 
 class _GuessMaker:
@@ -583,43 +332,3 @@ def jacobi_no_cache(
     tokens = sequence[input_ids.shape[1] :].tolist()
     stats.new_tokens = len(tokens)
     return DecodeOutput(token_ids=[tokens], stats=[stats], trajectories=[blocks] if return_trajectory else None)
-
-
-@torch.inference_mode()
-def hf_generate(
-    model: PreTrainedModel,
-    input_ids: torch.Tensor,
-    attention_mask: torch.Tensor | None = None,
-    *,
-    max_new_tokens: int = 128,
-    eos_token_id: int | Sequence[int] | None = None,
-    pad_token_id: int = 0,
-    on_tokens: TokenCallback | None = None,
-) -> DecodeOutput:
-    """transformers' own greedy `generate`, as the reference and the speed baseline to beat.
-
-    `on_tokens` is called once per row with its whole output, after generation ends.
-    """
-    input_ids, attention_mask = _as_batch(input_ids, attention_mask)
-    _validate(input_ids, attention_mask, max_new_tokens, block_size=1)
-    eos_ids = _eos_tensor(eos_token_id, input_ids.device).tolist()
-    # An explicit config, so nothing falls back to the model's own generation defaults.
-    config = GenerationConfig(
-        max_new_tokens=max_new_tokens,
-        do_sample=False,
-        num_beams=1,
-        eos_token_id=eos_ids or None,
-        pad_token_id=pad_token_id,
-    )
-    generated = model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config)[:, input_ids.shape[1] :]
-    eos = set(eos_ids)
-    token_ids = []
-    for row in generated.tolist():
-        end = next((i + 1 for i, t in enumerate(row) if t in eos), len(row))
-        token_ids.append(row[:end])
-        if on_tokens is not None:
-            on_tokens(len(token_ids) - 1, row[:end])
-    return _one_token_per_forward(token_ids)
-
-
-DECODERS = {"ar": ar, "jacobi": jacobi, "hf": hf_generate}
