@@ -1,0 +1,241 @@
+"""Lookahead decoding (Fu et al., 2024), greedy and exact, batched, in one forward per step.
+
+Each step feeds one sequence per row through the public forward with a custom 4D attention mask
+(docs/decoding.md draws it):
+
+    [ run | lookahead window: N-1 levels x W columns | G candidate n-grams of N-1 tokens ]
+
+- run: the tokens accepted last step, not yet in the KV cache (1..N of them); causal among
+  themselves. The prediction after the last one is the next token, exactly as in AR.
+- lookahead window: a W-wide trajectory of Jacobi guesses, N-1 levels deep. The token at level l,
+  column i sits at position p+1+i+l (p: the last run token) and sees the run, level 0 up to
+  column i, and column i of levels 1..l: a diagonal. The last level's predictions become the
+  next step's last level (the oldest level drops out), and each column, read down its levels
+  plus that prediction, is an N-gram for the pool. The window only proposes; nothing it holds is
+  trusted.
+- candidates: up to G n-grams from the pool that start with the last run token, each at positions
+  p+1.. and seeing the run and its own earlier tokens only. Candidate g is right for as long as
+  each of its tokens equals the prediction at the column before it; the longest such prefix, plus
+  the prediction after it, is accepted (at least one token: the plain AR step).
+The pool (per row, keyed by first token, newest first, G per key) is fed by the window and by
+every N-gram of the row's own context (prompt + output so far). The KV of the run is kept; the
+window's and the candidates' are cropped away, and the accepted tokens form the next run, so the
+cache only ever holds tokens fed after a correct prefix: outputs equal AR's token for token.
+
+Custom 4D masks are handed to the attention as they are: this works with the eager and SDPA
+attentions (an additive float mask), not with flash-attention.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from transformers import PreTrainedModel
+
+from cllm.decoding.core import (
+    DecodeOutput,
+    DecodeStats,
+    TokenCallback,
+    _as_batch,
+    _emit,
+    _emit_first_token,
+    _eos_tensor,
+    _prefill,
+    _retire,
+    _Rows,
+    _truncate_at_eos,
+    _validate,
+)
+
+
+class NgramPool:
+    """One row's n-grams: first token -> continuations (N-1 tokens), newest first, at most `size`."""
+
+    def __init__(self, ngram: int, size: int) -> None:
+        self.ngram, self.size = ngram, size
+        self.table: dict[int, list[tuple[int, ...]]] = {}
+        self.context_seen = 0  # context tokens whose n-grams are in the pool
+
+    def add(self, gram: Sequence[int]) -> None:
+        key, continuation = gram[0], tuple(gram[1:])
+        entries = self.table.setdefault(key, [])
+        if continuation in entries:
+            entries.remove(continuation)
+        entries.insert(0, continuation)
+        del entries[self.size :]
+
+    def add_context(self, context: list[int]) -> None:
+        """Every n-gram of the context that ends after what was added before."""
+        first = max(0, self.context_seen - self.ngram + 1)
+        for start in range(first, len(context) - self.ngram + 1):
+            self.add(context[start : start + self.ngram])
+        self.context_seen = len(context)
+
+    def candidates(self, token: int) -> list[tuple[int, ...]]:
+        return self.table.get(token, [])
+
+
+def _step_mask(run_len: torch.Tensor, width: int, levels: int, window: int, counts: torch.Tensor, ngram: int) -> torch.Tensor:
+    """(B, Q, Q) True where a fed column may attend to another fed column (the cache part is
+    added by the caller). Columns: R run, then levels*window window tokens, then candidates."""
+    device = run_len.device
+    batch, span = run_len.shape[0], levels * window
+    groups = counts.shape[1]
+    total = width + span + groups * (ngram - 1)
+    mask = torch.zeros((batch, total, total), dtype=torch.bool, device=device)
+    run_cols = torch.arange(width, device=device)
+    run_real = run_cols[None, :] < run_len[:, None]  # (B, R)
+    causal = run_cols[None, :] <= run_cols[:, None]  # (R, R) key <= query
+    mask[:, :width, :width] = causal[None] & run_real[:, None, :]
+    mask[:, width:, :width] = run_real[:, None, :]  # window and candidates see the whole run
+
+    level = torch.arange(span, device=device) // window
+    column = torch.arange(span, device=device) % window
+    sees_level0 = (level[None, :] == 0) & (column[None, :] <= column[:, None])
+    sees_diagonal = (level[None, :] >= 1) & (level[None, :] <= level[:, None]) & (column[None, :] == column[:, None])
+    mask[:, width : width + span, width : width + span] = (sees_level0 | sees_diagonal)[None]
+
+    start = width + span
+    for g in range(groups):
+        cols = slice(start + g * (ngram - 1), start + (g + 1) * (ngram - 1))
+        own = torch.ones((ngram - 1, ngram - 1), dtype=torch.bool, device=device).tril()
+        real = counts[:, g]  # (B,) whether this row has a g-th candidate
+        mask[:, cols, cols] = own[None] & real[:, None, None] | torch.eye(ngram - 1, dtype=torch.bool, device=device)[None]
+        mask[:, cols, :width] &= real[:, None, None]
+    holes = ~run_real
+    mask[:, :width, :width] |= torch.diag_embed(holes)  # a padded run column sees itself only
+    return mask
+
+
+def _additive(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A boolean (B, Q, K) mask as the additive (B, 1, Q, K) float mask every attention accepts."""
+    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(~allowed, torch.finfo(dtype).min)[:, None]
+
+
+@torch.inference_mode()
+def lookahead(
+    model: PreTrainedModel,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    *,
+    window: int = 5,
+    ngram: int = 4,
+    candidates: int = 5,
+    max_new_tokens: int = 128,
+    eos_token_id: int | Sequence[int] | None = None,
+    pad_token_id: int = 0,
+    seed: int | Sequence[int] = 0,
+    on_tokens: TokenCallback | None = None,
+) -> DecodeOutput:
+    """Greedy lookahead decoding: `window` W, n-gram size `ngram` N, up to `candidates` G verified
+    n-grams per step. Returns exactly the greedy AR output; stats count one forward per step."""
+    input_ids, attention_mask = _as_batch(input_ids, attention_mask)
+    _validate(input_ids, attention_mask, max_new_tokens, block_size=1)
+    if window < 1 or ngram < 2 or candidates < 1:
+        raise ValueError(f"lookahead needs window >= 1, ngram >= 2 and candidates >= 1; got {window}, {ngram}, {candidates}")
+    if str(getattr(model.config, "_attn_implementation", "")).startswith("flash"):
+        raise ValueError("lookahead needs a custom attention mask, which flash-attention does not take: load the model "
+                         "with attn_implementation='sdpa' or 'eager'")
+    batch, device = input_ids.shape[0], input_ids.device
+    levels = ngram - 1
+    eos = _eos_tensor(eos_token_id, device)
+    cache, rows = _prefill(model, input_ids, attention_mask, scratch=max_new_tokens + ngram)
+    results: list[list[int] | None] = [None] * batch
+    stats = [DecodeStats(forward_passes=1) for _ in range(batch)]
+    pools = [NgramPool(ngram, candidates) for _ in range(batch)]
+    _emit_first_token(rows, cache, eos, max_new_tokens, results, on_tokens)
+
+    seeds = [seed + row for row in range(batch)] if isinstance(seed, int) else list(seed)
+    if not len(rows.index):  # every row ended with its first token
+        return DecodeOutput(token_ids=[r or [] for r in results], stats=[DecodeStats(1, 1) for _ in results])
+    trail = _initial_window(rows, levels, window, seeds)  # (B, N-1, W)
+    run = rows.pending[:, None].clone()  # (B, R) accepted tokens whose KV is not cached
+    run_len = torch.ones(len(rows.index), dtype=torch.long, device=device)
+
+    while len(rows.index):
+        for i in range(len(rows.index)):
+            pools[int(rows.index[i])].add_context(_context(rows, i))
+        width = int(run_len.max())
+        offered = [pools[int(r)].candidates(int(t)) for r, t in zip(rows.index, rows.pending)]
+        groups = max(len(c) for c in offered)
+        proposals = torch.full((len(offered), max(groups, 1), levels), pad_token_id, dtype=torch.long, device=device)
+        present = torch.zeros((len(offered), max(groups, 1)), dtype=torch.bool, device=device)
+        for i, grams in enumerate(offered):
+            if grams:
+                proposals[i, : len(grams)] = torch.tensor(grams, dtype=torch.long, device=device)
+                present[i, : len(grams)] = True
+        proposals, present = proposals[:, :groups], present[:, :groups]
+
+        last = rows.n_real + run_len - 1  # position of the last run token
+        run_positions = rows.n_real[:, None] + torch.arange(width, device=device)
+        span = torch.arange(levels * window, device=device)
+        window_positions = last[:, None] + 1 + span % window + span // window
+        proposal_positions = last[:, None] + 1 + torch.arange(levels, device=device).repeat(groups)
+        tokens = torch.cat([run, trail.flatten(1), proposals.flatten(1)], dim=1)
+        positions = torch.cat([run_positions, window_positions, proposal_positions], dim=1)
+        fed = _step_mask(run_len, width, levels, window, present, ngram)
+        allowed = torch.cat([rows.slot_mask.bool()[:, None, :].expand(-1, fed.shape[1], -1), fed], dim=2)
+        logits = model(
+            input_ids=tokens, attention_mask=_additive(allowed, model.dtype), position_ids=positions,
+            past_key_values=cache, use_cache=True,
+        ).logits
+        prediction = logits.argmax(dim=-1)  # (B, Q)
+
+        # verification: candidate g holds while each token equals the prediction before it
+        after_run = prediction.gather(1, (run_len - 1)[:, None])  # (B, 1) the next token, as AR
+        start = width + levels * window
+        proposed_predictions = prediction[:, start:].view(len(rows.index), groups, levels)
+        before = torch.cat([after_run[:, None, :].expand(-1, groups, -1), proposed_predictions[:, :, :-1]], dim=2)
+        matched = ((proposals == before) & present[:, :, None]).long().cumprod(2).sum(2)  # (B, G)
+        best = matched.argmax(dim=1) if groups else torch.zeros(len(rows.index), dtype=torch.long, device=device)
+        length = matched.gather(1, best[:, None]).squeeze(1) if groups else torch.zeros_like(best)
+        chosen = proposed_predictions[torch.arange(len(rows.index), device=device), best] if groups else \
+            torch.zeros((len(rows.index), levels), dtype=torch.long, device=device)
+        emitted = torch.cat([after_run, chosen], dim=1)  # (B, N): the first 1 + length are right
+        count = torch.minimum(length + 1, max_new_tokens - rows.n_out)
+        count, hit_eos = _truncate_at_eos(emitted, count, eos)
+
+        # keep the run's KV, crop the window's and the candidates'
+        cache.crop(width - tokens.shape[1])  # a negative count: drop that many slots from the end
+        rows.slot_mask = torch.cat([rows.slot_mask, (torch.arange(width, device=device) < run_len[:, None]).long()], dim=1)
+        rows.n_real = rows.n_real + run_len
+        _emit(rows, emitted, count, on_tokens)
+        for row, emitted_count in zip(rows.index.tolist(), count.tolist()):
+            stats[int(row)].forward_passes += 1
+            stats[int(row)].fast_forward += emitted_count - 1
+        newest = prediction[:, width + (levels - 1) * window : width + levels * window]  # (B, W) last level's predictions
+        for i, row in enumerate(rows.index.tolist()):
+            columns = torch.cat([trail[i], newest[i][None]], dim=0).T.tolist()  # W n-grams, one per column
+            for gram in columns:
+                pools[row].add(gram)
+        trail = torch.cat([trail[:, 1:], newest[:, None]], dim=1)
+        run = emitted
+        run_len = count
+        rows.pending = emitted.gather(1, (count - 1)[:, None]).squeeze(1)
+        done = hit_eos | (rows.n_out >= max_new_tokens)
+        if done.any():
+            keep = (~done).nonzero().flatten()
+            _retire(rows, cache, done, results)
+            trail, run, run_len = trail[keep], run[keep], run_len[keep]
+        if len(rows.index):
+            run = run[:, : int(run_len.max())]
+
+    token_ids = [r or [] for r in results]
+    for row, tokens in enumerate(token_ids):
+        stats[row].new_tokens = len(tokens)
+    return DecodeOutput(token_ids=token_ids, stats=stats)
+
+
+def _initial_window(rows: _Rows, levels: int, window: int, seeds: list[int]) -> torch.Tensor:
+    """Guesses drawn from each row's own prompt, as Jacobi's `prompt` initialisation."""
+    device = rows.prompt.device
+    draws = torch.stack([torch.rand(levels * window, generator=torch.Generator().manual_seed(seeds[int(r)])) for r in rows.index])
+    prompt_len = rows.prompt_len[:, None]
+    offsets = rows.prompt.shape[1] - prompt_len + (draws.to(device) * prompt_len).long()
+    return rows.prompt.gather(1, offsets).view(-1, levels, window)
+
+
+def _context(rows: _Rows, i: int) -> list[int]:
+    prompt = rows.prompt[i, rows.prompt.shape[1] - int(rows.prompt_len[i]) :]
+    return torch.cat([prompt, rows.out[i, : int(rows.n_out[i])]]).tolist()
