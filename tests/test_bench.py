@@ -2,9 +2,9 @@
 
 import pytest
 
-from cllm.bench import DecoderSpec, RunRecord, summarize
+from cllm.bench import RunRecord, summarize
 from cllm.cli import JACOBI_INITS, _short_names
-from cllm.decoding import INIT_STRATEGIES
+from cllm.decoding import INIT_STRATEGIES, DecoderSpec
 from cllm.errors import CllmError
 
 
@@ -39,7 +39,13 @@ def test_decoder_spec_parsing():
     assert DecoderSpec.parse("jacobi:8:lookup").label == "jacobi:8:lookup"
     assert DecoderSpec.parse("jacobi:8:prompt").label == "jacobi:8"
     assert JACOBI_INITS == INIT_STRATEGIES  # the CLI spells them out to keep --help free of torch
-    for bad in ("jacobi:0", "jacobi:x", "ar:2", "beam", "jacobi:8:zeros"):
+    assert DecoderSpec.parse("lookahead") == DecoderSpec("lookahead", window=5, ngram=4, candidates=5)
+    assert DecoderSpec.parse("lookahead:7:3:2").decoder_kwargs() == {"window": 7, "ngram": 3, "candidates": 2}
+    assert DecoderSpec.parse("lookahead:7:3:2").label == "lookahead:7:3:2"
+    assert DecoderSpec.parse("hf-pld").label == "hf-pld:10" and DecoderSpec.parse("hf-pld:4").lookup_tokens == 4
+    assert DecoderSpec.parse("hf-assisted").decoder_kwargs() == {}
+    for bad in ("jacobi:0", "jacobi:x", "ar:2", "beam", "jacobi:8:zeros", "jacobi:8:lookup:1", "lookahead:5",
+                "lookahead:5:1:5", "lookahead:0:4:5", "hf-pld:0", "hf-pld:1:2", "hf-assisted:3"):
         with pytest.raises(CllmError):
             DecoderSpec.parse(bad)
 

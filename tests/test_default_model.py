@@ -1,11 +1,12 @@
-"""The real default model (SmolLM2-135M-Instruct, float32): loading, chat template, Jacobi == AR."""
+"""The real default model (SmolLM2-135M-Instruct, float32): loading, chat template, Jacobi and
+lookahead == AR."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from cllm.decoding import ar, jacobi, left_pad
+from cllm.decoding import ar, jacobi, left_pad, lookahead
 from cllm.models import converted_gguf_dir, default_gguf_path, load_model
 from cllm.prompts import BUILTIN_PROMPTS
 
@@ -44,3 +45,15 @@ def test_jacobi_equals_ar_on_ten_prompts_at_128_tokens(loaded):
         assert got.stats[0].forward_passes <= len(reference)
     # lookup guesses rewrite iterates mid-block; batched, so rows refresh at different iterations
     assert jacobi(loaded.model, input_ids, attention_mask, block_size=16, init="lookup", **kwargs).token_ids == expected
+
+
+def test_lookahead_equals_ar_on_ten_prompts_and_fast_forwards(loaded):
+    prompts = [loaded.encode_prompt(p) for p in BUILTIN_PROMPTS]
+    kwargs = dict(max_new_tokens=128, eos_token_id=loaded.eos_token_ids, pad_token_id=loaded.pad_token_id)
+    input_ids, attention_mask = left_pad(prompts, loaded.pad_token_id)
+    expected = ar(loaded.model, input_ids, attention_mask, **kwargs).token_ids
+    batched = lookahead(loaded.model, input_ids, attention_mask, window=3, ngram=3, candidates=3, **kwargs)
+    assert batched.token_ids == expected
+    single = lookahead(loaded.model, torch.tensor([prompts[0]]), **kwargs)  # the defaults, 5:4:5
+    assert single.token_ids[0] == expected[0]
+    assert sum(s.new_tokens for s in batched.stats) > 1.2 * sum(s.forward_passes for s in batched.stats)

@@ -18,50 +18,13 @@ from pathlib import Path
 
 import torch
 
-from cllm.decoding import DECODERS, INIT_STRATEGIES, DecodeOutput
+from cllm.decoding import DECODERS, DecodeOutput, DecoderSpec
 from cllm.errors import CllmError
 from cllm.files import write_atomically
 from cllm.models import LoadedModel
 from cllm.trajectories import is_degenerate
 
 DEGENERATE_SPAN = 32  # a repeated span this long marks an output as degenerate (as in collection)
-
-
-@dataclass(frozen=True)
-class DecoderSpec:
-    """`hf`, `ar`, or `jacobi` with a block size and an initial guess; written `jacobi:16` or
-    `jacobi:16:lookup` on the command line (the guess defaults to `prompt`)."""
-
-    kind: str
-    block_size: int = 1
-    init: str = "prompt"
-
-    @property
-    def label(self) -> str:
-        if self.kind != "jacobi":
-            return self.kind
-        return f"jacobi:{self.block_size}" + ("" if self.init == "prompt" else f":{self.init}")
-
-    @classmethod
-    def parse(cls, text: str) -> DecoderSpec:
-        kind, _, rest = text.partition(":")
-        size, _, init = rest.partition(":")
-        if kind not in DECODERS:
-            raise CllmError(f"unknown decoder {text!r}; use hf, ar or jacobi:N[:INIT]")
-        if kind != "jacobi":
-            if rest:
-                raise CllmError(f"decoder {kind} takes no block size")
-            return cls(kind)
-        try:
-            block_size = int(size or 16)
-        except ValueError:
-            raise CllmError(f"bad block size in {text!r}") from None
-        if block_size < 1:
-            raise CllmError(f"block size must be >= 1 in {text!r}")
-        init = init or "prompt"
-        if init not in INIT_STRATEGIES:
-            raise CllmError(f"unknown initial guess {init!r} in {text!r}; choose one of {', '.join(INIT_STRATEGIES)}")
-        return cls("jacobi", block_size, init)
 
 
 @dataclass
@@ -83,14 +46,17 @@ class RunRecord:
 
 
 def decode_once(
-    loaded: LoadedModel, spec: DecoderSpec, prompt_ids: list[int], max_new_tokens: int
+    loaded: LoadedModel, spec: DecoderSpec, prompt_ids: list[int], max_new_tokens: int, draft: LoadedModel | None = None
 ) -> tuple[DecodeOutput, float]:
     """Decode one prompt; return the output and the wall-clock seconds it took."""
     device = loaded.model.device
     input_ids = torch.tensor([prompt_ids], device=device)
     kwargs = dict(max_new_tokens=max_new_tokens, eos_token_id=loaded.eos_token_ids, pad_token_id=loaded.pad_token_id)
-    if spec.kind == "jacobi":
-        kwargs |= dict(block_size=spec.block_size, init=spec.init)
+    kwargs |= spec.decoder_kwargs()
+    if spec.kind == "hf-assisted":
+        if draft is None:
+            raise CllmError("hf-assisted needs a draft model: --draft-model")
+        kwargs["draft_model"] = draft.model
     _synchronize(device)
     start = time.perf_counter()
     output = DECODERS[spec.kind](loaded.model, input_ids, **kwargs)
@@ -116,18 +82,19 @@ def run_benchmark(
     max_new_tokens: int,
     repeats: int = 1,
     on_step: Callable[[], None] | None = None,
+    draft: LoadedModel | None = None,
 ) -> list[RunRecord]:
     """Time every decoder of every model on every prompt `repeats` times (batch size 1), after one
-    warm-up run of each."""
+    warm-up run of each; `draft` drafts for `hf-assisted`."""
     runs = [(model, spec) for model in models for spec in specs]
     for model, spec in runs:
-        decode_once(model.loaded, spec, model.prompts[0], min(max_new_tokens, 16))
+        decode_once(model.loaded, spec, model.prompts[0], min(max_new_tokens, 16), draft)
     records = []
     count = len(models[0].prompts)
     for step, (repeat, index) in enumerate((r, i) for r in range(repeats) for i in range(count)):
         rotation = step % len(runs)
         for model, spec in runs[rotation:] + runs[:rotation]:
-            output, seconds = decode_once(model.loaded, spec, model.prompts[index], max_new_tokens)
+            output, seconds = decode_once(model.loaded, spec, model.prompts[index], max_new_tokens, draft)
             stats = output.stats[0]
             records.append(
                 RunRecord(

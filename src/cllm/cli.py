@@ -38,6 +38,13 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _at_least_2(text: str) -> int:
+    value = _positive_int(text)
+    if value < 2:
+        raise argparse.ArgumentTypeError(f"must be >= 2, got {value}")
+    return value
+
+
 def _finite_float(text: str) -> float:
     try:
         value = float(text)
@@ -88,6 +95,11 @@ def _add_decoding_args(parser: argparse.ArgumentParser, max_new_tokens: int) -> 
     parser.add_argument(
         "--block-size", type=_positive_int, default=16, help="Jacobi block size n (default: %(default)s)"
     )
+    lookahead = parser.add_argument_group("lookahead (--decoder lookahead)")
+    lookahead.add_argument("--window", type=_positive_int, default=5, help="W: Jacobi guesses per level (default: %(default)s)")
+    lookahead.add_argument("--ngram", type=_at_least_2, default=4, help="N: n-gram size; N-1 levels (default: %(default)s)")
+    lookahead.add_argument("--candidates", type=_positive_int, default=5,
+                           help="G: n-grams verified per step (default: %(default)s)")
     parser.add_argument(
         "--init", choices=JACOBI_INITS, default="prompt",
         help="Jacobi initial guess of a block: tokens drawn from the prompt (the paper's), the last token "
@@ -106,7 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     generate = commands.add_parser(
         "generate",
-        help="decode prompts with ar, jacobi or hf and print the text",
+        help="decode prompts with ar, jacobi, lookahead or hf and print the text",
         description="Greedy decoding of one prompt (an argument, or - for stdin) or of a JSONL file of "
         '{"prompt": ...} lines. Text streams to stdout; --json prints one object per prompt instead.',
     )
@@ -114,9 +126,11 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--file", type=Path, help='JSONL file with one {"prompt": ...} per line')
     generate.add_argument(
         "--decoder",
-        choices=["ar", "jacobi", "hf"],
+        choices=["ar", "jacobi", "lookahead", "hf", "hf-pld"],
         default="jacobi",
-        help="ar: our greedy KV-cache loop; jacobi: Jacobi decoding; hf: transformers generate (default: %(default)s)",
+        help="ar: our greedy KV-cache loop; jacobi: Jacobi decoding; lookahead: lookahead decoding (--window, "
+        "--ngram, --candidates); hf: transformers generate; hf-pld: transformers' prompt lookup (batch size 1). "
+        "All greedy: the same text (default: %(default)s)",
     )
     _add_decoding_args(generate, max_new_tokens=128)
     generate.add_argument("--seed", type=int, default=0, help="seed of the Jacobi initial guesses (default: %(default)s)")
@@ -140,8 +154,12 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--path", help="dataset file (for gsm8k, jsonl, sharegpt)")
     bench.add_argument(
         "--decoders", default="hf,ar,jacobi:8,jacobi:16,jacobi:32",
-        help="comma-separated: hf, ar, jacobi:N or jacobi:N:INIT with INIT one of --init's (default: %(default)s)",
+        help="comma-separated: hf, ar, jacobi:N or jacobi:N:INIT with INIT one of --init's, lookahead:W:N:G "
+        "(window, n-gram size, candidates; plain lookahead = 5:4:5), hf-pld[:K] (transformers' prompt lookup, "
+        "K tokens, default 10), hf-assisted (transformers' assisted generation, with --draft-model) "
+        "(default: %(default)s)",
     )
+    bench.add_argument("--draft-model", help="hf-assisted: the draft model (same tokenizer as every --model)")
     bench.add_argument("--max-new-tokens", type=_positive_int, default=128, help="tokens per prompt at most (default: %(default)s)")
     bench.add_argument("--limit", type=_positive_int, help="use only the first N prompts")
     bench.add_argument("--repeats", type=_positive_int, default=1, help="timed runs per prompt and decoder (default: %(default)s)")
@@ -255,7 +273,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--limit", type=_positive_int, help="evaluate the first N items only")
     evaluate.add_argument("--split", default="test", help="GSM8K split (default: %(default)s)")
     evaluate.add_argument("--path", help="GSM8K JSONL file instead of ../shared/datasets/gsm8k/<split>.jsonl")
-    evaluate.add_argument("--decoder", choices=["ar", "jacobi", "hf"], default="jacobi",
+    evaluate.add_argument("--decoder", choices=["ar", "jacobi", "lookahead", "hf", "hf-pld"], default="jacobi",
                           help="greedy decoder; the score does not depend on it (default: %(default)s)")
     _add_decoding_args(evaluate, max_new_tokens=256)
     evaluate.add_argument("--batch-size", type=_positive_int, default=1, help="prompts decoded together (default: %(default)s)")
@@ -264,7 +282,7 @@ def build_parser() -> argparse.ArgumentParser:
                           help="humaneval: where the kernel refuses the sandbox's namespaces, run generated code anyway "
                           "with only resource limits and Python-level guards (not a security boundary)")
     evaluate.add_argument("--text", type=Path, help="perplexity: a UTF-8 text file (scored as one text)")
-    evaluate.add_argument("--window", type=_positive_int, default=512, help="perplexity: tokens per window (default: %(default)s)")
+    evaluate.add_argument("--ppl-window", type=_positive_int, default=512, help="perplexity: tokens per window (default: %(default)s)")
     evaluate.add_argument("--answers", type=Path, help="mtbench: answers JSONL (default: next to --out)")
     evaluate.add_argument("--model-id", help="mtbench: model_id in the answers (default: the model's directory name)")
     evaluate.add_argument("--second-turn", action="store_true", help="mtbench: also answer the second turn")
@@ -411,13 +429,21 @@ def _decode_batch(loaded, decoder: str, batch: list[list[int]], args, on_tokens:
         pad_token_id=loaded.pad_token_id,
         on_tokens=on_tokens,
     )
-    if decoder == "jacobi":
-        kwargs |= dict(block_size=args.block_size, init=args.init, seed=args.seed)
+    kwargs |= _spec(args, decoder).decoder_kwargs()
+    if decoder in ("jacobi", "lookahead"):
+        kwargs["seed"] = args.seed
     start = time.perf_counter()
     output = DECODERS[decoder](loaded.model, input_ids.to(device), attention_mask.to(device), **kwargs)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     return output, time.perf_counter() - start
+
+
+def _spec(args: argparse.Namespace, decoder: str):
+    from cllm.decoding.spec import DecoderSpec
+
+    return DecoderSpec(decoder, block_size=args.block_size, init=args.init, window=args.window, ngram=args.ngram,
+                       candidates=args.candidates)
 
 
 def _stats_table(rows: list[tuple[int, object, float]]) -> Table:
@@ -495,9 +521,16 @@ def _bench(models: Sequence[tuple[str, object]], args, prompt_texts: Sequence[st
 
     bench_models = [BenchModel(name, loaded, _encode_all(loaded, prompt_texts, args.raw, args.max_new_tokens))
                     for name, loaded in models]
+    draft = None
+    if getattr(args, "draft_model", None):
+        from cllm.fidelity import check_same_tokenizer
+
+        draft = _load_named(args, args.draft_model)
+        check_same_tokenizer(draft, models[0][1])
     with _progress() as progress:
         task = progress.add_task("benchmarking", total=len(prompt_texts) * len(specs) * len(models) * repeats)
-        records = run_benchmark(bench_models, specs, args.max_new_tokens, repeats=repeats, on_step=lambda: progress.advance(task))
+        records = run_benchmark(bench_models, specs, args.max_new_tokens, repeats=repeats,
+                                on_step=lambda: progress.advance(task), draft=draft)
     fidelity = None
     if len(bench_models) > 1:
         with stderr.status("fidelity: teacher-forcing every model on the target's outputs ..."):
@@ -554,11 +587,13 @@ def _bench_prompts(args: argparse.Namespace) -> list[str]:
 
 
 def cmd_bench(args: argparse.Namespace) -> None:
-    from cllm.bench import DecoderSpec
+    from cllm.decoding.spec import DecoderSpec
 
     specs = [DecoderSpec.parse(part.strip()) for part in args.decoders.split(",") if part.strip()]
     if not specs:
         raise CllmError("--decoders lists no decoder")
+    if any(s.kind == "hf-assisted" for s in specs) != bool(args.draft_model):
+        raise CllmError("hf-assisted and --draft-model go together")
     prompts = _bench_prompts(args)
     names = args.model or ["default"]
     if len(set(names)) != len(names):
@@ -780,7 +815,8 @@ def run_eval(args: argparse.Namespace) -> dict:
     out = args.out
     settings = evaluation.DecodeSettings(
         decoder=args.decoder, block_size=args.block_size, init=args.init, max_new_tokens=args.max_new_tokens,
-        batch_size=args.batch_size, template="raw" if args.raw else "chat",
+        batch_size=args.batch_size, template="raw" if args.raw else "chat", window=args.window, ngram=args.ngram,
+        candidates=args.candidates,
     )
     if args.task == "fidelity":
         return _run_fidelity(args, out, settings)
@@ -808,7 +844,7 @@ def run_eval(args: argparse.Namespace) -> dict:
             report = evaluation.evaluate_humaneval(loaded, items, settings, Limits(seconds=args.timeout), advance,
                                                   unsafe=args.unsafe_exec)
         elif args.task == "perplexity":
-            report = evaluation.perplexity(loaded, items, window=args.window, on_text=advance)
+            report = evaluation.perplexity(loaded, items, window=args.ppl_window, on_text=advance)
         else:
             answers = args.answers or out.with_suffix(".answers.jsonl")
             model_id = args.model_id or (Path(args.model).name if args.model != "default" else "SmolLM2-135M-Instruct")

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from cllm.data import PromptRecord, humaneval_prompt
-from cllm.decoding import DECODERS, left_pad
+from cllm.decoding import DECODERS, DecoderSpec, left_pad
 from cllm.errors import CllmError
 from cllm.files import write_atomically
 from cllm.models import LoadedModel
@@ -35,6 +35,14 @@ class DecodeSettings:
     max_new_tokens: int = 256
     batch_size: int = 1
     template: str = "chat"  # chat | raw
+    window: int = 5  # lookahead
+    ngram: int = 4
+    candidates: int = 5
+
+    @property
+    def spec(self) -> DecoderSpec:
+        return DecoderSpec(self.decoder, block_size=self.block_size, init=self.init, window=self.window,
+                           ngram=self.ngram, candidates=self.candidates)
 
 
 def generate_all(
@@ -42,7 +50,7 @@ def generate_all(
 ) -> list[dict]:
     """Decode every prompt; one dict per prompt: text, token ids, seconds (of its batch), stats."""
     if settings.decoder not in DECODERS:
-        raise CllmError(f"unknown decoder {settings.decoder!r}; use ar, jacobi or hf")
+        raise CllmError(f"unknown decoder {settings.decoder!r}; use one of {', '.join(DECODERS)}")
     encoded = [loaded.encode_prompt(p, raw=settings.template == "raw") for p in prompts]
     device = loaded.model.device
     results = []
@@ -50,8 +58,7 @@ def generate_all(
         batch = encoded[first : first + settings.batch_size]
         input_ids, attention_mask = left_pad(batch, loaded.pad_token_id)
         kwargs = dict(max_new_tokens=settings.max_new_tokens, eos_token_id=loaded.eos_token_ids, pad_token_id=loaded.pad_token_id)
-        if settings.decoder == "jacobi":
-            kwargs |= dict(block_size=settings.block_size, init=settings.init)
+        kwargs |= settings.spec.decoder_kwargs()
         start = time.perf_counter()
         output = DECODERS[settings.decoder](loaded.model, input_ids.to(device), attention_mask.to(device), **kwargs)
         seconds = time.perf_counter() - start

@@ -35,8 +35,8 @@ from cllm.decoding.core import (
     _truncate_at_eos,
     _validate,
 )
+from cllm.decoding.spec import INIT_STRATEGIES
 
-INIT_STRATEGIES = ("prompt", "repeat", "pad", "lookup")
 LOOKUP_MAX_NGRAM = 3
 LOOKUP_MIN_NGRAM_MID_BLOCK = 2  # a lone recurring token is too weak a reason to discard the iterate
 

@@ -104,7 +104,7 @@ def _step_mask(run_len: torch.Tensor, width: int, levels: int, window: int, coun
         mask[:, cols, cols] = own[None] & real[:, None, None] | torch.eye(ngram - 1, dtype=torch.bool, device=device)[None]
         mask[:, cols, :width] &= real[:, None, None]
     holes = ~run_real
-    mask[:, :width, :width] |= torch.diag_embed(holes)  # a padded run column sees itself only
+    mask[:, :width, :width] |= torch.diag_embed(holes)  # a padded run column (unused) is never all-masked
     return mask
 
 

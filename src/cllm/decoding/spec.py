@@ -1,0 +1,84 @@
+"""One decoder and its settings, as written on the command line: `hf`, `ar`, `jacobi:N[:INIT]`,
+`lookahead:W:N:G`, `hf-pld[:K]` (transformers' prompt-lookup decoding) and `hf-assisted`
+(transformers' assisted generation with a draft model)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from cllm.errors import CllmError
+
+INIT_STRATEGIES = ("prompt", "repeat", "pad", "lookup")
+KINDS = ("hf", "ar", "jacobi", "lookahead", "hf-pld", "hf-assisted")
+USAGE = "use hf, ar, jacobi:N[:INIT], lookahead:W:N:G, hf-pld[:K] or hf-assisted"
+
+
+@dataclass(frozen=True)
+class DecoderSpec:
+    kind: str
+    block_size: int = 1  # jacobi: n
+    init: str = "prompt"  # jacobi: the initial guess
+    window: int = 5  # lookahead: W
+    ngram: int = 4  # lookahead: N
+    candidates: int = 5  # lookahead: G
+    lookup_tokens: int = 10  # hf-pld: prompt_lookup_num_tokens
+
+    @property
+    def label(self) -> str:
+        if self.kind == "jacobi":
+            return f"jacobi:{self.block_size}" + ("" if self.init == "prompt" else f":{self.init}")
+        if self.kind == "lookahead":
+            return f"lookahead:{self.window}:{self.ngram}:{self.candidates}"
+        if self.kind == "hf-pld":
+            return f"hf-pld:{self.lookup_tokens}"
+        return self.kind
+
+    def decoder_kwargs(self) -> dict:
+        """The keyword arguments of this decoder's function beyond the common ones."""
+        if self.kind == "jacobi":
+            return {"block_size": self.block_size, "init": self.init}
+        if self.kind == "lookahead":
+            return {"window": self.window, "ngram": self.ngram, "candidates": self.candidates}
+        if self.kind == "hf-pld":
+            return {"lookup_tokens": self.lookup_tokens}
+        return {}
+
+    @classmethod
+    def parse(cls, text: str) -> DecoderSpec:
+        kind, *fields = text.split(":")
+        if kind not in KINDS:
+            raise CllmError(f"unknown decoder {text!r}; {USAGE}")
+        if kind == "jacobi":
+            if len(fields) > 2:
+                raise CllmError(f"too many fields in {text!r}; jacobi:N[:INIT]")
+            block_size = _number(fields[0] if fields else "16", text, "block size")
+            init = fields[1] if len(fields) > 1 and fields[1] else "prompt"
+            if init not in INIT_STRATEGIES:
+                raise CllmError(f"unknown initial guess {init!r} in {text!r}; choose one of {', '.join(INIT_STRATEGIES)}")
+            return cls("jacobi", block_size, init)
+        if kind == "lookahead":
+            if len(fields) not in (0, 3):
+                raise CllmError(f"lookahead takes window, n-gram size and candidates: lookahead:W:N:G, got {text!r}")
+            if not fields:
+                return cls("lookahead")
+            window, ngram, candidates = (_number(f, text, name) for f, name in zip(fields, ("window", "n-gram size", "candidates")))
+            if ngram < 2:
+                raise CllmError(f"the n-gram size must be >= 2 in {text!r}")
+            return cls("lookahead", window=window, ngram=ngram, candidates=candidates)
+        if kind == "hf-pld":
+            if len(fields) > 1:
+                raise CllmError(f"hf-pld takes one field, the lookup length: hf-pld[:K], got {text!r}")
+            return cls("hf-pld", lookup_tokens=_number(fields[0], text, "lookup length") if fields else 10)
+        if fields:
+            raise CllmError(f"decoder {kind} takes no settings, got {text!r}")
+        return cls(kind)
+
+
+def _number(text: str, spec: str, what: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise CllmError(f"bad {what} in {spec!r}") from None
+    if value < 1:
+        raise CllmError(f"the {what} must be >= 1 in {spec!r}")
+    return value

@@ -1,0 +1,98 @@
+"""Lookahead decoding and transformers' speculative baselines == greedy AR, token for token."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+from tiny_models import VOCAB, tiny_model
+
+from cllm.decoding import ar, hf_assisted, hf_pld, left_pad, lookahead
+from cllm.decoding.lookahead import NgramPool, _step_mask
+
+ARCHS = ["llama", "qwen2", "gpt2"]
+CASES_PER_ARCH = 170  # 510 randomized cases in all
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_lookahead_equals_ar_on_randomized_cases(arch):
+    model = tiny_model(arch, seed=1)
+    gained = 0
+    for case in range(CASES_PER_ARCH):
+        rng = random.Random(f"{arch}-{case}")
+        batch = rng.randint(1, 4)
+        prompts = [[rng.randrange(1, VOCAB) for _ in range(rng.randint(1, 14))] for _ in range(batch)]
+        input_ids, attention_mask = left_pad(prompts, pad_token_id=0)
+        max_new_tokens = rng.choice([1, 5, 17, 33])
+        eos = None
+        if rng.random() < 0.5:  # a token from inside the first row's output: that row stops early
+            eos = rng.choice(ar(model, input_ids, attention_mask, max_new_tokens=max_new_tokens).token_ids[0])
+        expected = ar(model, input_ids, attention_mask, max_new_tokens=max_new_tokens, eos_token_id=eos).token_ids
+        window, ngram, candidates = rng.randint(1, 5), rng.randint(2, 5), rng.randint(1, 5)
+        streamed: dict[int, list[int]] = {}
+        out = lookahead(model, input_ids, attention_mask, window=window, ngram=ngram, candidates=candidates,
+                        max_new_tokens=max_new_tokens, eos_token_id=eos, seed=case,
+                        on_tokens=lambda row, tokens: streamed.setdefault(row, []).extend(tokens))
+        assert out.token_ids == expected, f"case {case}: W={window} N={ngram} G={candidates} B={batch} eos={eos}"
+        assert [streamed.get(row, []) for row in range(batch)] == expected
+        for stats, tokens in zip(out.stats, expected):
+            assert stats.new_tokens == len(tokens) and stats.fast_forward == len(tokens) - stats.forward_passes
+        gained += sum(s.fast_forward for s in out.stats)
+    assert gained > 20, "the verification branch never accepted a candidate: the test would prove little"
+
+
+def test_step_mask_by_hand():
+    """One run token, 2 levels x 2 columns of window, one candidate of 2 tokens (N = 3)."""
+    mask = _step_mask(torch.tensor([1]), width=1, levels=2, window=2, counts=torch.tensor([[True]]), ngram=3)[0]
+    # columns: r | (0,0) (0,1) (1,0) (1,1) | c0 c1
+    expected = torch.tensor([
+        [1, 0, 0, 0, 0, 0, 0],  # run
+        [1, 1, 0, 0, 0, 0, 0],  # level 0, column 0
+        [1, 1, 1, 0, 0, 0, 0],  # level 0, column 1: level 0 up to its column
+        [1, 1, 0, 1, 0, 0, 0],  # level 1, column 0: level 0 up to column 0, then its diagonal
+        [1, 1, 1, 0, 1, 0, 0],  # level 1, column 1
+        [1, 0, 0, 0, 0, 1, 0],  # candidate token 0: the run and itself
+        [1, 0, 0, 0, 0, 1, 1],  # candidate token 1
+    ], dtype=torch.bool)
+    assert torch.equal(mask, expected)
+    padded = _step_mask(torch.tensor([1, 2]), width=2, levels=1, window=1, counts=torch.tensor([[False], [True]]), ngram=2)
+    assert padded[0, 1].tolist() == [True, True, False, False]  # a padded run column: unused, never all-masked
+    assert padded[0, 3].tolist() == [False, False, False, True]  # an absent candidate sees nothing else
+    assert padded[1, 3].tolist() == [True, True, False, True]
+
+
+def test_ngram_pool_keeps_the_newest_distinct_continuations():
+    pool = NgramPool(ngram=3, size=2)
+    for gram in ([1, 2, 3], [1, 4, 5], [1, 2, 3], [1, 6, 7]):
+        pool.add(gram)
+    assert pool.candidates(1) == [(6, 7), (2, 3)]
+    assert pool.candidates(9) == []
+    incremental, whole = NgramPool(3, 10), NgramPool(3, 10)
+    context = [5, 1, 2, 5, 1, 3, 5, 1]
+    for end in range(1, len(context) + 1):
+        incremental.add_context(context[:end])
+    whole.add_context(context)
+    assert incremental.table == whole.table == {5: [(1, 3), (1, 2)], 1: [(3, 5), (2, 5)], 2: [(5, 1)], 3: [(5, 1)]}
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_transformers_baselines_equal_ar(arch):
+    model, draft = tiny_model(arch, seed=2), tiny_model(arch, seed=5)
+    for case in range(4):
+        rng = random.Random(f"baselines-{arch}-{case}")
+        prompt = torch.tensor([[rng.randrange(1, VOCAB) for _ in range(rng.randint(2, 12))]])
+        expected = ar(model, prompt, max_new_tokens=21).token_ids
+        pld = hf_pld(model, prompt, lookup_tokens=3, max_new_tokens=21)
+        assisted = hf_assisted(model, prompt, draft_model=draft, max_new_tokens=21)
+        assert pld.token_ids == expected and assisted.token_ids == expected
+        assert pld.stats[0].forward_passes <= 21 and assisted.stats[0].forward_passes <= 21
+    with pytest.raises(ValueError, match="one prompt at a time"):
+        hf_pld(model, torch.ones((2, 3), dtype=torch.long), max_new_tokens=2)
+
+
+def test_bad_lookahead_settings_raise_value_error():
+    model = tiny_model("llama")
+    for settings in ({"window": 0}, {"ngram": 1}, {"candidates": 0}):
+        with pytest.raises(ValueError, match="lookahead needs"):
+            lookahead(model, torch.ones((1, 3), dtype=torch.long), max_new_tokens=2, **settings)
