@@ -47,7 +47,7 @@ def test_jacobi_equals_ar_on_ten_prompts_at_128_tokens(loaded):
     assert jacobi(loaded.model, input_ids, attention_mask, block_size=16, init="lookup", **kwargs).token_ids == expected
 
 
-def test_lookahead_equals_ar_on_ten_prompts_and_fast_forwards(loaded):
+def test_lookahead_and_multi_candidate_jacobi_equal_ar_on_ten_prompts(loaded):
     prompts = [loaded.encode_prompt(p) for p in BUILTIN_PROMPTS]
     kwargs = dict(max_new_tokens=128, eos_token_id=loaded.eos_token_ids, pad_token_id=loaded.pad_token_id)
     input_ids, attention_mask = left_pad(prompts, loaded.pad_token_id)
@@ -56,4 +56,6 @@ def test_lookahead_equals_ar_on_ten_prompts_and_fast_forwards(loaded):
     assert batched.token_ids == expected
     single = lookahead(loaded.model, torch.tensor([prompts[0]]), **kwargs)  # the defaults, 5:4:5
     assert single.token_ids[0] == expected[0]
+    with_candidates = jacobi(loaded.model, input_ids, attention_mask, block_size=16, candidates=3, **kwargs)
+    assert with_candidates.token_ids == expected
     assert sum(s.new_tokens for s in batched.stats) > 1.2 * sum(s.forward_passes for s in batched.stats)

@@ -1,4 +1,5 @@
-"""Lookahead decoding and transformers' speculative baselines == greedy AR, token for token."""
+"""Lookahead decoding, multi-candidate Jacobi and transformers' speculative baselines == greedy AR,
+token for token."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import pytest
 import torch
 from tiny_models import VOCAB, tiny_model
 
-from cllm.decoding import ar, hf_assisted, hf_pld, left_pad, lookahead
+from cllm.decoding import ar, hf_assisted, hf_pld, jacobi, left_pad, lookahead
 from cllm.decoding.lookahead import NgramPool, _step_mask
 
 ARCHS = ["llama", "qwen2", "gpt2"]
@@ -40,6 +41,31 @@ def test_lookahead_equals_ar_on_randomized_cases(arch):
             assert stats.new_tokens == len(tokens) and stats.fast_forward == len(tokens) - stats.forward_passes
         gained += sum(s.fast_forward for s in out.stats)
     assert gained > 20, "the verification branch never accepted a candidate: the test would prove little"
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_multi_candidate_jacobi_equals_ar_on_randomized_cases(arch):
+    model = tiny_model(arch, seed=1)
+    gained_by_candidates = 0
+    for case in range(CASES_PER_ARCH):
+        rng = random.Random(f"candidates-{arch}-{case}")
+        batch = rng.randint(1, 4)
+        prompts = [[rng.randrange(1, VOCAB) for _ in range(rng.randint(1, 14))] for _ in range(batch)]
+        input_ids, attention_mask = left_pad(prompts, pad_token_id=0)
+        max_new_tokens = rng.choice([1, 5, 17, 33])
+        eos = None
+        if rng.random() < 0.5:
+            eos = rng.choice(ar(model, input_ids, attention_mask, max_new_tokens=max_new_tokens).token_ids[0])
+        expected = ar(model, input_ids, attention_mask, max_new_tokens=max_new_tokens, eos_token_id=eos).token_ids
+        block_size, candidates, ngram = rng.choice([1, 2, 4, 8, 16]), rng.randint(1, 5), rng.randint(2, 6)
+        init = rng.choice(["prompt", "repeat", "lookup"])
+        common = dict(block_size=block_size, max_new_tokens=max_new_tokens, eos_token_id=eos, init=init, seed=case)
+        out = jacobi(model, input_ids, attention_mask, candidates=candidates, ngram=ngram, **common)
+        assert out.token_ids == expected, f"case {case}: n={block_size} G={candidates} N={ngram} B={batch} {init} eos={eos}"
+        if case % 10 == 0:  # the same without candidates, for what they add
+            plain = jacobi(model, input_ids, attention_mask, **common)
+            gained_by_candidates += sum(s.fast_forward for s in out.stats) - sum(s.fast_forward for s in plain.stats)
+    assert gained_by_candidates > 0, "candidates never added a token: the test would prove little"
 
 
 def test_step_mask_by_hand():
@@ -91,8 +117,13 @@ def test_transformers_baselines_equal_ar(arch):
         hf_pld(model, torch.ones((2, 3), dtype=torch.long), max_new_tokens=2)
 
 
-def test_bad_lookahead_settings_raise_value_error():
+def test_bad_settings_raise_value_error():
     model = tiny_model("llama")
+    prompt = torch.ones((1, 3), dtype=torch.long)
     for settings in ({"window": 0}, {"ngram": 1}, {"candidates": 0}):
         with pytest.raises(ValueError, match="lookahead needs"):
-            lookahead(model, torch.ones((1, 3), dtype=torch.long), max_new_tokens=2, **settings)
+            lookahead(model, prompt, max_new_tokens=2, **settings)
+    with pytest.raises(ValueError, match="pure Jacobi"):
+        jacobi(model, prompt, max_new_tokens=2, candidates=2, return_trajectory=True)
+    with pytest.raises(ValueError, match="candidates must be"):
+        jacobi(model, prompt, max_new_tokens=2, candidates=-1)

@@ -95,11 +95,13 @@ def _add_decoding_args(parser: argparse.ArgumentParser, max_new_tokens: int) -> 
     parser.add_argument(
         "--block-size", type=_positive_int, default=16, help="Jacobi block size n (default: %(default)s)"
     )
-    lookahead = parser.add_argument_group("lookahead (--decoder lookahead)")
+    lookahead = parser.add_argument_group("lookahead (--decoder lookahead) and multi-candidate Jacobi")
     lookahead.add_argument("--window", type=_positive_int, default=5, help="W: Jacobi guesses per level (default: %(default)s)")
-    lookahead.add_argument("--ngram", type=_at_least_2, default=4, help="N: n-gram size; N-1 levels (default: %(default)s)")
-    lookahead.add_argument("--candidates", type=_positive_int, default=5,
-                           help="G: n-grams verified per step (default: %(default)s)")
+    lookahead.add_argument("--ngram", type=_at_least_2, default=4,
+                           help="N: n-gram size (lookahead: N-1 levels of guesses) (default: %(default)s)")
+    lookahead.add_argument("--candidates", type=_positive_int,
+                           help="G: n-grams verified per step, from the context and the decoder's own guesses "
+                           "(default: 5 for lookahead; jacobi: none, plain Jacobi)")
     parser.add_argument(
         "--init", choices=JACOBI_INITS, default="prompt",
         help="Jacobi initial guess of a block: tokens drawn from the prompt (the paper's), the last token "
@@ -154,7 +156,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--path", help="dataset file (for gsm8k, jsonl, sharegpt)")
     bench.add_argument(
         "--decoders", default="hf,ar,jacobi:8,jacobi:16,jacobi:32",
-        help="comma-separated: hf, ar, jacobi:N or jacobi:N:INIT with INIT one of --init's, lookahead:W:N:G "
+        help="comma-separated: hf, ar, jacobi:N, jacobi:N:INIT with INIT one of --init's, jacobi:N:INIT:G "
+        "(G n-gram candidates verified alongside the block), lookahead:W:N:G "
         "(window, n-gram size, candidates; plain lookahead = 5:4:5), hf-pld[:K] (transformers' prompt lookup, "
         "K tokens, default 10), hf-assisted (transformers' assisted generation, with --draft-model) "
         "(default: %(default)s)",

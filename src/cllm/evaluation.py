@@ -37,7 +37,7 @@ class DecodeSettings:
     template: str = "chat"  # chat | raw
     window: int = 5  # lookahead
     ngram: int = 4
-    candidates: int = 5
+    candidates: int | None = None  # lookahead: 5; jacobi: none
 
     @property
     def spec(self) -> DecoderSpec:

@@ -236,3 +236,9 @@ def _as_batch(
 def _one_token_per_forward(token_ids: list[list[int]]) -> DecodeOutput:
     stats = [DecodeStats(len(t), len(t), [1] * len(t)) for t in token_ids]
     return DecodeOutput(token_ids=token_ids, stats=stats)
+
+
+def _additive(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A boolean (B, Q, K) mask as the additive (B, 1, Q, K) float mask every attention accepts
+    (transformers passes a 4D mask to the attention as it is)."""
+    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(~allowed, torch.finfo(dtype).min)[:, None]

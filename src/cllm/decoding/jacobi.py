@@ -19,6 +19,7 @@ from collections.abc import Sequence
 import torch
 from transformers import PreTrainedModel
 
+from cllm.decoding.candidates import candidate_step, offered_candidates, remember_iterate
 from cllm.decoding.core import (
     DecodeOutput,
     DecodeStats,
@@ -35,6 +36,7 @@ from cllm.decoding.core import (
     _truncate_at_eos,
     _validate,
 )
+from cllm.decoding.lookahead import NgramPool
 from cllm.decoding.spec import INIT_STRATEGIES
 
 LOOKUP_MAX_NGRAM = 3
@@ -166,24 +168,35 @@ def jacobi(
     seed: int | Sequence[int] = 0,
     return_trajectory: bool = False,
     on_tokens: TokenCallback | None = None,
+    candidates: int = 0,
+    ngram: int = 4,
 ) -> DecodeOutput:
     """Greedy Jacobi decoding with a KV cache over blocks of `block_size` tokens.
 
     Produces exactly the greedy AR output (up to floating-point near-ties), with each forward
     fixing at least one token. See the module docstring for the iteration; blocks are cut at
-    `max_new_tokens`, and tokens after an EOS inside a block are discarded.
+    `max_new_tokens`, and tokens after an EOS inside a block are discarded. `candidates` > 0
+    also verifies that many `ngram`-grams from the context and the row's own iterates in the
+    same forward (cllm.decoding.candidates).
     """
+    if candidates < 0 or ngram < 2:
+        raise ValueError(f"candidates must be >= 0 and ngram >= 2, got {candidates} and {ngram}")
+    if candidates and return_trajectory:
+        raise ValueError("trajectories are pure Jacobi iterates: collect them without candidates")
     input_ids, attention_mask = _as_batch(input_ids, attention_mask)
     _validate(input_ids, attention_mask, max_new_tokens, block_size)
     n = block_size
     batch, device = input_ids.shape[0], input_ids.device
     eos = _eos_tensor(eos_token_id, device)
-    cache, rows = _prefill(model, input_ids, attention_mask, scratch=max_new_tokens + n)
+    cache, rows = _prefill(model, input_ids, attention_mask, scratch=max_new_tokens + max(n, ngram))
     make_guess = _GuessMaker(init, seed, batch, pad_token_id)
     results: list[list[int] | None] = [None] * batch
     stats = [DecodeStats(forward_passes=1) for _ in range(batch)]  # the prefill yields the first token
     trajectories: list[list[torch.Tensor]] = [[] for _ in range(batch)]
     _emit_first_token(rows, cache, eos, max_new_tokens, results, on_tokens)
+    pools = [NgramPool(ngram, candidates) for _ in range(batch)] if candidates else None
+    run = rows.pending[:, None].clone()  # accepted tokens whose KV is not cached; only candidates make it > 1
+    run_len = torch.ones_like(rows.pending)
 
     active = len(rows.index)
     block = make_guess(rows, torch.arange(active, device=device), n)  # (B, n) current iterate y(j)
@@ -212,27 +225,40 @@ def jacobi(
         # 1. guess: the unfixed part of the iterate, shifted one right behind `pending`
         positions = (fixed[:, None] + columns).clamp(max=n - 1)  # (B, m) block positions predicted
         guesses = block.gather(1, positions)
-        tokens = torch.cat([rows.pending[:, None], guesses[:, :-1]], dim=1).masked_fill(~real, pad_token_id)
+        if pools is None:
+            tokens = torch.cat([rows.pending[:, None], guesses[:, :-1]], dim=1).masked_fill(~real, pad_token_id)
 
-        # 2. one parallel forward
-        prediction = _forward(model, cache, rows, tokens, real)  # (B, m)
+            # 2. one parallel forward
+            prediction = _forward(model, cache, rows, tokens, real)  # (B, m)
 
-        # 3. accept the longest prefix whose inputs were right, plus the token after it
-        same = (prediction == guesses) & real
-        accepted = torch.minimum(same.long().cumprod(1).sum(1) + 1, width)  # (B,) >= 1
+            # 3. accept the longest prefix whose inputs were right, plus the token after it
+            same = (prediction == guesses) & real
+            accepted = torch.minimum(same.long().cumprod(1).sum(1) + 1, width)  # (B,) >= 1
+            _keep_real_slots(cache, rows, fed, accepted)
+            emitted = prediction
+        else:  # 2-3 with candidates verified alongside; the cache is committed inside
+            for i, row in enumerate(rows.index.tolist()):
+                pools[row].add_context(_context(rows, i).tolist())
+            proposals, present = offered_candidates(pools, rows, ngram, pad_token_id)
+            step = candidate_step(model, cache, rows, run, run_len, guesses, width, proposals, present, pad_token_id)
+            prediction, emitted, accepted, run, run_len = step.predictions, step.emitted, step.count, step.run, step.run_len
 
-        # 4. commit: new iterate, output, cache
+        # 4. commit: new iterate (the accepted tokens where a candidate won), output
         relative = torch.arange(n, device=device) - fixed[:, None]  # (B, n)
         updated = (relative >= 0) & (relative < width[:, None])
         block = torch.where(updated, prediction.gather(1, relative.clamp(0, fed - 1)), block)
-        _keep_real_slots(cache, rows, fed, accepted)
-        rows.pending = prediction.gather(1, (accepted - 1)[:, None]).squeeze(1)
-        count, hit_eos = _truncate_at_eos(prediction, accepted, eos)
-        _emit(rows, prediction, count, on_tokens)
+        settled = (relative >= 0) & (relative < accepted[:, None])
+        block = torch.where(settled, emitted.gather(1, relative.clamp(0, emitted.shape[1] - 1)), block)
+        rows.pending = emitted.gather(1, (accepted - 1)[:, None]).squeeze(1)
+        count, hit_eos = _truncate_at_eos(emitted, accepted, eos)
+        _emit(rows, emitted, count, on_tokens)
         fixed = fixed + accepted
         block_iters += 1
         done = hit_eos | (rows.n_out >= max_new_tokens)
         make_guess.refresh(rows, block, fixed, block_len, done)
+        if pools is not None:  # the iterate's unfixed part: the model's own guesses of what follows
+            for i, row in enumerate(rows.index.tolist()):
+                remember_iterate(pools[row], int(rows.pending[i]), block[i, int(fixed[i]) : int(block_len[i])].tolist())
         for row, emitted, state in zip(rows.index.tolist(), count.tolist(), block):
             stats[row].forward_passes += 1
             stats[row].fast_forward += emitted - 1
@@ -255,6 +281,9 @@ def jacobi(
             keep = (~done).nonzero().flatten()
             _retire(rows, cache, done, results)
             block, fixed, block_start, block_iters = block[keep], fixed[keep], block_start[keep], block_iters[keep]
+            run, run_len = run[keep], run_len[keep]
+        if len(rows.index):
+            run = run[:, : int(run_len.max())]
 
     token_ids = [r or [] for r in results]
     for row, tokens in enumerate(token_ids):

@@ -37,6 +37,7 @@ from cllm.decoding.core import (
     DecodeOutput,
     DecodeStats,
     TokenCallback,
+    _additive,
     _as_batch,
     _emit,
     _emit_first_token,
@@ -106,11 +107,6 @@ def _step_mask(run_len: torch.Tensor, width: int, levels: int, window: int, coun
     holes = ~run_real
     mask[:, :width, :width] |= torch.diag_embed(holes)  # a padded run column (unused) is never all-masked
     return mask
-
-
-def _additive(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """A boolean (B, Q, K) mask as the additive (B, 1, Q, K) float mask every attention accepts."""
-    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(~allowed, torch.finfo(dtype).min)[:, None]
 
 
 @torch.inference_mode()

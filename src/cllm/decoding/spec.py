@@ -1,4 +1,4 @@
-"""One decoder and its settings, as written on the command line: `hf`, `ar`, `jacobi:N[:INIT]`,
+"""One decoder and its settings, as written on the command line: `hf`, `ar`, `jacobi:N[:INIT[:G]]`,
 `lookahead:W:N:G`, `hf-pld[:K]` (transformers' prompt-lookup decoding) and `hf-assisted`
 (transformers' assisted generation with a draft model)."""
 
@@ -10,7 +10,7 @@ from cllm.errors import CllmError
 
 INIT_STRATEGIES = ("prompt", "repeat", "pad", "lookup")
 KINDS = ("hf", "ar", "jacobi", "lookahead", "hf-pld", "hf-assisted")
-USAGE = "use hf, ar, jacobi:N[:INIT], lookahead:W:N:G, hf-pld[:K] or hf-assisted"
+USAGE = "use hf, ar, jacobi:N[:INIT[:G]], lookahead:W:N:G, hf-pld[:K] or hf-assisted"
 
 
 @dataclass(frozen=True)
@@ -19,16 +19,24 @@ class DecoderSpec:
     block_size: int = 1  # jacobi: n
     init: str = "prompt"  # jacobi: the initial guess
     window: int = 5  # lookahead: W
-    ngram: int = 4  # lookahead: N
-    candidates: int = 5  # lookahead: G
+    ngram: int = 4  # lookahead, and jacobi's candidates: N
+    candidates: int | None = None  # n-grams verified per step; None: 5 for lookahead, 0 for jacobi
     lookup_tokens: int = 10  # hf-pld: prompt_lookup_num_tokens
+
+    @property
+    def verified(self) -> int:
+        """Candidates per step (G)."""
+        return self.candidates if self.candidates is not None else (5 if self.kind == "lookahead" else 0)
 
     @property
     def label(self) -> str:
         if self.kind == "jacobi":
-            return f"jacobi:{self.block_size}" + ("" if self.init == "prompt" else f":{self.init}")
+            label = f"jacobi:{self.block_size}"
+            if self.verified:
+                return f"{label}:{self.init}:{self.verified}"
+            return label + ("" if self.init == "prompt" else f":{self.init}")
         if self.kind == "lookahead":
-            return f"lookahead:{self.window}:{self.ngram}:{self.candidates}"
+            return f"lookahead:{self.window}:{self.ngram}:{self.verified}"
         if self.kind == "hf-pld":
             return f"hf-pld:{self.lookup_tokens}"
         return self.kind
@@ -36,9 +44,10 @@ class DecoderSpec:
     def decoder_kwargs(self) -> dict:
         """The keyword arguments of this decoder's function beyond the common ones."""
         if self.kind == "jacobi":
-            return {"block_size": self.block_size, "init": self.init}
+            extra = {"candidates": self.verified, "ngram": self.ngram} if self.verified else {}
+            return {"block_size": self.block_size, "init": self.init} | extra
         if self.kind == "lookahead":
-            return {"window": self.window, "ngram": self.ngram, "candidates": self.candidates}
+            return {"window": self.window, "ngram": self.ngram, "candidates": self.verified}
         if self.kind == "hf-pld":
             return {"lookup_tokens": self.lookup_tokens}
         return {}
@@ -49,13 +58,14 @@ class DecoderSpec:
         if kind not in KINDS:
             raise CllmError(f"unknown decoder {text!r}; {USAGE}")
         if kind == "jacobi":
-            if len(fields) > 2:
-                raise CllmError(f"too many fields in {text!r}; jacobi:N[:INIT]")
+            if len(fields) > 3:
+                raise CllmError(f"too many fields in {text!r}; jacobi:N[:INIT[:G]]")
             block_size = _number(fields[0] if fields else "16", text, "block size")
             init = fields[1] if len(fields) > 1 and fields[1] else "prompt"
             if init not in INIT_STRATEGIES:
                 raise CllmError(f"unknown initial guess {init!r} in {text!r}; choose one of {', '.join(INIT_STRATEGIES)}")
-            return cls("jacobi", block_size, init)
+            candidates = _number(fields[2], text, "number of candidates") if len(fields) > 2 else 0
+            return cls("jacobi", block_size, init, candidates=candidates or None)
         if kind == "lookahead":
             if len(fields) not in (0, 3):
                 raise CllmError(f"lookahead takes window, n-gram size and candidates: lookahead:W:N:G, got {text!r}")
