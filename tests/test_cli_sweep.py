@@ -90,6 +90,8 @@ CASES = [
     ("generate --file without prompt field", lambda w: ["generate", "--file", str(w.file("nofield.jsonl", '{"q": 1}\n'))], "prompt"),
     ("generate --file empty", lambda w: ["generate", "--file", str(w.file("empty.jsonl", ""))], "no prompt"),
     ("generate --model is a plain file", lambda w: ["generate", "hi", "--model", str(w.file("plain.txt", "hello"))], "model"),
+    ("generate --ngram 1", lambda w: ["generate", "hi", "--decoder", "lookahead", "--ngram", "1"], "--ngram"),
+    ("generate --candidates 0", lambda w: ["generate", "hi", "--decoder", "jacobi", "--candidates", "0"], "--candidates"),
     ("generate --threads 0", lambda w: ["generate", "hi", "--threads", "0"], "--threads"),
     # bench
     ("bench --out is a file", lambda w: ["bench", "--out", str(w.file("f.txt", "x")), "--limit", "1"], "not a directory"),
@@ -98,6 +100,10 @@ CASES = [
     ("bench --prompts not UTF-8", lambda w: ["bench", "--prompts", str(w.file("bad.jsonl", b'{"prompt": "\xff"}\n'))], "UTF-8"),
     ("bench --prompts missing", lambda w: ["bench", "--prompts", str(w.root / "missing.jsonl")], "not found"),
     ("bench bad decoder spec", lambda w: ["bench", "--decoders", "jacobi:x"], "jacobi:x"),
+    ("bench lookahead spec incomplete", lambda w: ["bench", "--decoders", "lookahead:5"], "lookahead:W:N:G"),
+    ("bench hf-assisted without a draft", lambda w: ["bench", "--decoders", "hf-assisted"], "--draft-model"),
+    ("bench --draft-model is a plain file", lambda w: ["bench", "--decoders", "hf-assisted", "--limit", "1",
+                                                       "--draft-model", str(w.file("plain.txt", "hello"))], "model"),
     ("bench --dataset unknown", lambda w: ["bench", "--dataset", "nope"], "unknown dataset"),
     ("bench --path broken JSON", lambda w: ["bench", "--dataset", "gsm8k", "--path", str(w.file("g.jsonl", "{ nope\n"))], ":1: not valid JSON"),
     # collect
