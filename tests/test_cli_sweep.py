@@ -92,6 +92,8 @@ CASES = [
     ("generate --model is a plain file", lambda w: ["generate", "hi", "--model", str(w.file("plain.txt", "hello"))], "model"),
     ("generate --ngram 1", lambda w: ["generate", "hi", "--decoder", "lookahead", "--ngram", "1"], "--ngram"),
     ("generate --candidates 0", lambda w: ["generate", "hi", "--decoder", "jacobi", "--candidates", "0"], "--candidates"),
+    ("generate hf-pld batched", lambda w: ["generate", "--file", str(w.file("two.jsonl", '{"prompt": "a"}\n{"prompt": "b"}\n')),
+                                            "--decoder", "hf-pld", "--batch-size", "2"], "--batch-size 1"),
     ("generate --threads 0", lambda w: ["generate", "hi", "--threads", "0"], "--threads"),
     # bench
     ("bench --out is a file", lambda w: ["bench", "--out", str(w.file("f.txt", "x")), "--limit", "1"], "not a directory"),

@@ -956,8 +956,11 @@ COMMANDS = {
 }
 
 
-def _check_outputs(args: argparse.Namespace) -> None:
-    """Every path the command will write, checked before any work (and before a model loads)."""
+def _check_arguments(args: argparse.Namespace) -> None:
+    """What parsing alone cannot see, and every path the command will write: checked before any
+    work (and before a model loads)."""
+    if getattr(args, "decoder", None) == "hf-pld" and getattr(args, "batch_size", 1) > 1:
+        raise CllmError("--decoder hf-pld decodes one prompt at a time (transformers' limit): use --batch-size 1")
     if args.command in ("bench", "collect", "train", "viz"):
         check_output_dir(args.out, "--out")
     elif args.command == "eval":
@@ -972,7 +975,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         argv = list(sys.argv[1:] if argv is None else argv)
         args = build_parser().parse_args(argv)
         args.command_line = command_line(argv)  # recorded in reports
-        _check_outputs(args)
+        _check_arguments(args)
         COMMANDS[args.command](args)
         sys.stdout.flush()  # a full disk or a closed pipe shows here, inside the handlers below
     except CllmError as exc:
