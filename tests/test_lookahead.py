@@ -10,7 +10,8 @@ import torch
 from tiny_models import VOCAB, tiny_model
 
 from cllm.decoding import ar, hf_assisted, hf_pld, jacobi, left_pad, lookahead
-from cllm.decoding.lookahead import NgramPool, _step_mask
+from cllm.decoding.lookahead import _step_mask
+from cllm.decoding.ngrams import NgramPool
 
 ARCHS = ["llama", "qwen2", "gpt2"]
 CASES_PER_ARCH = 170  # 510 randomized cases in all

@@ -6,7 +6,7 @@ The block keeps its iteration; the candidates only add chances. Each row feeds
 
 with a custom 4D mask (the guesses see the run and each other causally, as in plain Jacobi; a
 candidate sees the run and its own earlier tokens). Candidates come from the row's n-gram pool
-(cllm.decoding.lookahead.NgramPool), fed by its prompt and output and by its own iterates, the
+(cllm.decoding.ngrams.NgramPool), fed by its prompt and output and by its own iterates, the
 CLLM's fast-forwarded guesses included, and keyed by the last accepted token. A candidate's
 k-th token is right if it equals the prediction at the column before it; when the best
 candidate accepts more tokens than the block does, its tokens are emitted and written into the
@@ -22,7 +22,6 @@ import torch
 from transformers import DynamicCache, PreTrainedModel
 
 from cllm.decoding.core import _additive, _Rows
-from cllm.decoding.lookahead import NgramPool
 
 
 @dataclass
@@ -32,20 +31,6 @@ class CandidateStep:
     count: torch.Tensor  # (B,) accepted tokens, >= 1
     run: torch.Tensor  # (B, R') the next run: accepted tokens whose KV is not cached
     run_len: torch.Tensor  # (B,)
-
-
-def offered_candidates(pools: list[NgramPool], rows: _Rows, ngram: int, pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(B, G, N-1) proposals for each row's last token and (B, G) which exist."""
-    offered = [pools[int(r)].candidates(int(t)) for r, t in zip(rows.index, rows.pending)]
-    groups = max((len(c) for c in offered), default=0)
-    device = rows.pending.device
-    proposals = torch.full((len(offered), groups, ngram - 1), pad_token_id, dtype=torch.long, device=device)
-    present = torch.zeros((len(offered), groups), dtype=torch.bool, device=device)
-    for i, grams in enumerate(offered):
-        if grams:
-            proposals[i, : len(grams)] = torch.tensor(grams, dtype=torch.long, device=device)
-            present[i, : len(grams)] = True
-    return proposals, present
 
 
 def _mask(run_len: torch.Tensor, width: int, guess_real: torch.Tensor, present: torch.Tensor, length: int) -> torch.Tensor:
@@ -123,9 +108,3 @@ def candidate_step(
     next_run = emitted.gather(1, (kept_guesses[:, None] + torch.arange(int(next_len.max()), device=device)).clamp(max=span - 1))
     return CandidateStep(predictions, emitted, count, next_run, next_len)
 
-
-def remember_iterate(pool: NgramPool, pending: int, unfixed: list[int]) -> None:
-    """The n-grams of the last accepted token followed by the iterate's unfixed guesses."""
-    sequence = [pending, *unfixed]
-    for start in range(len(sequence) - pool.ngram + 1):
-        pool.add(sequence[start : start + pool.ngram])

@@ -19,7 +19,7 @@ from collections.abc import Sequence
 import torch
 from transformers import PreTrainedModel
 
-from cllm.decoding.candidates import candidate_step, offered_candidates, remember_iterate
+from cllm.decoding.candidates import candidate_step
 from cllm.decoding.core import (
     DecodeOutput,
     DecodeStats,
@@ -36,7 +36,7 @@ from cllm.decoding.core import (
     _truncate_at_eos,
     _validate,
 )
-from cllm.decoding.lookahead import NgramPool
+from cllm.decoding.ngrams import NgramPool, offered_candidates, remember_iterate
 from cllm.decoding.spec import INIT_STRATEGIES
 
 LOOKUP_MAX_NGRAM = 3

@@ -48,33 +48,7 @@ from cllm.decoding.core import (
     _truncate_at_eos,
     _validate,
 )
-
-
-class NgramPool:
-    """One row's n-grams: first token -> continuations (N-1 tokens), newest first, at most `size`."""
-
-    def __init__(self, ngram: int, size: int) -> None:
-        self.ngram, self.size = ngram, size
-        self.table: dict[int, list[tuple[int, ...]]] = {}
-        self.context_seen = 0  # context tokens whose n-grams are in the pool
-
-    def add(self, gram: Sequence[int]) -> None:
-        key, continuation = gram[0], tuple(gram[1:])
-        entries = self.table.setdefault(key, [])
-        if continuation in entries:
-            entries.remove(continuation)
-        entries.insert(0, continuation)
-        del entries[self.size :]
-
-    def add_context(self, context: list[int]) -> None:
-        """Every n-gram of the context that ends after what was added before."""
-        first = max(0, self.context_seen - self.ngram + 1)
-        for start in range(first, len(context) - self.ngram + 1):
-            self.add(context[start : start + self.ngram])
-        self.context_seen = len(context)
-
-    def candidates(self, token: int) -> list[tuple[int, ...]]:
-        return self.table.get(token, [])
+from cllm.decoding.ngrams import NgramPool, offered_candidates
 
 
 def _step_mask(run_len: torch.Tensor, width: int, levels: int, window: int, counts: torch.Tensor, ngram: int) -> torch.Tensor:
@@ -153,15 +127,8 @@ def lookahead(
         for i in range(len(rows.index)):
             pools[int(rows.index[i])].add_context(_context(rows, i))
         width = int(run_len.max())
-        offered = [pools[int(r)].candidates(int(t)) for r, t in zip(rows.index, rows.pending)]
-        groups = max(len(c) for c in offered)
-        proposals = torch.full((len(offered), max(groups, 1), levels), pad_token_id, dtype=torch.long, device=device)
-        present = torch.zeros((len(offered), max(groups, 1)), dtype=torch.bool, device=device)
-        for i, grams in enumerate(offered):
-            if grams:
-                proposals[i, : len(grams)] = torch.tensor(grams, dtype=torch.long, device=device)
-                present[i, : len(grams)] = True
-        proposals, present = proposals[:, :groups], present[:, :groups]
+        proposals, present = offered_candidates(pools, rows, ngram, pad_token_id)
+        groups = proposals.shape[1]
 
         last = rows.n_real + run_len - 1  # position of the last run token
         run_positions = rows.n_real[:, None] + torch.arange(width, device=device)

@@ -1,0 +1,57 @@
+"""The n-gram pool that lookahead decoding and multi-candidate Jacobi draw their candidates from."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from cllm.decoding.core import _Rows
+
+
+class NgramPool:
+    """One row's n-grams: first token -> continuations (N-1 tokens), newest first, at most `size`."""
+
+    def __init__(self, ngram: int, size: int) -> None:
+        self.ngram, self.size = ngram, size
+        self.table: dict[int, list[tuple[int, ...]]] = {}
+        self.context_seen = 0  # context tokens whose n-grams are in the pool
+
+    def add(self, gram: Sequence[int]) -> None:
+        key, continuation = gram[0], tuple(gram[1:])
+        entries = self.table.setdefault(key, [])
+        if continuation in entries:
+            entries.remove(continuation)
+        entries.insert(0, continuation)
+        del entries[self.size :]
+
+    def add_context(self, context: list[int]) -> None:
+        """Every n-gram of the context that ends after what was added before."""
+        first = max(0, self.context_seen - self.ngram + 1)
+        for start in range(first, len(context) - self.ngram + 1):
+            self.add(context[start : start + self.ngram])
+        self.context_seen = len(context)
+
+    def candidates(self, token: int) -> list[tuple[int, ...]]:
+        return self.table.get(token, [])
+
+
+def offered_candidates(pools: list[NgramPool], rows: _Rows, ngram: int, pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, G, N-1) proposals for each row's last token and (B, G) which exist."""
+    offered = [pools[int(r)].candidates(int(t)) for r, t in zip(rows.index, rows.pending)]
+    groups = max((len(c) for c in offered), default=0)
+    device = rows.pending.device
+    proposals = torch.full((len(offered), groups, ngram - 1), pad_token_id, dtype=torch.long, device=device)
+    present = torch.zeros((len(offered), groups), dtype=torch.bool, device=device)
+    for i, grams in enumerate(offered):
+        if grams:
+            proposals[i, : len(grams)] = torch.tensor(grams, dtype=torch.long, device=device)
+            present[i, : len(grams)] = True
+    return proposals, present
+
+
+def remember_iterate(pool: NgramPool, pending: int, unfixed: list[int]) -> None:
+    """The n-grams of the last accepted token followed by the iterate's unfixed guesses."""
+    sequence = [pending, *unfixed]
+    for start in range(len(sequence) - pool.ngram + 1):
+        pool.add(sequence[start : start + pool.ngram])
