@@ -44,14 +44,20 @@ def check_output_dir(path: Path, what: str) -> None:
     created = []
     try:
         for directory in [*reversed(path.parents), path]:
-            if not directory.is_dir():
+            try:
                 directory.mkdir()
                 created.append(directory)
+            except FileExistsError:  # already there, or made just now by another process
+                if not directory.is_dir():
+                    raise CllmError(f"cannot create {what} {path}: {directory} is not a directory") from None
     except OSError as exc:
         raise CllmError(f"cannot create {what} {path}: {exc.strerror}") from None
     finally:
         for directory in reversed(created):
-            directory.rmdir()
+            try:
+                directory.rmdir()
+            except OSError:
+                pass  # another process (a torchrun rank) is already writing there
 
 
 def check_output_file(path: Path, what: str) -> None:
