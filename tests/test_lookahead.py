@@ -17,20 +17,27 @@ ARCHS = ["llama", "qwen2", "gpt2"]
 CASES_PER_ARCH = 170  # 510 randomized cases in all
 
 
+def random_case(model, rng: random.Random):
+    """1-4 left-padded prompts, a length limit, maybe an EOS from inside the first row's output (that
+    row then stops early), and greedy AR's output: (input_ids, attention_mask, max_new_tokens, eos, expected)."""
+    prompts = [[rng.randrange(1, VOCAB) for _ in range(rng.randint(1, 14))] for _ in range(rng.randint(1, 4))]
+    input_ids, attention_mask = left_pad(prompts, pad_token_id=0)
+    max_new_tokens = rng.choice([1, 5, 17, 33])
+    eos = None
+    if rng.random() < 0.5:
+        eos = rng.choice(ar(model, input_ids, attention_mask, max_new_tokens=max_new_tokens).token_ids[0])
+    expected = ar(model, input_ids, attention_mask, max_new_tokens=max_new_tokens, eos_token_id=eos).token_ids
+    return input_ids, attention_mask, max_new_tokens, eos, expected
+
+
 @pytest.mark.parametrize("arch", ARCHS)
 def test_lookahead_equals_ar_on_randomized_cases(arch):
     model = tiny_model(arch, seed=1)
     gained = 0
     for case in range(CASES_PER_ARCH):
         rng = random.Random(f"{arch}-{case}")
-        batch = rng.randint(1, 4)
-        prompts = [[rng.randrange(1, VOCAB) for _ in range(rng.randint(1, 14))] for _ in range(batch)]
-        input_ids, attention_mask = left_pad(prompts, pad_token_id=0)
-        max_new_tokens = rng.choice([1, 5, 17, 33])
-        eos = None
-        if rng.random() < 0.5:  # a token from inside the first row's output: that row stops early
-            eos = rng.choice(ar(model, input_ids, attention_mask, max_new_tokens=max_new_tokens).token_ids[0])
-        expected = ar(model, input_ids, attention_mask, max_new_tokens=max_new_tokens, eos_token_id=eos).token_ids
+        input_ids, attention_mask, max_new_tokens, eos, expected = random_case(model, rng)
+        batch = input_ids.shape[0]
         window, ngram, candidates = rng.randint(1, 5), rng.randint(2, 5), rng.randint(1, 5)
         streamed: dict[int, list[int]] = {}
         out = lookahead(model, input_ids, attention_mask, window=window, ngram=ngram, candidates=candidates,
@@ -50,14 +57,8 @@ def test_multi_candidate_jacobi_equals_ar_on_randomized_cases(arch):
     gained_by_candidates = 0
     for case in range(CASES_PER_ARCH):
         rng = random.Random(f"candidates-{arch}-{case}")
-        batch = rng.randint(1, 4)
-        prompts = [[rng.randrange(1, VOCAB) for _ in range(rng.randint(1, 14))] for _ in range(batch)]
-        input_ids, attention_mask = left_pad(prompts, pad_token_id=0)
-        max_new_tokens = rng.choice([1, 5, 17, 33])
-        eos = None
-        if rng.random() < 0.5:
-            eos = rng.choice(ar(model, input_ids, attention_mask, max_new_tokens=max_new_tokens).token_ids[0])
-        expected = ar(model, input_ids, attention_mask, max_new_tokens=max_new_tokens, eos_token_id=eos).token_ids
+        input_ids, attention_mask, max_new_tokens, eos, expected = random_case(model, rng)
+        batch = input_ids.shape[0]
         block_size, candidates, ngram = rng.choice([1, 2, 4, 8, 16]), rng.randint(1, 5), rng.randint(2, 6)
         init = rng.choice(["prompt", "repeat", "lookup"])
         common = dict(block_size=block_size, max_new_tokens=max_new_tokens, eos_token_id=eos, init=init, seed=case)
@@ -98,8 +99,8 @@ def test_ngram_pool_keeps_the_newest_distinct_continuations():
     incremental, whole = NgramPool(3, 10), NgramPool(3, 10)
     context = [5, 1, 2, 5, 1, 3, 5, 1]
     for end in range(1, len(context) + 1):
-        incremental.add_context(context[:end])
-    whole.add_context(context)
+        incremental.add_context(torch.tensor(context[:end]))
+    whole.add_context(torch.tensor(context))
     assert incremental.table == whole.table == {5: [(1, 3), (1, 2)], 1: [(3, 5), (2, 5)], 2: [(5, 1)], 3: [(5, 1)]}
 
 

@@ -197,6 +197,12 @@ def _keep_real_slots(cache: DynamicCache, rows: _Rows, fed: int, accepted: torch
     rows.n_real = rows.n_real + accepted
 
 
+def _context(rows: _Rows, i: int) -> torch.Tensor:
+    """Row i's prompt and output so far (its last token is `pending`)."""
+    prompt = rows.prompt[i, rows.prompt.shape[1] - int(rows.prompt_len[i]) :]
+    return torch.cat([prompt, rows.out[i, : int(rows.n_out[i])]])
+
+
 def _truncate_at_eos(new_tokens: torch.Tensor, count: torch.Tensor, eos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Cut each row's `count` new tokens (B, m) after its first EOS: (kept count, hit EOS)."""
     columns = torch.arange(new_tokens.shape[1], device=new_tokens.device)

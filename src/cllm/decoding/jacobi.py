@@ -25,6 +25,7 @@ from cllm.decoding.core import (
     DecodeStats,
     TokenCallback,
     _as_batch,
+    _context,
     _emit,
     _emit_first_token,
     _eos_tensor,
@@ -98,12 +99,6 @@ class _GuessMaker:
             found = lookup_continuation(_context(rows, i), int(block_len[i]) - start, min_ngram=LOOKUP_MIN_NGRAM_MID_BLOCK)
             if found and found[0] != int(block[i, start]):
                 block[i, start : start + len(found)] = torch.tensor(found, dtype=torch.long, device=block.device)
-
-
-def _context(rows: _Rows, i: int) -> torch.Tensor:
-    """Row i's prompt and output so far (its last token is `pending`)."""
-    prompt = rows.prompt[i, rows.prompt.shape[1] - int(rows.prompt_len[i]) :]
-    return torch.cat([prompt, rows.out[i, : int(rows.n_out[i])]])
 
 
 def lookup_continuation(
@@ -238,7 +233,7 @@ def jacobi(
             emitted = prediction
         else:  # 2-3 with candidates verified alongside; the cache is committed inside
             for i, row in enumerate(rows.index.tolist()):
-                pools[row].add_context(_context(rows, i).tolist())
+                pools[row].add_context(_context(rows, i))
             proposals, present = offered_candidates(pools, rows, ngram, pad_token_id)
             step = candidate_step(model, cache, rows, run, run_len, guesses, width, proposals, present, pad_token_id)
             prediction, emitted, accepted, run, run_len = step.predictions, step.emitted, step.count, step.run, step.run_len

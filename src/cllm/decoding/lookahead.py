@@ -39,15 +39,16 @@ from cllm.decoding.core import (
     TokenCallback,
     _additive,
     _as_batch,
+    _context,
     _emit,
     _emit_first_token,
     _eos_tensor,
     _prefill,
     _retire,
-    _Rows,
     _truncate_at_eos,
     _validate,
 )
+from cllm.decoding.jacobi import _GuessMaker
 from cllm.decoding.ngrams import NgramPool, offered_candidates
 
 
@@ -116,10 +117,10 @@ def lookahead(
     pools = [NgramPool(ngram, candidates) for _ in range(batch)]
     _emit_first_token(rows, cache, eos, max_new_tokens, results, on_tokens)
 
-    seeds = [seed + row for row in range(batch)] if isinstance(seed, int) else list(seed)
+    make_guess = _GuessMaker("prompt", seed, batch, pad_token_id)  # the window starts as Jacobi's `prompt` guess
     if not len(rows.index):  # every row ended with its first token
         return DecodeOutput(token_ids=[r or [] for r in results], stats=[DecodeStats(1, 1) for _ in results])
-    trail = _initial_window(rows, levels, window, seeds)  # (B, N-1, W)
+    trail = make_guess(rows, torch.arange(len(rows.index), device=device), levels * window).view(-1, levels, window)
     run = rows.pending[:, None].clone()  # (B, R) accepted tokens whose KV is not cached
     run_len = torch.ones(len(rows.index), dtype=torch.long, device=device)
 
@@ -188,17 +189,3 @@ def lookahead(
     for row, tokens in enumerate(token_ids):
         stats[row].new_tokens = len(tokens)
     return DecodeOutput(token_ids=token_ids, stats=stats)
-
-
-def _initial_window(rows: _Rows, levels: int, window: int, seeds: list[int]) -> torch.Tensor:
-    """Guesses drawn from each row's own prompt, as Jacobi's `prompt` initialisation."""
-    device = rows.prompt.device
-    draws = torch.stack([torch.rand(levels * window, generator=torch.Generator().manual_seed(seeds[int(r)])) for r in rows.index])
-    prompt_len = rows.prompt_len[:, None]
-    offsets = rows.prompt.shape[1] - prompt_len + (draws.to(device) * prompt_len).long()
-    return rows.prompt.gather(1, offsets).view(-1, levels, window)
-
-
-def _context(rows: _Rows, i: int) -> list[int]:
-    prompt = rows.prompt[i, rows.prompt.shape[1] - int(rows.prompt_len[i]) :]
-    return torch.cat([prompt, rows.out[i, : int(rows.n_out[i])]]).tolist()

@@ -25,11 +25,13 @@ class NgramPool:
         entries.insert(0, continuation)
         del entries[self.size :]
 
-    def add_context(self, context: list[int]) -> None:
-        """Every n-gram of the context that ends after what was added before."""
+    def add_context(self, context: torch.Tensor) -> None:
+        """Every n-gram of the context (1-D) that ends after what was added before; only the new
+        tail leaves the tensor, so a step costs what it adds, not the context's length."""
         first = max(0, self.context_seen - self.ngram + 1)
-        for start in range(first, len(context) - self.ngram + 1):
-            self.add(context[start : start + self.ngram])
+        tail = context[first:].tolist()
+        for start in range(len(tail) - self.ngram + 1):
+            self.add(tail[start : start + self.ngram])
         self.context_seen = len(context)
 
     def candidates(self, token: int) -> list[tuple[int, ...]]:
