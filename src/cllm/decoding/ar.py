@@ -1,4 +1,4 @@
-"""Greedy autoregressive decoding with a KV cache: one forward per token, the reference."""
+"""Autoregressive decoding with a KV cache: one forward per token, the reference."""
 
 from __future__ import annotations
 
@@ -22,6 +22,7 @@ from cllm.decoding.core import (
     _truncate_at_eos,
     _validate,
 )
+from cllm.decoding.sampling import GREEDY, Sampling
 
 
 @torch.inference_mode()
@@ -34,8 +35,11 @@ def ar(
     eos_token_id: int | Sequence[int] | None = None,
     pad_token_id: int = 0,
     on_tokens: TokenCallback | None = None,
+    sampling: Sampling = GREEDY,
+    seed: int | Sequence[int] = 0,
 ) -> DecodeOutput:
-    """Greedy autoregressive decoding with a KV cache: one forward per new token.
+    """Autoregressive decoding with a KV cache: one forward per new token, greedy or sampled
+    (`sampling`, with the per-row randomness fixed by `seed`: cllm.decoding.sampling).
 
     input_ids, attention_mask: (B, P) left-padded prompts. Returns B outputs, each stopping after
     its first EOS (included) or at `max_new_tokens`.
@@ -44,7 +48,7 @@ def ar(
     _validate(input_ids, attention_mask, max_new_tokens, block_size=1)
     batch = input_ids.shape[0]
     eos = _eos_tensor(eos_token_id, input_ids.device)
-    cache, rows = _prefill(model, input_ids, attention_mask, scratch=max_new_tokens + 1)
+    cache, rows = _prefill(model, input_ids, attention_mask, max_new_tokens + 1, sampling, seed)
     results: list[list[int] | None] = [None] * batch
     _emit_first_token(rows, cache, eos, max_new_tokens, results, on_tokens)
     one = torch.ones((batch, 1), dtype=torch.bool, device=input_ids.device)

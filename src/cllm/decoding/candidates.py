@@ -72,8 +72,9 @@ def candidate_step(
     ], dim=1)
     fed_mask = _mask(run_len, run_width, guess_real, present, length)
     allowed = torch.cat([rows.slot_mask.bool()[:, None, :].expand(-1, fed_mask.shape[1], -1), fed_mask], dim=2)
-    prediction = model(input_ids=tokens, attention_mask=_additive(allowed, model.dtype), position_ids=positions,
-                       past_key_values=cache, use_cache=True).logits.argmax(dim=-1)
+    logits = model(input_ids=tokens, attention_mask=_additive(allowed, model.dtype), position_ids=positions,
+                   past_key_values=cache, use_cache=True).logits
+    prediction = rows.pick(logits, positions - (after_run - 1)[:, None] + rows.n_out[:, None])  # `pending`: n_out - 1
 
     # the block: position fixed + c is predicted at the run's last column (c = 0) or at guess c - 1
     at = torch.where(columns[None, :] == 0, (run_len - 1)[:, None], run_width + columns[None, :] - 1)

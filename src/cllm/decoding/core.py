@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 import torch
 from transformers import DynamicCache, PreTrainedModel
 
+from cllm.decoding.sampling import GREEDY, Sampling, row_seeds, sample, uniforms
+
 TokenCallback = Callable[[int, list[int]], None]
 """Called as `callback(row, new_token_ids)` whenever a row's output grows (streaming)."""
 
@@ -96,10 +98,22 @@ class _Rows:
     n_out: torch.Tensor  # (B,)
     prompt: torch.Tensor  # (B, P) left-padded prompt, for guesses drawn from it
     prompt_len: torch.Tensor  # (B,)
+    draws: torch.Tensor  # (B, T) the uniform that samples output index t (width 0 when greedy)
+    sampling: Sampling = GREEDY
 
     def select(self, keep: torch.Tensor) -> None:
         for name, value in vars(self).items():
-            setattr(self, name, value[keep])
+            if isinstance(value, torch.Tensor):
+                setattr(self, name, value[keep])
+
+    def pick(self, logits: torch.Tensor, out_index: torch.Tensor) -> torch.Tensor:
+        """The token chosen from each column's logits (B, m, V), the column predicting the row's
+        output index `out_index` (B, m): argmax, or the sample fixed for that index. Indices past
+        the table only occur for guesses beyond the last token, which are never emitted."""
+        if self.sampling.greedy:
+            return logits.argmax(dim=-1)
+        index = out_index.clamp(0, self.draws.shape[1] - 1)
+        return sample(logits, self.sampling, self.draws.gather(1, index))
 
 
 def _validate(input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int, block_size: int) -> None:
@@ -123,12 +137,13 @@ def _eos_tensor(eos_token_id: int | Sequence[int] | None, device: torch.device) 
 
 
 def _prefill(
-    model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor, scratch: int
+    model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor, scratch: int,
+    sampling: Sampling = GREEDY, seed: int | Sequence[int] = 0,
 ) -> tuple[DynamicCache, _Rows]:
     """Run the prompts into a fresh cache; the prediction after the last prompt token is `pending`.
 
     That first token is not emitted here: callers do it with `_emit`, so EOS and streaming
-    treat it like any other token.
+    treat it like any other token. `scratch` output slots per row (also the sampling table's width).
     """
     batch = input_ids.shape[0]
     device = input_ids.device
@@ -142,16 +157,20 @@ def _prefill(
         use_cache=True,
         logits_to_keep=1,
     ).logits  # (B, 1, V)
+    seeds = row_seeds(seed, batch)
     rows = _Rows(
         index=torch.arange(batch, device=device),
         slot_mask=attention_mask.clone(),
         n_real=attention_mask.sum(1),
-        pending=logits[:, -1].argmax(dim=-1),
+        pending=torch.zeros(batch, dtype=torch.long, device=device),
         out=torch.zeros((batch, scratch), dtype=torch.long, device=device),
         n_out=torch.zeros(batch, dtype=torch.long, device=device),
         prompt=input_ids,
         prompt_len=attention_mask.sum(1),
+        draws=uniforms(seeds, 0 if sampling.greedy else scratch).to(device),
+        sampling=sampling,
     )
+    rows.pending = rows.pick(logits, torch.zeros((batch, 1), dtype=torch.long, device=device))[:, 0]
     return cache, rows
 
 
@@ -171,7 +190,8 @@ def _emit_first_token(
 def _forward(
     model: PreTrainedModel, cache: DynamicCache, rows: _Rows, tokens: torch.Tensor, real: torch.Tensor
 ) -> torch.Tensor:
-    """One forward of `tokens` (B, m) after the cache; returns the greedy prediction at every column."""
+    """One forward of `tokens` (B, m), `pending` first, after the cache; returns the prediction
+    (argmax or fixed sample) at every column."""
     columns = torch.arange(tokens.shape[1], device=tokens.device)
     positions = rows.n_real[:, None] + columns  # (B, m)
     attention_mask = torch.cat([rows.slot_mask, real.long()], dim=1)  # (B, S + m)
@@ -184,7 +204,7 @@ def _forward(
         past_key_values=cache,
         use_cache=True,
     ).logits  # (B, m, V)
-    return logits.argmax(dim=-1)
+    return rows.pick(logits, rows.n_out[:, None] + columns)  # column j predicts output index n_out + j
 
 
 def _keep_real_slots(cache: DynamicCache, rows: _Rows, fed: int, accepted: torch.Tensor) -> None:

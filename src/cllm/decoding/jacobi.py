@@ -4,7 +4,7 @@ blocks cover the tokens after it (cache layout: cllm.decoding.core).
 
 Jacobi iteration (block of n positions, `fixed` of them already known to be right):
   1. guess    -- input = [pending, unfixed guesses except the last]          (B, m)
-  2. forward  -- one parallel forward; argmax at every column                 (B, m)
+  2. forward  -- one parallel forward; argmax (or the fixed sample) per column (B, m)
   3. accept   -- the longest prefix where the prediction equals the guess it replaces, plus one:
                  the tokens fed up to there were right, so the predictions after them are too
   4. commit   -- write the new iterate, emit accepted tokens, crop the cache to the longest
@@ -38,6 +38,7 @@ from cllm.decoding.core import (
     _validate,
 )
 from cllm.decoding.ngrams import NgramPool, offered_candidates, remember_iterate
+from cllm.decoding.sampling import GREEDY, Sampling, row_seeds
 from cllm.decoding.spec import INIT_STRATEGIES
 
 LOOKUP_MAX_NGRAM = 3
@@ -58,12 +59,9 @@ class _GuessMaker:
     def __init__(self, strategy: str, seed: int | Sequence[int], batch: int, pad_token_id: int) -> None:
         if strategy not in INIT_STRATEGIES:
             raise ValueError(f"unknown init strategy {strategy!r}; choose one of {', '.join(INIT_STRATEGIES)}")
-        seeds = [seed + row for row in range(batch)] if isinstance(seed, int) else list(seed)
-        if len(seeds) != batch:
-            raise ValueError(f"got {len(seeds)} seeds for a batch of {batch}")
         self.strategy = strategy
         self.pad_token_id = pad_token_id
-        self.generators = [torch.Generator().manual_seed(s) for s in seeds]
+        self.generators = [torch.Generator().manual_seed(s) for s in row_seeds(seed, batch)]
 
     def __call__(self, rows: _Rows, which: torch.Tensor, n: int) -> torch.Tensor:
         """Guesses (len(which), n) for the rows at batch positions `which`."""
@@ -165,14 +163,16 @@ def jacobi(
     on_tokens: TokenCallback | None = None,
     candidates: int = 0,
     ngram: int = 4,
+    sampling: Sampling = GREEDY,
 ) -> DecodeOutput:
-    """Greedy Jacobi decoding with a KV cache over blocks of `block_size` tokens.
+    """Jacobi decoding with a KV cache over blocks of `block_size` tokens.
 
-    Produces exactly the greedy AR output (up to floating-point near-ties), with each forward
-    fixing at least one token. See the module docstring for the iteration; blocks are cut at
-    `max_new_tokens`, and tokens after an EOS inside a block are discarded. `candidates` > 0
-    also verifies that many `ngram`-grams from the context and the row's own iterates in the
-    same forward (cllm.decoding.candidates).
+    Produces exactly the AR output (up to floating-point near-ties), greedy or sampled with the
+    same `sampling` and `seed` (cllm.decoding.sampling), with each forward fixing at least one
+    token. See the module docstring for the iteration; blocks are cut at `max_new_tokens`, and
+    tokens after an EOS inside a block are discarded. `candidates` > 0 also verifies that many
+    `ngram`-grams from the context and the row's own iterates in the same forward
+    (cllm.decoding.candidates). `seed` also seeds the initial guesses.
     """
     if candidates < 0 or ngram < 2:
         raise ValueError(f"candidates must be >= 0 and ngram >= 2, got {candidates} and {ngram}")
@@ -183,7 +183,7 @@ def jacobi(
     n = block_size
     batch, device = input_ids.shape[0], input_ids.device
     eos = _eos_tensor(eos_token_id, device)
-    cache, rows = _prefill(model, input_ids, attention_mask, scratch=max_new_tokens + max(n, ngram))
+    cache, rows = _prefill(model, input_ids, attention_mask, max_new_tokens + max(n, ngram), sampling, seed)
     make_guess = _GuessMaker(init, seed, batch, pad_token_id)
     results: list[list[int] | None] = [None] * batch
     stats = [DecodeStats(forward_passes=1) for _ in range(batch)]  # the prefill yields the first token
@@ -319,7 +319,7 @@ def jacobi_no_cache(
     rows = _Rows(  # only what the guess maker reads
         index=torch.zeros(1, dtype=torch.long), slot_mask=input_ids, n_real=torch.zeros(1, dtype=torch.long),
         pending=first[None], out=input_ids, n_out=torch.zeros(1, dtype=torch.long), prompt=input_ids,
-        prompt_len=torch.tensor([input_ids.shape[1]]),
+        prompt_len=torch.tensor([input_ids.shape[1]]), draws=torch.empty((1, 0), dtype=torch.float64),
     )
     make_guess = _GuessMaker(init, seed, 1, pad_token_id)
     produced, finished = 1, bool(torch.isin(first, eos))

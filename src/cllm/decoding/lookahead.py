@@ -50,6 +50,7 @@ from cllm.decoding.core import (
 )
 from cllm.decoding.jacobi import _GuessMaker
 from cllm.decoding.ngrams import NgramPool, offered_candidates
+from cllm.decoding.sampling import GREEDY, Sampling
 
 
 def _step_mask(run_len: torch.Tensor, width: int, levels: int, window: int, counts: torch.Tensor, ngram: int) -> torch.Tensor:
@@ -98,9 +99,11 @@ def lookahead(
     pad_token_id: int = 0,
     seed: int | Sequence[int] = 0,
     on_tokens: TokenCallback | None = None,
+    sampling: Sampling = GREEDY,
 ) -> DecodeOutput:
-    """Greedy lookahead decoding: `window` W, n-gram size `ngram` N, up to `candidates` G verified
-    n-grams per step. Returns exactly the greedy AR output; stats count one forward per step."""
+    """Lookahead decoding: `window` W, n-gram size `ngram` N, up to `candidates` G verified
+    n-grams per step. Returns exactly the AR output, greedy or sampled with the same `sampling`
+    and `seed`; stats count one forward per step."""
     input_ids, attention_mask = _as_batch(input_ids, attention_mask)
     _validate(input_ids, attention_mask, max_new_tokens, block_size=1)
     if window < 1 or ngram < 2 or candidates < 1:
@@ -111,7 +114,7 @@ def lookahead(
     batch, device = input_ids.shape[0], input_ids.device
     levels = ngram - 1
     eos = _eos_tensor(eos_token_id, device)
-    cache, rows = _prefill(model, input_ids, attention_mask, scratch=max_new_tokens + ngram)
+    cache, rows = _prefill(model, input_ids, attention_mask, max_new_tokens + ngram, sampling, seed)
     results: list[list[int] | None] = [None] * batch
     stats = [DecodeStats(forward_passes=1) for _ in range(batch)]
     pools = [NgramPool(ngram, candidates) for _ in range(batch)]
@@ -140,16 +143,19 @@ def lookahead(
         positions = torch.cat([run_positions, window_positions, proposal_positions], dim=1)
         fed = _step_mask(run_len, width, levels, window, present, ngram)
         allowed = torch.cat([rows.slot_mask.bool()[:, None, :].expand(-1, fed.shape[1], -1), fed], dim=2)
+        # only the run, the window's last level and the candidates are read: the LM head skips the rest
+        last_level = width + (levels - 1) * window
+        read = torch.cat([torch.arange(width), torch.arange(last_level, tokens.shape[1])]).to(device)
         logits = model(
             input_ids=tokens, attention_mask=_additive(allowed, model.dtype), position_ids=positions,
-            past_key_values=cache, use_cache=True,
+            past_key_values=cache, use_cache=True, logits_to_keep=read,
         ).logits
-        prediction = logits.argmax(dim=-1)  # (B, Q)
+        # the column at position q predicts output index n_out + q - last (`pending`, at `last`, is n_out - 1)
+        prediction = rows.pick(logits, positions[:, read] - last[:, None] + rows.n_out[:, None])  # (B, width + W + G * (N-1))
 
         # verification: candidate g holds while each token equals the prediction before it
         after_run = prediction.gather(1, (run_len - 1)[:, None])  # (B, 1) the next token, as AR
-        start = width + levels * window
-        proposed_predictions = prediction[:, start:].view(len(rows.index), groups, levels)
+        proposed_predictions = prediction[:, width + window :].view(len(rows.index), groups, levels)
         before = torch.cat([after_run[:, None, :].expand(-1, groups, -1), proposed_predictions[:, :, :-1]], dim=2)
         matched = ((proposals == before) & present[:, :, None]).long().cumprod(2).sum(2)  # (B, G)
         best = matched.argmax(dim=1) if groups else torch.zeros(len(rows.index), dtype=torch.long, device=device)
@@ -168,7 +174,7 @@ def lookahead(
         for row, emitted_count in zip(rows.index.tolist(), count.tolist()):
             stats[int(row)].forward_passes += 1
             stats[int(row)].fast_forward += emitted_count - 1
-        newest = prediction[:, width + (levels - 1) * window : width + levels * window]  # (B, W) last level's predictions
+        newest = prediction[:, width : width + window]  # (B, W) last level's predictions
         for i, row in enumerate(rows.index.tolist()):
             columns = torch.cat([trail[i], newest[i][None]], dim=0).T.tolist()  # W n-grams, one per column
             for gram in columns:
