@@ -48,6 +48,24 @@ def test_generate_file_batched_matches_single(model_dir, tmp_path, capsys):
     assert [r["prompt"] for r in batched] == ["a", "bcd efg", "hi"]
 
 
+def test_generate_samples_the_same_text_with_every_decoder_and_batch_size(model_dir, tmp_path, capsys):
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("\n".join(json.dumps({"prompt": p}) for p in ["a", "bcd efg", "hi", "xyz"]) + "\n")
+    common = ["--file", str(prompts), "--model", model_dir, "--max-new-tokens", "17", "--temperature", "0.9",
+              "--top-p", "0.95", "--top-k", "40", "--seed", "11"]
+    expected = [r["token_ids"] for r in run_json(capsys, *common, "--decoder", "ar")]
+    for decoder in (["jacobi", "--batch-size", "3"], ["jacobi", "--candidates", "2"], ["lookahead", "--batch-size", "2"]):
+        records = run_json(capsys, *common, "--decoder", *decoder)
+        assert [r["token_ids"] for r in records] == expected, decoder
+    assert [r["seed"] for r in records] == [11, 12, 13, 14] and records[0]["sampling"] == "T=0.9 top-k 40 top-p 0.95"
+    greedy = [r["token_ids"] for r in run_json(capsys, *common[:6], "--decoder", "ar")]
+    assert greedy != expected
+    rest = tmp_path / "rest.jsonl"
+    rest.write_text("\n".join(prompts.read_text().splitlines()[1:]) + "\n")
+    shifted = [r["token_ids"] for r in run_json(capsys, "--file", str(rest), *common[2:-1], "12", "--decoder", "lookahead")]
+    assert shifted == expected[1:]  # prompt i samples with seed + i: the same prompts one place earlier, seed one higher
+
+
 def test_generate_streams_text_and_reads_stdin(model_dir):
     env = os.environ | {"HF_HUB_OFFLINE": "1"}
     args = ["generate", "-", "--model", model_dir, "--max-new-tokens", "9", "--stats"]

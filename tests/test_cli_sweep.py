@@ -95,6 +95,12 @@ CASES = [
     ("generate hf-pld batched", lambda w: ["generate", "--file", str(w.file("two.jsonl", '{"prompt": "a"}\n{"prompt": "b"}\n')),
                                             "--decoder", "hf-pld", "--batch-size", "2"], "--batch-size 1"),
     ("generate --threads 0", lambda w: ["generate", "hi", "--threads", "0"], "--threads"),
+    ("generate --temperature negative", lambda w: ["generate", "hi", "--temperature", "-0.5"], "--temperature"),
+    ("generate --temperature nan", lambda w: ["generate", "hi", "--temperature", "nan"], "--temperature"),
+    ("generate --top-p 0", lambda w: ["generate", "hi", "--temperature", "1", "--top-p", "0"], "--top-p"),
+    ("generate --top-p above 1", lambda w: ["generate", "hi", "--top-p", "1.5"], "--top-p"),
+    ("generate --top-k negative", lambda w: ["generate", "hi", "--top-k", "-1"], "--top-k"),
+    ("generate --seed not a number", lambda w: ["generate", "hi", "--seed", "x"], "--seed"),
     # bench
     ("bench --out is a file", lambda w: ["bench", "--out", str(w.file("f.txt", "x")), "--limit", "1"], "not a directory"),
     ("bench --out unwritable", lambda w: ["bench", "--out", UNWRITABLE, "--limit", "1"], "cannot"),
@@ -106,6 +112,9 @@ CASES = [
     ("bench hf-assisted without a draft", lambda w: ["bench", "--decoders", "hf-assisted"], "--draft-model"),
     ("bench --draft-model is a plain file", lambda w: ["bench", "--decoders", "hf-assisted", "--limit", "1",
                                                        "--draft-model", str(w.file("plain.txt", "hello"))], "model"),
+    ("bench --temperature negative", lambda w: ["bench", "--temperature", "-1"], "--temperature"),
+    ("bench --top-p negative", lambda w: ["bench", "--top-p", "-0.1"], "--top-p"),
+    ("bench --top-k not an integer", lambda w: ["bench", "--top-k", "2.5"], "--top-k"),
     ("bench --dataset unknown", lambda w: ["bench", "--dataset", "nope"], "unknown dataset"),
     ("bench --path broken JSON", lambda w: ["bench", "--dataset", "gsm8k", "--path", str(w.file("g.jsonl", "{ nope\n"))], ":1: not valid JSON"),
     # collect
@@ -149,6 +158,9 @@ CASES = [
     ("eval fidelity --target-outputs broken", lambda w: ["eval", "fidelity", "--target", str(w.model), "--dataset", "gsm8k", "--limit", "1",
                                                          "--target-outputs", str(w.file("to.json", "{ nope"))], "corrupt"),
     ("eval mtbench --answers is a directory", lambda w: ["eval", "mtbench", "--limit", "1", "--answers", str(w.dir("d"))], "directory"),
+    ("eval gsm8k --temperature negative", lambda w: ["eval", "gsm8k", "--temperature", "-1"], "--temperature"),
+    ("eval gsm8k --top-p above 1", lambda w: ["eval", "gsm8k", "--top-p", "2"], "--top-p"),
+    ("eval fidelity sampled", lambda w: ["eval", "fidelity", "--target", str(w.model), "--temperature", "0.7"], "greedy"),
     ("eval humaneval --timeout negative", lambda w: ["eval", "humaneval", "--timeout", "-1"], "--timeout"),
     # viz
     ("viz --out is a file", lambda w: ["viz", "hi", "--out", str(w.file("f.txt", "x"))], "not a directory"),

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from cllm.decoding import DECODERS, DecodeOutput, DecoderSpec
+from cllm.decoding import DECODERS, GREEDY, DecodeOutput, DecoderSpec, Sampling
 from cllm.errors import CllmError
 from cllm.files import write_atomically
 from cllm.models import LoadedModel
@@ -46,12 +46,14 @@ class RunRecord:
 
 
 def decode_once(
-    loaded: LoadedModel, spec: DecoderSpec, prompt_ids: list[int], max_new_tokens: int, draft: LoadedModel | None = None
+    loaded: LoadedModel, spec: DecoderSpec, prompt_ids: list[int], max_new_tokens: int, draft: LoadedModel | None = None,
+    sampling: Sampling = GREEDY, seed: int = 0,
 ) -> tuple[DecodeOutput, float]:
     """Decode one prompt; return the output and the wall-clock seconds it took."""
     device = loaded.model.device
     input_ids = torch.tensor([prompt_ids], device=device)
-    kwargs = dict(max_new_tokens=max_new_tokens, eos_token_id=loaded.eos_token_ids, pad_token_id=loaded.pad_token_id)
+    kwargs = dict(max_new_tokens=max_new_tokens, eos_token_id=loaded.eos_token_ids, pad_token_id=loaded.pad_token_id,
+                  sampling=sampling, seed=seed)
     kwargs |= spec.decoder_kwargs()
     if spec.kind == "hf-assisted":
         if draft is None:
@@ -83,18 +85,21 @@ def run_benchmark(
     repeats: int = 1,
     on_step: Callable[[], None] | None = None,
     draft: LoadedModel | None = None,
+    sampling: Sampling = GREEDY,
+    seed: int = 0,
 ) -> list[RunRecord]:
     """Time every decoder of every model on every prompt `repeats` times (batch size 1), after one
-    warm-up run of each; `draft` drafts for `hf-assisted`."""
+    warm-up run of each; `draft` drafts for `hf-assisted`. Prompt i samples with seed + i."""
     runs = [(model, spec) for model in models for spec in specs]
     for model, spec in runs:
-        decode_once(model.loaded, spec, model.prompts[0], min(max_new_tokens, 16), draft)
+        decode_once(model.loaded, spec, model.prompts[0], min(max_new_tokens, 16), draft, sampling, seed)
     records = []
     count = len(models[0].prompts)
     for step, (repeat, index) in enumerate((r, i) for r in range(repeats) for i in range(count)):
         rotation = step % len(runs)
         for model, spec in runs[rotation:] + runs[:rotation]:
-            output, seconds = decode_once(model.loaded, spec, model.prompts[index], max_new_tokens, draft)
+            output, seconds = decode_once(model.loaded, spec, model.prompts[index], max_new_tokens, draft, sampling,
+                                          seed + index)
             stats = output.stats[0]
             records.append(
                 RunRecord(

