@@ -11,7 +11,7 @@ position.) Temperature 0 is greedy: argmax, no randomness.
 
 Filtering follows transformers' order and semantics: logits / T, then top-k (ties with the k-th
 kept), then top-p (the smallest set of most likely tokens whose mass reaches p; the token that
-crosses p is kept).
+crosses p is kept, and so is any token exactly as likely as it).
 """
 
 from __future__ import annotations
@@ -102,11 +102,19 @@ def filtered_probabilities(logits: torch.Tensor, sampling: Sampling) -> torch.Te
         scores = scores.masked_fill(scores < kth, float("-inf"))
     probs = scores.softmax(dim=-1)
     if sampling.top_p < 1:
-        ordered, order = probs.sort(dim=-1, descending=True, stable=True)
-        mass_before = ordered.cumsum(dim=-1) - ordered
-        drop = torch.zeros_like(probs, dtype=torch.bool).scatter(-1, order, mass_before >= sampling.top_p)
-        probs = probs.masked_fill(drop, 0.0)
+        probs = probs.masked_fill(probs < _nucleus_floor(probs, sampling.top_p), 0.0)
     return probs / probs.sum(dim=-1, keepdim=True)
+
+
+def _nucleus_floor(probs: torch.Tensor, top_p: float) -> torch.Tensor:
+    """(..., 1) the probability of the last token the nucleus needs; keeping every token at least
+    that likely makes the set independent of how ties are ordered. The nucleus is usually within
+    the 64 most likely tokens: a partial top-k then spares sorting the whole vocabulary."""
+    ordered = probs.topk(min(64, probs.shape[-1]), dim=-1).values
+    if not bool((ordered.sum(dim=-1) >= top_p).all()):
+        ordered = probs.sort(dim=-1, descending=True).values
+    needed = ((ordered.cumsum(dim=-1) - ordered) < top_p).sum(dim=-1, keepdim=True)  # >= 1
+    return ordered.gather(-1, needed - 1)
 
 
 def sample(logits: torch.Tensor, sampling: Sampling, draws: torch.Tensor) -> torch.Tensor:
