@@ -10,6 +10,7 @@ from tiny_models import VOCAB, tiny_model
 
 from cllm.decoding import (
     INIT_STRATEGIES,
+    Sampling,
     ar,
     count_stationary,
     hf_generate,
@@ -185,7 +186,7 @@ def _one_row(prompt: list[int], out: list[int]) -> _Rows:
     return _Rows(index=torch.tensor([0]), slot_mask=torch.ones(1, len(prompt)), n_real=torch.tensor([len(prompt)]),
                  pending=torch.tensor(out[-1:]), out=torch.tensor([out + [0] * 8]), n_out=torch.tensor([len(out)]),
                  prompt=torch.tensor([[0] + prompt]), prompt_len=torch.tensor([len(prompt)]),
-                 draws=torch.empty((1, 0), dtype=torch.float64))
+                 limit=torch.tensor([64]), draws=torch.empty((1, 0), dtype=torch.float64), samplings=[Sampling()])
 
 
 def test_lookup_refresh_rewrites_the_unfixed_part_only_on_a_disagreeing_two_token_match():

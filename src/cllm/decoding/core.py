@@ -11,8 +11,9 @@ the next forward, whose prediction at that column is the next token.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 from transformers import DynamicCache, PreTrainedModel
@@ -98,33 +99,50 @@ class _Rows:
     n_out: torch.Tensor  # (B,)
     prompt: torch.Tensor  # (B, P) left-padded prompt, for guesses drawn from it
     prompt_len: torch.Tensor  # (B,)
-    draws: torch.Tensor  # (B, T) the uniform that samples output index t (width 0 when greedy)
-    sampling: Sampling = GREEDY
+    limit: torch.Tensor  # (B,) max new tokens
+    draws: torch.Tensor  # (B, T) the uniform that samples output index t
+    samplings: list[Sampling]  # per row
 
     def select(self, keep: torch.Tensor) -> None:
         for name, value in vars(self).items():
             if isinstance(value, torch.Tensor):
                 setattr(self, name, value[keep])
+        self.samplings = [self.samplings[i] for i in keep.tolist()]
 
     def pick(self, logits: torch.Tensor, out_index: torch.Tensor) -> torch.Tensor:
         """The token chosen from each column's logits (B, m, V), the column predicting the row's
         output index `out_index` (B, m): argmax, or the sample fixed for that index. Indices past
         the table only occur for guesses beyond the last token, which are never emitted."""
-        if self.sampling.greedy:
-            return logits.argmax(dim=-1)
+        tokens = logits.argmax(dim=-1)
         index = out_index.clamp(0, self.draws.shape[1] - 1)
-        return sample(logits, self.sampling, self.draws.gather(1, index))
+        for setting in set(self.samplings) - {GREEDY}:
+            which = torch.tensor([i for i, s in enumerate(self.samplings) if s == setting], device=tokens.device)
+            tokens[which] = sample(logits[which], setting, self.draws[which].gather(1, index[which]))
+        return tokens
 
 
-def _validate(input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int, block_size: int) -> None:
+def _per_row(value, batch: int, name: str) -> list:
+    """A setting given once for the batch or once per row, as a list per row."""
+    if isinstance(value, (int, Sampling)):
+        return [value] * batch
+    values = list(value)
+    if len(values) != batch:
+        raise ValueError(f"got {len(values)} values of {name} for a batch of {batch}")
+    return values
+
+
+def _validate(
+    input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int | Sequence[int], block_size: int
+) -> None:
     if input_ids.ndim != 2 or input_ids.shape[1] == 0:
         raise ValueError("input_ids must be a non-empty (batch, length) tensor")
     if attention_mask.shape != input_ids.shape:
         raise ValueError("attention_mask must have the shape of input_ids")
     if not bool(attention_mask[:, -1].all()):
         raise ValueError("prompts must be left-padded: every row's last column must be a real token")
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    limits = _per_row(max_new_tokens, input_ids.shape[0], "max_new_tokens")
+    if min(limits) < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {min(limits)}")
     if block_size < 1:
         raise ValueError(f"block_size must be >= 1, got {block_size}")
 
@@ -137,13 +155,15 @@ def _eos_tensor(eos_token_id: int | Sequence[int] | None, device: torch.device) 
 
 
 def _prefill(
-    model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor, scratch: int,
-    sampling: Sampling = GREEDY, seed: int | Sequence[int] = 0,
+    model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+    max_new_tokens: int | Sequence[int], slack: int, sampling: Sampling | Sequence[Sampling] = GREEDY,
+    seed: int | Sequence[int] = 0, first_index: int = 0,
 ) -> tuple[DynamicCache, _Rows]:
     """Run the prompts into a fresh cache; the prediction after the last prompt token is `pending`.
 
     That first token is not emitted here: callers do it with `_emit`, so EOS and streaming
-    treat it like any other token. `scratch` output slots per row (also the sampling table's width).
+    treat it like any other token. Rows get `max_new_tokens + slack` output slots (the sampling
+    table's width too) and indices from `first_index` on.
     """
     batch = input_ids.shape[0]
     device = input_ids.device
@@ -157,9 +177,10 @@ def _prefill(
         use_cache=True,
         logits_to_keep=1,
     ).logits  # (B, 1, V)
-    seeds = row_seeds(seed, batch)
+    limits = torch.tensor(_per_row(max_new_tokens, batch, "max_new_tokens"), dtype=torch.long, device=device)
+    scratch = int(limits.max()) + slack
     rows = _Rows(
-        index=torch.arange(batch, device=device),
+        index=torch.arange(first_index, first_index + batch, device=device),
         slot_mask=attention_mask.clone(),
         n_real=attention_mask.sum(1),
         pending=torch.zeros(batch, dtype=torch.long, device=device),
@@ -167,24 +188,21 @@ def _prefill(
         n_out=torch.zeros(batch, dtype=torch.long, device=device),
         prompt=input_ids,
         prompt_len=attention_mask.sum(1),
-        draws=uniforms(seeds, 0 if sampling.greedy else scratch).to(device),
-        sampling=sampling,
+        limit=limits,
+        draws=uniforms(row_seeds(seed, batch), scratch).to(device),
+        samplings=_per_row(sampling, batch, "sampling"),
     )
     rows.pending = rows.pick(logits, torch.zeros((batch, 1), dtype=torch.long, device=device))[:, 0]
     return cache, rows
 
 
-def _emit_first_token(
-    rows: _Rows, cache: DynamicCache, eos: torch.Tensor, max_new_tokens: int,
-    results: list[list[int] | None], on_tokens: TokenCallback | None,
-) -> None:
-    """Emit the prefill's prediction and retire rows that it already finished."""
+def _emit_first_token(rows: _Rows, cache: DynamicCache, eos: torch.Tensor, outputs: _Outputs) -> torch.Tensor | None:
+    """Emit the prefill's prediction and retire rows that it already finished (returns what
+    `_Outputs.retire` does)."""
     first = rows.pending[:, None]  # (B, 1)
     count, hit_eos = _truncate_at_eos(first, torch.ones_like(rows.n_out), eos)
-    _emit(rows, first, count, on_tokens)
-    done = hit_eos | (rows.n_out >= max_new_tokens)
-    if done.any():
-        _retire(rows, cache, done, results)
+    _emit(rows, first, count, outputs.on_tokens)
+    return outputs.retire(rows, cache, hit_eos | (rows.n_out >= rows.limit))
 
 
 def _forward(
@@ -242,13 +260,68 @@ def _emit(rows: _Rows, new_tokens: torch.Tensor, count: torch.Tensor, on_tokens:
     rows.n_out = rows.n_out + count
 
 
-def _retire(rows: _Rows, cache: DynamicCache, done: torch.Tensor, results: list[list[int] | None]) -> None:
-    """Store the output of finished rows and drop them from the batch and the cache."""
-    for i in done.nonzero().flatten().tolist():
-        results[int(rows.index[i])] = rows.out[i, : int(rows.n_out[i])].tolist()
-    keep = (~done).nonzero().flatten()
-    rows.select(keep)
-    cache.batch_select_indices(keep)
+@dataclass
+class Admission:
+    """Prompts that join a running decode: token ids (unpadded) and their per-row settings."""
+
+    prompts: list[list[int]]
+    max_new_tokens: list[int]
+    samplings: list[Sampling]
+    seeds: list[int]
+
+
+class BatchControl(Protocol):
+    """How a caller (a server) lets rows join and leave a running decode. The decoder asks at the
+    start of every iteration; joining rows get the next row indices, in order."""
+
+    def admit(self) -> Admission | None: ...
+
+    def cancelled(self) -> Collection[int]: ...
+
+    def finished(self, row: int, token_ids: list[int], stats: DecodeStats) -> None: ...
+
+
+class _Outputs:
+    """Per-row results and statistics by row index, the streaming callback and the control."""
+
+    def __init__(self, batch: int, on_tokens: TokenCallback | None, control: BatchControl | None, one_per_token: bool = False):
+        self.results: list[list[int] | None] = [None] * batch
+        self.stats = [DecodeStats(forward_passes=1) for _ in range(batch)]  # the prefill yields the first token
+        self.on_tokens, self.control, self.one_per_token = on_tokens, control, one_per_token
+
+    def grow(self, count: int) -> int:
+        """Room for `count` joining rows; returns the first new index."""
+        first = len(self.results)
+        self.results += [None] * count
+        self.stats += [DecodeStats(forward_passes=1) for _ in range(count)]
+        return first
+
+    def retire(self, rows: _Rows, cache: DynamicCache, done: torch.Tensor) -> torch.Tensor | None:
+        """Store the output of finished rows and drop them from the batch and the cache; returns
+        the batch positions kept (None when every row goes on)."""
+        if self.control is not None:
+            cancelled = set(self.control.cancelled())
+            if cancelled:
+                done = done | torch.tensor([int(r) in cancelled for r in rows.index.tolist()], device=done.device)
+        if not done.any():
+            return None
+        for i in done.nonzero().flatten().tolist():
+            row = int(rows.index[i])
+            tokens = rows.out[i, : int(rows.n_out[i])].tolist()
+            self.results[row] = tokens
+            stats = self.stats[row]
+            if self.one_per_token:
+                self.stats[row] = stats = DecodeStats(len(tokens), len(tokens), [1] * len(tokens))
+            stats.new_tokens = len(tokens)
+            if self.control is not None:
+                self.control.finished(row, tokens, stats)
+        keep = (~done).nonzero().flatten()
+        rows.select(keep)
+        cache.batch_select_indices(keep)
+        return keep
+
+    def output(self, trajectories: list[list[torch.Tensor]] | None = None) -> DecodeOutput:
+        return DecodeOutput(token_ids=[r or [] for r in self.results], stats=self.stats, trajectories=trajectories)
 
 
 def _as_batch(
@@ -257,6 +330,63 @@ def _as_batch(
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
     return input_ids, attention_mask.to(input_ids.device)
+
+
+def _join(
+    model: PreTrainedModel, cache: DynamicCache, rows: _Rows, admission: Admission, outputs: _Outputs,
+    eos: torch.Tensor, slack: int, pad_token_id: int,
+) -> tuple[DynamicCache, _Rows, int]:
+    """Prefill the admitted prompts and append them to the running batch; returns the new cache,
+    rows and how many rows joined (the last ones: some may have ended with their first token)."""
+    input_ids, attention_mask = left_pad(admission.prompts, pad_token_id)
+    device = rows.pending.device
+    first = outputs.grow(len(admission.prompts))
+    new_cache, new_rows = _prefill(model, input_ids.to(device), attention_mask.to(device), admission.max_new_tokens,
+                                   slack, admission.samplings, admission.seeds, first_index=first)
+    _emit_first_token(new_rows, new_cache, eos, outputs)
+    joined = len(new_rows.index)
+    if not len(rows.index):
+        return new_cache, new_rows, joined
+    if not joined:
+        return cache, rows, 0
+    return _merge(model, cache, new_cache), _merge_rows(rows, new_rows), joined
+
+
+def _pad(tensor: torch.Tensor, size: int, dim: int, left: bool) -> torch.Tensor:
+    missing = size - tensor.shape[dim]
+    if not missing:
+        return tensor
+    shape = list(tensor.shape)
+    shape[dim] = missing
+    filler = torch.zeros(shape, dtype=tensor.dtype, device=tensor.device)
+    return torch.cat([filler, tensor] if left else [tensor, filler], dim=dim)
+
+
+def _merge(model: PreTrainedModel, first: DynamicCache, second: DynamicCache) -> DynamicCache:
+    """One cache of both batches; the shorter is padded on the left with holes (masked slots)."""
+    merged = DynamicCache(config=model.config)
+    for layer, (a, b) in enumerate(zip(first.layers, second.layers)):
+        length = max(a.keys.shape[-2], b.keys.shape[-2])
+        keys = torch.cat([_pad(a.keys, length, -2, left=True), _pad(b.keys, length, -2, left=True)])
+        values = torch.cat([_pad(a.values, length, -2, left=True), _pad(b.values, length, -2, left=True)])
+        merged.update(keys, values, layer)
+    return merged
+
+
+def _merge_rows(first: _Rows, second: _Rows) -> _Rows:
+    def both(name: str, dim_pad: bool | None = None) -> torch.Tensor:
+        a, b = getattr(first, name), getattr(second, name)
+        if dim_pad is not None:
+            size = max(a.shape[1], b.shape[1])
+            a, b = _pad(a, size, 1, left=dim_pad), _pad(b, size, 1, left=dim_pad)
+        return torch.cat([a, b])
+
+    return _Rows(
+        index=both("index"), slot_mask=both("slot_mask", dim_pad=True), n_real=both("n_real"), pending=both("pending"),
+        out=both("out", dim_pad=False), n_out=both("n_out"), prompt=both("prompt", dim_pad=True),
+        prompt_len=both("prompt_len"), limit=both("limit"), draws=both("draws", dim_pad=False),
+        samplings=first.samplings + second.samplings,
+    )
 
 
 def _one_token_per_forward(token_ids: list[list[int]]) -> DecodeOutput:

@@ -15,12 +15,14 @@ A Jacobi block of size 1 is exactly the AR loop.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass, fields
 
 import torch
 from transformers import PreTrainedModel
 
 from cllm.decoding.candidates import candidate_step
 from cllm.decoding.core import (
+    BatchControl,
     DecodeOutput,
     DecodeStats,
     TokenCallback,
@@ -30,9 +32,10 @@ from cllm.decoding.core import (
     _emit_first_token,
     _eos_tensor,
     _forward,
+    _join,
     _keep_real_slots,
+    _Outputs,
     _prefill,
-    _retire,
     _Rows,
     _truncate_at_eos,
     _validate,
@@ -62,6 +65,11 @@ class _GuessMaker:
         self.strategy = strategy
         self.pad_token_id = pad_token_id
         self.generators = [torch.Generator().manual_seed(s) for s in row_seeds(seed, batch)]
+
+    def add_rows(self, seeds: Sequence[int], first_index: int) -> None:
+        """Generators for rows joining at indices first_index, first_index + 1, ..."""
+        assert first_index == len(self.generators), "rows join in index order"
+        self.generators += [torch.Generator().manual_seed(s) for s in seeds]
 
     def __call__(self, rows: _Rows, which: torch.Tensor, n: int) -> torch.Tensor:
         """Guesses (len(which), n) for the rows at batch positions `which`."""
@@ -154,7 +162,7 @@ def jacobi(
     attention_mask: torch.Tensor | None = None,
     *,
     block_size: int = 16,
-    max_new_tokens: int = 128,
+    max_new_tokens: int | Sequence[int] = 128,
     eos_token_id: int | Sequence[int] | None = None,
     pad_token_id: int = 0,
     init: str = "prompt",
@@ -163,7 +171,8 @@ def jacobi(
     on_tokens: TokenCallback | None = None,
     candidates: int = 0,
     ngram: int = 4,
-    sampling: Sampling = GREEDY,
+    sampling: Sampling | Sequence[Sampling] = GREEDY,
+    control: BatchControl | None = None,
 ) -> DecodeOutput:
     """Jacobi decoding with a KV cache over blocks of `block_size` tokens.
 
@@ -172,7 +181,9 @@ def jacobi(
     token. See the module docstring for the iteration; blocks are cut at `max_new_tokens`, and
     tokens after an EOS inside a block are discarded. `candidates` > 0 also verifies that many
     `ngram`-grams from the context and the row's own iterates in the same forward
-    (cllm.decoding.candidates). `seed` also seeds the initial guesses.
+    (cllm.decoding.candidates). `seed` also seeds the initial guesses. `max_new_tokens`,
+    `sampling` and `seed` are one for the batch or one per row; `control` lets rows join and
+    leave while decoding (continuous batching; cllm.decoding.core.BatchControl).
     """
     if candidates < 0 or ngram < 2:
         raise ValueError(f"candidates must be >= 0 and ngram >= 2, got {candidates} and {ngram}")
@@ -180,38 +191,47 @@ def jacobi(
         raise ValueError("trajectories are pure Jacobi iterates: collect them without candidates")
     input_ids, attention_mask = _as_batch(input_ids, attention_mask)
     _validate(input_ids, attention_mask, max_new_tokens, block_size)
-    n = block_size
+    if return_trajectory and control is not None:
+        raise ValueError("trajectories are collected for a fixed batch, without a control")
+    n, slack = block_size, max(block_size, ngram)
     batch, device = input_ids.shape[0], input_ids.device
     eos = _eos_tensor(eos_token_id, device)
-    cache, rows = _prefill(model, input_ids, attention_mask, max_new_tokens + max(n, ngram), sampling, seed)
+    outputs = _Outputs(batch, on_tokens, control)
+    stats = outputs.stats
+    cache, rows = _prefill(model, input_ids, attention_mask, max_new_tokens, slack, sampling, seed)
     make_guess = _GuessMaker(init, seed, batch, pad_token_id)
-    results: list[list[int] | None] = [None] * batch
-    stats = [DecodeStats(forward_passes=1) for _ in range(batch)]  # the prefill yields the first token
     trajectories: list[list[torch.Tensor]] = [[] for _ in range(batch)]
-    _emit_first_token(rows, cache, eos, max_new_tokens, results, on_tokens)
     pools = [NgramPool(ngram, candidates) for _ in range(batch)] if candidates else None
-    run = rows.pending[:, None].clone()  # accepted tokens whose KV is not cached; only candidates make it > 1
-    run_len = torch.ones_like(rows.pending)
-
-    active = len(rows.index)
-    block = make_guess(rows, torch.arange(active, device=device), n)  # (B, n) current iterate y(j)
-    fixed = torch.zeros(active, dtype=torch.long, device=device)  # leading positions known right
-    block_start = rows.n_out.clone()  # n_out when the block began
-    block_iters = torch.zeros(active, dtype=torch.long, device=device)
+    _emit_first_token(rows, cache, eos, outputs)
+    iterates = _Iterates.start(rows, torch.arange(len(rows.index), device=device), make_guess, n)
     # The current block's states y(0), y(1), ... per row. Entries are rows of `block` tensors that
     # are never written in place after being appended, except rows of just-converged blocks.
-    states: dict[int, list[torch.Tensor]] = {row: [state] for row, state in zip(rows.index.tolist(), block)}
+    states: dict[int, list[torch.Tensor]] = {row: [state] for row, state in zip(rows.index.tolist(), iterates.block)}
 
     def finish_block(i: int, length: int) -> None:
         row = int(rows.index[i])
         trajectory = torch.stack(states[row])[:, :length]
-        stats[row].block_iterations.append(int(block_iters[i]))
+        stats[row].block_iterations.append(int(iterates.block_iters[i]))
         stats[row].stationary += count_stationary(trajectory)
         if return_trajectory:
             trajectories[row].append(trajectory.cpu())
 
-    while len(rows.index):
-        block_len = (max_new_tokens - block_start).clamp(max=n)
+    while True:
+        admission = control.admit() if control is not None else None
+        if admission is not None:
+            cache, rows, joined = _join(model, cache, rows, admission, outputs, eos, slack, pad_token_id)
+            new = torch.arange(len(rows.index) - joined, len(rows.index), device=device)
+            make_guess.add_rows(admission.seeds, first_index=len(trajectories))
+            trajectories += [[] for _ in admission.prompts]
+            if pools is not None:
+                pools += [NgramPool(ngram, candidates) for _ in admission.prompts]
+            joining = _Iterates.start(rows, new, make_guess, n)
+            iterates = iterates.extended(joining) if len(new) < len(rows.index) else joining
+            states |= {int(rows.index[i]): [state] for i, state in zip(new.tolist(), joining.block)}
+        if not len(rows.index):
+            break
+        block, fixed, run, run_len = iterates.block, iterates.fixed, iterates.run, iterates.run_len
+        block_len = (rows.limit - iterates.block_start).clamp(max=n)
         width = block_len - fixed  # (B,) >= 1 unfixed positions
         fed = int(width.max())
         columns = torch.arange(fed, device=device)
@@ -236,7 +256,8 @@ def jacobi(
                 pools[row].add_context(_context(rows, i))
             proposals, present = offered_candidates(pools, rows, ngram, pad_token_id)
             step = candidate_step(model, cache, rows, run, run_len, guesses, width, proposals, present, pad_token_id)
-            prediction, emitted, accepted, run, run_len = step.predictions, step.emitted, step.count, step.run, step.run_len
+            prediction, emitted, accepted, iterates.run, iterates.run_len = (
+                step.predictions, step.emitted, step.count, step.run, step.run_len)
 
         # 4. commit: new iterate (the accepted tokens where a candidate won), output
         relative = torch.arange(n, device=device) - fixed[:, None]  # (B, n)
@@ -248,42 +269,70 @@ def jacobi(
         count, hit_eos = _truncate_at_eos(emitted, accepted, eos)
         _emit(rows, emitted, count, on_tokens)
         fixed = fixed + accepted
-        block_iters += 1
-        done = hit_eos | (rows.n_out >= max_new_tokens)
+        iterates.block, iterates.fixed = block, fixed
+        iterates.block_iters += 1
+        done = hit_eos | (rows.n_out >= rows.limit)
         make_guess.refresh(rows, block, fixed, block_len, done)
         if pools is not None:  # the iterate's unfixed part: the model's own guesses of what follows
             for i, row in enumerate(rows.index.tolist()):
                 remember_iterate(pools[row], int(rows.pending[i]), block[i, int(fixed[i]) : int(block_len[i])].tolist())
-        for row, emitted, state in zip(rows.index.tolist(), count.tolist(), block):
+        for row, emitted_count, state in zip(rows.index.tolist(), count.tolist(), block):
             stats[row].forward_passes += 1
-            stats[row].fast_forward += emitted - 1
+            stats[row].fast_forward += emitted_count - 1
             states[row].append(state)
 
         converged = (fixed >= block_len) | done
-        if bool((block_iters > block_len).any()):
+        if bool((iterates.block_iters > block_len).any()):
             raise RuntimeError("Jacobi block exceeded n iterations; acceptance must fix >= 1 token per forward")
         if converged.any():
             which = converged.nonzero().flatten()
             for i in which.tolist():
-                finish_block(i, int(rows.n_out[i] - block_start[i]))
-            block[which] = make_guess(rows, which, n)
-            fixed[which] = 0
-            block_iters[which] = 0
-            block_start[which] = rows.n_out[which]
+                finish_block(i, int(rows.n_out[i] - iterates.block_start[i]))
+            iterates.restart(rows, which, make_guess, n)
             for i in which.tolist():
-                states[int(rows.index[i])] = [block[i]]
-        if done.any():
-            keep = (~done).nonzero().flatten()
-            _retire(rows, cache, done, results)
-            block, fixed, block_start, block_iters = block[keep], fixed[keep], block_start[keep], block_iters[keep]
-            run, run_len = run[keep], run_len[keep]
+                states[int(rows.index[i])] = [iterates.block[i]]
+        keep = outputs.retire(rows, cache, done)
+        if keep is not None:
+            iterates = iterates.selected(keep)
         if len(rows.index):
-            run = run[:, : int(run_len.max())]
+            iterates.run = iterates.run[:, : int(iterates.run_len.max())]
 
-    token_ids = [r or [] for r in results]
-    for row, tokens in enumerate(token_ids):
-        stats[row].new_tokens = len(tokens)
-    return DecodeOutput(token_ids=token_ids, stats=stats, trajectories=trajectories if return_trajectory else None)
+    return outputs.output(trajectories if return_trajectory else None)
+
+
+@dataclass
+class _Iterates:
+    """Per-row Jacobi state beside `_Rows` (batch dim 0)."""
+
+    block: torch.Tensor  # (B, n) the current iterate y(j)
+    fixed: torch.Tensor  # (B,) leading positions known right
+    block_start: torch.Tensor  # (B,) n_out when the block began
+    block_iters: torch.Tensor  # (B,)
+    run: torch.Tensor  # (B, R) accepted tokens whose KV is not cached; only candidates make R > 1
+    run_len: torch.Tensor  # (B,)
+
+    @classmethod
+    def start(cls, rows: _Rows, which: torch.Tensor, make_guess: _GuessMaker, n: int) -> _Iterates:
+        zeros = torch.zeros(len(which), dtype=torch.long, device=rows.pending.device)
+        return cls(make_guess(rows, which, n), zeros, rows.n_out[which].clone(), zeros.clone(),
+                   rows.pending[which, None].clone(), torch.ones_like(zeros))
+
+    def restart(self, rows: _Rows, which: torch.Tensor, make_guess: _GuessMaker, n: int) -> None:
+        """New blocks for the rows at `which` (their previous block converged)."""
+        self.block[which] = make_guess(rows, which, n)
+        self.fixed[which] = 0
+        self.block_iters[which] = 0
+        self.block_start[which] = rows.n_out[which]
+
+    def selected(self, keep: torch.Tensor) -> _Iterates:
+        return _Iterates(*(getattr(self, f.name)[keep] for f in fields(self)))
+
+    def extended(self, other: _Iterates) -> _Iterates:
+        width = max(self.run.shape[1], other.run.shape[1])
+        pad = lambda t: torch.nn.functional.pad(t, (0, width - t.shape[1]))  # noqa: E731
+        return _Iterates(torch.cat([self.block, other.block]), torch.cat([self.fixed, other.fixed]),
+                         torch.cat([self.block_start, other.block_start]), torch.cat([self.block_iters, other.block_iters]),
+                         torch.cat([pad(self.run), pad(other.run)]), torch.cat([self.run_len, other.run_len]))
 
 
 @torch.inference_mode()
@@ -319,7 +368,8 @@ def jacobi_no_cache(
     rows = _Rows(  # only what the guess maker reads
         index=torch.zeros(1, dtype=torch.long), slot_mask=input_ids, n_real=torch.zeros(1, dtype=torch.long),
         pending=first[None], out=input_ids, n_out=torch.zeros(1, dtype=torch.long), prompt=input_ids,
-        prompt_len=torch.tensor([input_ids.shape[1]]), draws=torch.empty((1, 0), dtype=torch.float64),
+        prompt_len=torch.tensor([input_ids.shape[1]]), limit=torch.tensor([max_new_tokens]),
+        draws=torch.empty((1, 0), dtype=torch.float64), samplings=[GREEDY],
     )
     make_guess = _GuessMaker(init, seed, 1, pad_token_id)
     produced, finished = 1, bool(torch.isin(first, eos))

@@ -34,8 +34,8 @@ import torch
 from transformers import PreTrainedModel
 
 from cllm.decoding.core import (
+    BatchControl,
     DecodeOutput,
-    DecodeStats,
     TokenCallback,
     _additive,
     _as_batch,
@@ -43,8 +43,9 @@ from cllm.decoding.core import (
     _emit,
     _emit_first_token,
     _eos_tensor,
+    _join,
+    _Outputs,
     _prefill,
-    _retire,
     _truncate_at_eos,
     _validate,
 )
@@ -94,16 +95,18 @@ def lookahead(
     window: int = 5,
     ngram: int = 4,
     candidates: int = 5,
-    max_new_tokens: int = 128,
+    max_new_tokens: int | Sequence[int] = 128,
     eos_token_id: int | Sequence[int] | None = None,
     pad_token_id: int = 0,
     seed: int | Sequence[int] = 0,
     on_tokens: TokenCallback | None = None,
-    sampling: Sampling = GREEDY,
+    sampling: Sampling | Sequence[Sampling] = GREEDY,
+    control: BatchControl | None = None,
 ) -> DecodeOutput:
     """Lookahead decoding: `window` W, n-gram size `ngram` N, up to `candidates` G verified
     n-grams per step. Returns exactly the AR output, greedy or sampled with the same `sampling`
-    and `seed`; stats count one forward per step."""
+    and `seed`; stats count one forward per step. `max_new_tokens`, `sampling` and `seed` are one
+    for the batch or one per row; `control` lets rows join and leave (cllm.decoding.core.BatchControl)."""
     input_ids, attention_mask = _as_batch(input_ids, attention_mask)
     _validate(input_ids, attention_mask, max_new_tokens, block_size=1)
     if window < 1 or ngram < 2 or candidates < 1:
@@ -114,20 +117,33 @@ def lookahead(
     batch, device = input_ids.shape[0], input_ids.device
     levels = ngram - 1
     eos = _eos_tensor(eos_token_id, device)
-    cache, rows = _prefill(model, input_ids, attention_mask, max_new_tokens + ngram, sampling, seed)
-    results: list[list[int] | None] = [None] * batch
-    stats = [DecodeStats(forward_passes=1) for _ in range(batch)]
+    outputs = _Outputs(batch, on_tokens, control)
+    stats = outputs.stats
+    cache, rows = _prefill(model, input_ids, attention_mask, max_new_tokens, ngram, sampling, seed)
     pools = [NgramPool(ngram, candidates) for _ in range(batch)]
-    _emit_first_token(rows, cache, eos, max_new_tokens, results, on_tokens)
-
     make_guess = _GuessMaker("prompt", seed, batch, pad_token_id)  # the window starts as Jacobi's `prompt` guess
-    if not len(rows.index):  # every row ended with its first token
-        return DecodeOutput(token_ids=[r or [] for r in results], stats=[DecodeStats(1, 1) for _ in results])
-    trail = make_guess(rows, torch.arange(len(rows.index), device=device), levels * window).view(-1, levels, window)
-    run = rows.pending[:, None].clone()  # (B, R) accepted tokens whose KV is not cached
-    run_len = torch.ones(len(rows.index), dtype=torch.long, device=device)
+    _emit_first_token(rows, cache, eos, outputs)
 
-    while len(rows.index):
+    def start(which: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """trail (b, N-1, W), run (b, 1), run_len (b,) for rows starting their first step."""
+        trail = make_guess(rows, which, levels * window).view(-1, levels, window)
+        return trail, rows.pending[which, None].clone(), torch.ones(len(which), dtype=torch.long, device=device)
+
+    trail, run, run_len = start(torch.arange(len(rows.index), device=device))
+
+    while True:
+        admission = control.admit() if control is not None else None
+        if admission is not None:
+            cache, rows, joined = _join(model, cache, rows, admission, outputs, eos, ngram, pad_token_id)
+            make_guess.add_rows(admission.seeds, first_index=len(pools))
+            pools += [NgramPool(ngram, candidates) for _ in admission.prompts]
+            new_trail, new_run, new_len = start(torch.arange(len(rows.index) - joined, len(rows.index), device=device))
+            width = max(run.shape[1], 1)
+            trail = torch.cat([trail, new_trail])
+            run_len = torch.cat([run_len, new_len])
+            run = torch.cat([run, torch.nn.functional.pad(new_run, (0, width - 1))])[:, : int(run_len.max()) if len(run_len) else 1]
+        if not len(rows.index):
+            break
         for i in range(len(rows.index)):
             pools[int(rows.index[i])].add_context(_context(rows, i))
         width = int(run_len.max())
@@ -163,7 +179,7 @@ def lookahead(
         chosen = proposed_predictions[torch.arange(len(rows.index), device=device), best] if groups else \
             torch.zeros((len(rows.index), levels), dtype=torch.long, device=device)
         emitted = torch.cat([after_run, chosen], dim=1)  # (B, N): the first 1 + length are right
-        count = torch.minimum(length + 1, max_new_tokens - rows.n_out)
+        count = torch.minimum(length + 1, rows.limit - rows.n_out)
         count, hit_eos = _truncate_at_eos(emitted, count, eos)
 
         # keep the run's KV, crop the window's and the candidates'
@@ -183,15 +199,9 @@ def lookahead(
         run = emitted
         run_len = count
         rows.pending = emitted.gather(1, (count - 1)[:, None]).squeeze(1)
-        done = hit_eos | (rows.n_out >= max_new_tokens)
-        if done.any():
-            keep = (~done).nonzero().flatten()
-            _retire(rows, cache, done, results)
+        keep = outputs.retire(rows, cache, hit_eos | (rows.n_out >= rows.limit))
+        if keep is not None:
             trail, run, run_len = trail[keep], run[keep], run_len[keep]
         if len(rows.index):
             run = run[:, : int(run_len.max())]
-
-    token_ids = [r or [] for r in results]
-    for row, tokens in enumerate(token_ids):
-        stats[row].new_tokens = len(tokens)
-    return DecodeOutput(token_ids=token_ids, stats=stats)
+    return outputs.output()
