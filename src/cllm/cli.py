@@ -154,8 +154,8 @@ def build_parser() -> argparse.ArgumentParser:
     generate = commands.add_parser(
         "generate",
         help="decode prompts with ar, jacobi, lookahead or hf and print the text",
-        description="Greedy decoding of one prompt (an argument, or - for stdin) or of a JSONL file of "
-        '{"prompt": ...} lines. Text streams to stdout; --json prints one object per prompt instead.',
+        description="Decoding (greedy, or sampled with --temperature) of one prompt (an argument, or - for stdin) "
+        'or of a JSONL file of {"prompt": ...} lines. Text streams to stdout; --json prints one object per prompt instead.',
     )
     generate.add_argument("prompt", nargs="?", help="the prompt text, or - to read it from stdin")
     generate.add_argument("--file", type=Path, help='JSONL file with one {"prompt": ...} per line')
@@ -163,9 +163,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--decoder",
         choices=["ar", "jacobi", "lookahead", "hf", "hf-pld"],
         default="jacobi",
-        help="ar: our greedy KV-cache loop; jacobi: Jacobi decoding; lookahead: lookahead decoding (--window, "
+        help="ar: our KV-cache loop; jacobi: Jacobi decoding; lookahead: lookahead decoding (--window, "
         "--ngram, --candidates); hf: transformers generate; hf-pld: transformers' prompt lookup (batch size 1). "
-        "All greedy: the same text (default: %(default)s)",
+        "The same text from each, greedy or sampled with the same --seed (hf: the same distribution) "
+        "(default: %(default)s)",
     )
     _add_decoding_args(generate, max_new_tokens=128)
     _add_sampling_args(generate)
@@ -311,7 +312,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--split", default="test", help="GSM8K split (default: %(default)s)")
     evaluate.add_argument("--path", help="GSM8K JSONL file instead of ../shared/datasets/gsm8k/<split>.jsonl")
     evaluate.add_argument("--decoder", choices=["ar", "jacobi", "lookahead", "hf", "hf-pld"], default="jacobi",
-                          help="greedy decoder; the score does not depend on it (default: %(default)s)")
+                          help="decoder; greedy, the score does not depend on it, nor does it when sampling with "
+                          "the same --seed (hf aside) (default: %(default)s)")
     _add_decoding_args(evaluate, max_new_tokens=256)
     _add_sampling_args(evaluate)
     evaluate.add_argument("--batch-size", type=_positive_int, default=1, help="prompts decoded together (default: %(default)s)")
