@@ -564,9 +564,11 @@ def _progress() -> Progress:
 
 
 def _bench(models: Sequence[tuple[str, object]], args, prompt_texts: Sequence[str], specs, out_dir: Path | None,
-           repeats: int = 1) -> list:
+           repeats: int = 1, sampling=None, seed: int = 0) -> list:
+    """`sampling` None: greedy (the demo); prompt i samples with seed + i."""
     from cllm.bench import (BenchModel, machine_description, markdown_table, run_benchmark, summarize,
                             teacher_forced_fidelity, write_report)
+    from cllm.decoding import GREEDY
 
     bench_models = [BenchModel(name, loaded, _encode_all(loaded, prompt_texts, args.raw, args.max_new_tokens))
                     for name, loaded in models]
@@ -580,7 +582,7 @@ def _bench(models: Sequence[tuple[str, object]], args, prompt_texts: Sequence[st
         task = progress.add_task("benchmarking", total=len(prompt_texts) * len(specs) * len(models) * repeats)
         records = run_benchmark(bench_models, specs, args.max_new_tokens, repeats=repeats,
                                 on_step=lambda: progress.advance(task), draft=draft,
-                                sampling=_sampling(args), seed=args.seed)
+                                sampling=sampling or GREEDY, seed=seed)
     fidelity = None
     if len(bench_models) > 1:
         with stderr.status("fidelity: teacher-forcing every model on the target's outputs ..."):
@@ -598,7 +600,7 @@ def _bench(models: Sequence[tuple[str, object]], args, prompt_texts: Sequence[st
         "max_new_tokens": args.max_new_tokens,
         "repeats": repeats,
         "batch_size": 1,
-        "sampling": f"{_sampling(args).describe()}, prompt i with seed {args.seed} + i",
+        "sampling": f"{(sampling or GREEDY).describe()}, prompt i with seed {seed} + i",
         "command": args.command_line,
     }
     write_report(out_dir, meta, summaries, records)
@@ -654,7 +656,7 @@ def cmd_bench(args: argparse.Namespace) -> None:
         args.model = name
         models.append((label, _load(args)))
     args.model = names
-    _bench(models, args, prompts, specs, args.out, repeats=args.repeats)
+    _bench(models, args, prompts, specs, args.out, repeats=args.repeats, sampling=_sampling(args), seed=args.seed)
 
 
 def _short_names(models: Sequence[str]) -> list[str]:

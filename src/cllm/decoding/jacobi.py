@@ -329,7 +329,7 @@ class _Iterates:
 
     def extended(self, other: _Iterates) -> _Iterates:
         width = max(self.run.shape[1], other.run.shape[1])
-        pad = lambda t: torch.nn.functional.pad(t, (0, width - t.shape[1]))  # noqa: E731
+        pad = lambda t: torch.nn.functional.pad(t, (0, width - t.shape[1]))
         return _Iterates(torch.cat([self.block, other.block]), torch.cat([self.fixed, other.fixed]),
                          torch.cat([self.block_start, other.block_start]), torch.cat([self.block_iters, other.block_iters]),
                          torch.cat([pad(self.run), pad(other.run)]), torch.cat([self.run_len, other.run_len]))
