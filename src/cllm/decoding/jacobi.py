@@ -35,6 +35,7 @@ from cllm.decoding.core import (
     _join,
     _keep_real_slots,
     _Outputs,
+    _pad,
     _prefill,
     _Rows,
     _truncate_at_eos,
@@ -329,10 +330,8 @@ class _Iterates:
 
     def extended(self, other: _Iterates) -> _Iterates:
         width = max(self.run.shape[1], other.run.shape[1])
-        pad = lambda t: torch.nn.functional.pad(t, (0, width - t.shape[1]))
-        return _Iterates(torch.cat([self.block, other.block]), torch.cat([self.fixed, other.fixed]),
-                         torch.cat([self.block_start, other.block_start]), torch.cat([self.block_iters, other.block_iters]),
-                         torch.cat([pad(self.run), pad(other.run)]), torch.cat([self.run_len, other.run_len]))
+        self.run, other.run = _pad(self.run, width, 1, left=False), _pad(other.run, width, 1, left=False)
+        return _Iterates(*(torch.cat([getattr(self, f.name), getattr(other, f.name)]) for f in fields(self)))
 
 
 @torch.inference_mode()

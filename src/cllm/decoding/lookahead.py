@@ -45,6 +45,7 @@ from cllm.decoding.core import (
     _eos_tensor,
     _join,
     _Outputs,
+    _pad,
     _prefill,
     _truncate_at_eos,
     _validate,
@@ -138,10 +139,11 @@ def lookahead(
             make_guess.add_rows(admission.seeds, first_index=len(pools))
             pools += [NgramPool(ngram, candidates) for _ in admission.prompts]
             new_trail, new_run, new_len = start(torch.arange(len(rows.index) - joined, len(rows.index), device=device))
-            width = max(run.shape[1], 1)
             trail = torch.cat([trail, new_trail])
             run_len = torch.cat([run_len, new_len])
-            run = torch.cat([run, torch.nn.functional.pad(new_run, (0, width - 1))])[:, : int(run_len.max()) if len(run_len) else 1]
+            run = torch.cat([run, _pad(new_run, run.shape[1], 1, left=False)])
+            if len(run_len):
+                run = run[:, : int(run_len.max())]
         if not len(rows.index):
             break
         for i in range(len(rows.index)):
