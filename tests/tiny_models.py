@@ -43,14 +43,26 @@ def tiny_tokenizer():
     return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", eos_token="<eos>")
 
 
-def save_tiny_model(path, arch: str = "llama", seed: int = 0, eos_token_id: int | None = None, context: int | None = None):
+# The tokenizer has no newline: turns are separated by "|".
+TINY_CHAT_TEMPLATE = (
+    "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}|{% endfor %}"
+    "{% if add_generation_prompt %}assistant: {% endif %}"
+)
+
+
+def save_tiny_model(path, arch: str = "llama", seed: int = 0, eos_token_id: int | None = None, context: int | None = None,
+                    chat_template: bool = False):
     """A tiny model + tokenizer directory that every cllm command can load with --model PATH.
 
-    `context` raises the declared context length of llama/qwen2 (RoPE: the weights stay the same)."""
+    `context` raises the declared context length of llama/qwen2 (RoPE: the weights stay the same);
+    `chat_template` gives the tokenizer TINY_CHAT_TEMPLATE."""
     model = tiny_model(arch, seed=seed, dtype=torch.float32)
     if context is not None:
         model.config.max_position_embeddings = context
     model.generation_config.eos_token_id = eos_token_id
     model.save_pretrained(path)
-    tiny_tokenizer().save_pretrained(path)
+    tokenizer = tiny_tokenizer()
+    if chat_template:
+        tokenizer.chat_template = TINY_CHAT_TEMPLATE
+    tokenizer.save_pretrained(path)
     return path
