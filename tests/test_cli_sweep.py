@@ -174,6 +174,20 @@ CASES = [
     ("distill unknown key", lambda w: ["distill", str(w.file("unknown.yaml", "out: x\nmodel: default\nfrobnicate: 1\n"))], "frobnicate"),
     ("viz prompt not UTF-8", lambda w: ["viz", "caf\udcff"], "not valid UTF-8"),
     ("generate prompt argument not UTF-8", lambda w: ["generate", "caf\udcff"], "not valid UTF-8"),
+    # serve, chat, serve-bench
+    ("serve --decoder hf", lambda w: ["serve", "--decoder", "hf"], "--decoder"),
+    ("serve --port negative", lambda w: ["serve", "--port", "-1"], "--port"),
+    ("serve --max-batch 0", lambda w: ["serve", "--max-batch", "0"], "--max-batch"),
+    ("serve --request-timeout 0", lambda w: ["serve", "--request-timeout", "0"], "--request-timeout"),
+    ("serve --temperature negative", lambda w: ["serve", "--temperature", "-1"], "--temperature"),
+    ("serve model missing", lambda w: ["serve", "--model", str(w.root / "no-such-model")], "not found"),
+    ("chat --max-new-tokens 0", lambda w: ["chat", "--max-new-tokens", "0"], "--max-new-tokens"),
+    ("chat model missing", lambda w: ["chat", "--model", str(w.root / "no-such-model")], "not found"),
+    ("serve-bench --concurrency 0", lambda w: ["serve-bench", "--concurrency", "1,0"], "--concurrency"),
+    ("serve-bench --decoders hf", lambda w: ["serve-bench", "--decoders", "ar,hf"], "cannot serve"),
+    ("serve-bench --out is a file", lambda w: ["serve-bench", "--out", str(w.file("f.txt", "x"))], "not a directory"),
+    ("serve-bench --url unreachable", lambda w: ["serve-bench", "--url", "http://127.0.0.1:9/v1", "--out", str(w.root / "sb")],
+     "cannot reach"),
     # demo
     ("demo --cllm missing", lambda w: ["demo", "--cllm", str(w.root / "no-such-cllm")], "not found"),
 ]

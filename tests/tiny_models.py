@@ -51,11 +51,12 @@ TINY_CHAT_TEMPLATE = (
 
 
 def save_tiny_model(path, arch: str = "llama", seed: int = 0, eos_token_id: int | None = None, context: int | None = None,
-                    chat_template: bool = False):
+                    chat_template: bool = False, endless: bool = False):
     """A tiny model + tokenizer directory that every cllm command can load with --model PATH.
 
     `context` raises the declared context length of llama/qwen2 (RoPE: the weights stay the same);
-    `chat_template` gives the tokenizer TINY_CHAT_TEMPLATE."""
+    `chat_template` gives the tokenizer TINY_CHAT_TEMPLATE; `endless` drops the tokenizer's <eos>
+    too, so that with `eos_token_id` None nothing ends an output before its limit."""
     model = tiny_model(arch, seed=seed, dtype=torch.float32)
     if context is not None:
         model.config.max_position_embeddings = context
@@ -64,5 +65,7 @@ def save_tiny_model(path, arch: str = "llama", seed: int = 0, eos_token_id: int 
     tokenizer = tiny_tokenizer()
     if chat_template:
         tokenizer.chat_template = TINY_CHAT_TEMPLATE
+    if endless:
+        tokenizer.eos_token = None
     tokenizer.save_pretrained(path)
     return path

@@ -1090,7 +1090,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
                              default_max_tokens=args.max_new_tokens, sampling=_sampling(args),
                              request_timeout=args.request_timeout)
     stderr.print(f"serving {settings.served_name!r} with {settings.decoder_label} on http://{args.host}:{args.port} "
-                 f"(OpenAI API under /v1, chat page at /, metrics at /metrics)", highlight=False)
+                 f"(OpenAI API under /v1, chat page at /, metrics at /metrics)", highlight=False, soft_wrap=True)
     serve(engine, settings, args.host, args.port, grace=args.shutdown_grace, log_level=args.log_level)
 
 
@@ -1130,7 +1130,7 @@ def cmd_serve_bench(args: argparse.Namespace) -> None:
     def show(report) -> None:
         stderr.print(f"{report.label} concurrency {report.concurrency}: {report.tokens_per_second:.1f} tokens/s, "
                      f"TTFT p50 {report.ttft_p50:.2f} s, latency p50 {report.latency_p50:.2f} s, "
-                     f"{report.errors} errors", highlight=False)
+                     f"{report.errors} errors", highlight=False, soft_wrap=True)
 
     if args.url:
         reports = bench_levels(args.url, prompts, levels, args.requests, args.max_new_tokens, args.url, show)

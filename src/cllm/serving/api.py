@@ -54,8 +54,19 @@ def _error_body(message: str, kind: str, status: int) -> dict:
     return {"error": {"message": message, "type": kind, "param": None, "code": status}}
 
 
+@dataclass
+class _Service:
+    """What every handler needs: the engine, the settings, the metrics."""
+
+    engine: Engine
+    settings: ServeSettings
+    metrics: Metrics
+    latency_average: float = 1.0  # seconds, a running mean for Retry-After
+
+
 def create_app(engine: Engine, settings: ServeSettings) -> FastAPI:
     metrics = Metrics(engine)
+    service = _Service(engine, settings, metrics)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -64,7 +75,6 @@ def create_app(engine: Engine, settings: ServeSettings) -> FastAPI:
         engine.stop()
 
     app = FastAPI(title="cllm", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
-    app.state.latency_average = 1.0  # seconds, for Retry-After
 
     @app.exception_handler(ApiError)
     async def api_error(_: HttpRequest, exc: ApiError) -> JSONResponse:
@@ -110,7 +120,7 @@ def create_app(engine: Engine, settings: ServeSettings) -> FastAPI:
         body = _parse(ChatCompletionRequest, await http.body())
         messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text} for m in body.messages]
         prompt_ids = _chat_ids(engine, messages)
-        return await _generate(engine, settings, metrics, app, http, body, prompt_ids, chat=True)
+        return await _generate(service, http, body, prompt_ids, chat=True)
 
     @app.post("/v1/completions")
     async def completions(http: HttpRequest) -> Response:
@@ -118,7 +128,7 @@ def create_app(engine: Engine, settings: ServeSettings) -> FastAPI:
         if not body.text:
             raise ApiError(400, "prompt: empty")
         prompt_ids = list(engine.loaded.tokenizer(body.text).input_ids)
-        return await _generate(engine, settings, metrics, app, http, body, prompt_ids, chat=False)
+        return await _generate(service, http, body, prompt_ids, chat=False)
 
     return app
 
@@ -166,9 +176,8 @@ def _chat_ids(engine: Engine, messages: list[dict]) -> list[int]:
         raise ApiError(400, f"messages: the chat template refused them: {exc}") from None
 
 
-def _request(engine: Engine, settings: ServeSettings, body, prompt_ids: list[int], deliver) -> Request:
+def _request(settings: ServeSettings, context: int | None, body, prompt_ids: list[int], deliver) -> Request:
     """The engine request of a validated body: the context and the sampling settings checked."""
-    context = engine.loaded.context_length
     if not prompt_ids:
         raise ApiError(400, "the prompt encodes to zero tokens")
     limit = body.token_limit
@@ -210,22 +219,22 @@ def _deliver_to(events: asyncio.Queue):
     return deliver
 
 
-async def _generate(engine: Engine, settings: ServeSettings, metrics: Metrics, app: FastAPI, http: HttpRequest,
-                    body, prompt_ids: list[int], chat: bool) -> Response:
+async def _generate(service: _Service, http: HttpRequest, body, prompt_ids: list[int], chat: bool) -> Response:
+    engine, settings = service.engine, service.settings
     if body.model != settings.served_name:
         raise ApiError(404, f"the model {body.model!r} does not exist; this server serves {settings.served_name!r}",
                        "not_found_error")
     events: asyncio.Queue = asyncio.Queue()
-    request = _request(engine, settings, body, prompt_ids, _deliver_to(events))
+    request = _request(settings, engine.loaded.context_length, body, prompt_ids, _deliver_to(events))
     try:
         engine.submit(request)
     except QueueFull as exc:
-        retry = max(1, math.ceil(app.state.latency_average))
+        retry = max(1, math.ceil(service.latency_average))
         raise ApiError(429, f"the server is busy ({exc}); retry in {retry} s", "rate_limit_error",
                        {"Retry-After": str(retry)}) from None
     except ShuttingDown as exc:
         raise ApiError(503, str(exc), "server_error") from None
-    run = _Run(engine, settings, metrics, app, request, events, body, chat)
+    run = _Run(service, request, events, body, chat)
     if body.stream:
         return StreamingResponse(run.stream(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
     return await run.whole(http)
@@ -234,11 +243,10 @@ async def _generate(engine: Engine, settings: ServeSettings, metrics: Metrics, a
 class _Run:
     """One request from submission to its response: events turned into text, stats, metrics."""
 
-    def __init__(self, engine: Engine, settings: ServeSettings, metrics: Metrics, app: FastAPI, request: Request,
-                 queue: asyncio.Queue, body, chat: bool) -> None:
-        self.engine, self.settings, self.metrics, self.app = engine, settings, metrics, app
+    def __init__(self, service: _Service, request: Request, queue: asyncio.Queue, body, chat: bool) -> None:
+        self.service, self.settings = service, service.settings
         self.request, self.queue, self.body, self.chat = request, queue, body, chat
-        self.assembler = TextAssembler(engine.loaded.tokenizer, body.stop_strings)
+        self.assembler = TextAssembler(service.engine.loaded.tokenizer, body.stop_strings)
         self.id = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
         self.created = int(time.time())
         self.first_token_at: float | None = None
@@ -302,9 +310,9 @@ class _Run:
         now = time.monotonic()
         request = self.request
         stats = finished.stats if finished is not None else None
-        self.metrics.finished(request.arrived, request.started, self.first_token_at, now,
-                              stats.new_tokens if stats else 0, stats.forward_passes if stats else 0)
-        self.app.state.latency_average = 0.8 * self.app.state.latency_average + 0.2 * (now - request.arrived)
+        self.service.metrics.finished(request.arrived, request.started, self.first_token_at, now,
+                                      stats.new_tokens if stats else 0, stats.forward_passes if stats else 0)
+        self.service.latency_average = 0.8 * self.service.latency_average + 0.2 * (now - request.arrived)
 
     async def whole(self, http: HttpRequest) -> Response:
         text: list[str] = []

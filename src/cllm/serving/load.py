@@ -116,8 +116,12 @@ def run_level(base_url: str, model: str, prompts: Sequence[str], concurrency: in
 
 
 def served_model(base_url: str) -> str:
-    with urllib.request.urlopen(base_url.rstrip("/") + "/models", timeout=10) as response:
-        return json.load(response)["data"][0]["id"]
+    url = base_url.rstrip("/") + "/models"
+    try:
+        with urllib.request.urlopen(url, timeout=10) as response:
+            return json.load(response)["data"][0]["id"]
+    except (OSError, ValueError, KeyError, IndexError) as exc:
+        raise CllmError(f"cannot reach an OpenAI-compatible server at {url}: {exc}") from None
 
 
 def free_port() -> int:
