@@ -95,9 +95,10 @@ def _add_model_args(parser: argparse.ArgumentParser, several: bool = False, raw:
 JACOBI_INITS = ("prompt", "repeat", "pad", "lookup")
 
 
-def _add_decoding_args(parser: argparse.ArgumentParser, max_new_tokens: int) -> None:
+def _add_decoding_args(parser: argparse.ArgumentParser, max_new_tokens: int,
+                       max_new_tokens_help: str = "tokens to generate at most") -> None:
     parser.add_argument(
-        "--max-new-tokens", type=_positive_int, default=max_new_tokens, help="tokens to generate at most (default: %(default)s)"
+        "--max-new-tokens", type=_positive_int, default=max_new_tokens, help=max_new_tokens_help + " (default: %(default)s)"
     )
     parser.add_argument(
         "--block-size", type=_positive_int, default=16, help="Jacobi block size n (default: %(default)s)"
@@ -116,6 +117,14 @@ def _add_decoding_args(parser: argparse.ArgumentParser, max_new_tokens: int) -> 
         "1-3 tokens, also refreshed mid-block (not for collect). The output is the greedy one whatever "
         "the guess (default: %(default)s)",
     )
+
+
+def _add_prompt_source_args(parser: argparse.ArgumentParser) -> None:
+    """What `_bench_prompts` reads (with --limit)."""
+    parser.add_argument("--prompts", type=Path, help='JSONL file of {"prompt": ...} (default: a built-in mixed set of 10)')
+    parser.add_argument("--dataset", help="prompts from a dataset instead: gsm8k, humaneval, mtbench, ... (see collect)")
+    parser.add_argument("--split", default="test", help="dataset split for gsm8k (default: %(default)s)")
+    parser.add_argument("--path", help="dataset file (for gsm8k, jsonl, sharegpt)")
 
 
 def _add_sampling_args(parser: argparse.ArgumentParser, seed: bool = True, about: str | None = None) -> None:
@@ -175,10 +184,7 @@ def build_parser() -> argparse.ArgumentParser:
         "degenerate outputs. Writes bench.json, bench.md and bench.png (speedup and tokens/forward vs "
         "block size) to --out.",
     )
-    bench.add_argument("--prompts", type=Path, help='JSONL file of {"prompt": ...} (default: a built-in mixed set of 10)')
-    bench.add_argument("--dataset", help="prompts from a dataset instead: gsm8k, humaneval, mtbench, ... (see collect)")
-    bench.add_argument("--split", default="test", help="dataset split for gsm8k (default: %(default)s)")
-    bench.add_argument("--path", help="dataset file (for gsm8k, jsonl, sharegpt)")
+    _add_prompt_source_args(bench)
     bench.add_argument(
         "--decoders", default="hf,ar,jacobi:8,jacobi:16,jacobi:32",
         help="comma-separated: hf, ar, jacobi:N, jacobi:N:INIT with INIT one of --init's, jacobi:N:INIT:G "
@@ -381,7 +387,7 @@ def _add_serving_commands(commands) -> None:
     )
     serve.add_argument("--decoder", choices=SERVED_DECODERS, default="jacobi",
                        help="the decoder every request goes through (default: %(default)s)")
-    _add_decoding_args(serve, max_new_tokens=256)
+    _add_decoding_args(serve, max_new_tokens=256, max_new_tokens_help="max_tokens of a request that sets none")
     _add_sampling_args(serve, seed=False, about="Defaults for requests that set none (a request's `seed` fixes "
                        "its sample; without one it is random).")
     group = serve.add_argument_group("server")
@@ -433,10 +439,7 @@ def _add_serving_commands(commands) -> None:
                       "(default: %(default)s)")
     load.add_argument("--max-batch", type=_positive_int, default=16, help="the servers' --max-batch "
                       "(default: %(default)s)")
-    load.add_argument("--prompts", type=Path, help='JSONL file of {"prompt": ...} (default: a built-in mixed set of 10)')
-    load.add_argument("--dataset", help="prompts from a dataset instead: gsm8k, humaneval, mtbench, ...")
-    load.add_argument("--split", default="test", help="dataset split for gsm8k (default: %(default)s)")
-    load.add_argument("--path", help="dataset file (for gsm8k, jsonl, sharegpt)")
+    _add_prompt_source_args(load)
     load.add_argument("--limit", type=_positive_int, help="use only the first N prompts")
     load.add_argument("--out", type=Path, default=Path("runs/serve-bench"), help="report directory (default: %(default)s)")
     _add_model_args(load, raw=False)

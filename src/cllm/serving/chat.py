@@ -35,16 +35,16 @@ class ChatStats:
         self.tokens += stats.new_tokens
         self.forwards += stats.forward_passes
         self.seconds += seconds
-        self.last = [f"last reply: {stats.new_tokens} tokens in {stats.forward_passes} forwards "
-                     f"({stats.tokens_per_forward:.2f} tokens/forward), {seconds:.2f} s"]
+        self.last = [(f"last reply: {stats.new_tokens} tokens in {stats.forward_passes} forwards "
+                      f"({stats.tokens_per_forward:.2f} tokens/forward), {seconds:.2f} s")]
 
     def lines(self) -> list[str]:
         if not self.replies:
             return ["no replies yet"]
         per_forward = self.tokens / self.forwards if self.forwards else 0.0
         rate = self.tokens / self.seconds if self.seconds else 0.0
-        return self.last + [f"session: {self.replies} replies, {self.tokens} tokens, {per_forward:.2f} tokens/forward, "
-                            f"{rate:.1f} tokens/s"]
+        return self.last + [(f"session: {self.replies} replies, {self.tokens} tokens, {per_forward:.2f} "
+                             f"tokens/forward, {rate:.1f} tokens/s")]
 
 
 class Chat:

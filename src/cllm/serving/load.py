@@ -131,7 +131,7 @@ def free_port() -> int:
 
 
 class ServerProcess:
-    """`cllm serve ARGS` on a free local port, up until the context exits (then SIGTERM)."""
+    """`cllm serve ARGS` on a free local port, from `start` (which waits for /health) to `stop` (SIGTERM)."""
 
     def __init__(self, serve_args: Sequence[str], startup_timeout: float = 600.0) -> None:
         self.port = free_port()
@@ -143,13 +143,6 @@ class ServerProcess:
     @property
     def base_url(self) -> str:
         return f"http://127.0.0.1:{self.port}/v1"
-
-    def __enter__(self) -> ServerProcess:
-        self.start()
-        return self
-
-    def __exit__(self, *_) -> None:
-        self.stop()
 
     def start(self) -> None:
         self.stderr = ""
