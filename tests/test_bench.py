@@ -85,3 +85,17 @@ def test_models_with_the_same_directory_name_get_distinct_labels():
     assert _short_names(["default", "runs/a5/cllm", "runs/a8/cllm"]) == ["default", "a5/cllm", "a8/cllm"]
     assert _short_names(["default", "runs/a8/cllm/"]) == ["default", "cllm"]
     assert _short_names(["x/run/cllm", "y/run/cllm"]) == ["x/run/cllm", "y/run/cllm"]
+
+
+def test_llamacpp_reference_row_on_the_default_model(tmp_path):
+    pytest.importorskip("llama_cpp", reason="llama-cpp-python is an optional extra")
+    import json
+
+    from cllm.cli import main
+
+    out = tmp_path / "bench"
+    assert main(["bench", "--model", "default", "--decoders", "ar,llamacpp", "--limit", "2", "--max-new-tokens", "24",
+                 "--out", str(out)]) == 0
+    rows = {row["decoder"]: row for row in json.loads((out / "bench.json").read_text())["summary"]}
+    assert rows["llamacpp"]["tokens_per_forward"] == 1.0 and rows["llamacpp"]["mean_new_tokens"] > 0
+    assert 0 <= rows["llamacpp"]["agreement_with_ar"] <= 1  # Q4_1 kernels vs the dequantized weights: reported

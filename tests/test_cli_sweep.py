@@ -104,6 +104,10 @@ CASES = [
     # bench
     ("bench --out is a file", lambda w: ["bench", "--out", str(w.file("f.txt", "x")), "--limit", "1"], "not a directory"),
     ("bench --out unwritable", lambda w: ["bench", "--out", UNWRITABLE, "--limit", "1"], "cannot"),
+    ("bench llamacpp on a Hugging Face model", lambda w: ["bench", "--decoders", "ar,llamacpp", "--limit", "1", "--out", str(w.root / "b")],
+     "GGUF"),
+    ("bench llamacpp sampled", lambda w: ["bench", "--decoders", "llamacpp", "--temperature", "0.5", "--limit", "1", "--out", str(w.root / "b")],
+     "greedily"),
     ("bench --prompts is a directory", lambda w: ["bench", "--prompts", str(w.dir("d"))], "directory"),
     ("bench --prompts not UTF-8", lambda w: ["bench", "--prompts", str(w.file("bad.jsonl", b'{"prompt": "\xff"}\n'))], "UTF-8"),
     ("bench --prompts missing", lambda w: ["bench", "--prompts", str(w.root / "missing.jsonl")], "not found"),

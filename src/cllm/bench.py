@@ -21,6 +21,7 @@ import torch
 from cllm.decoding import DECODERS, GREEDY, DecodeOutput, DecoderSpec, Sampling
 from cllm.errors import CllmError
 from cllm.files import write_atomically
+from cllm.llamacpp import LlamaCpp
 from cllm.models import LoadedModel
 from cllm.trajectories import is_degenerate
 
@@ -47,9 +48,15 @@ class RunRecord:
 
 def decode_once(
     loaded: LoadedModel, spec: DecoderSpec, prompt_ids: list[int], max_new_tokens: int, draft: LoadedModel | None = None,
-    sampling: Sampling = GREEDY, seed: int = 0,
+    sampling: Sampling = GREEDY, seed: int = 0, llamacpp: LlamaCpp | None = None,
 ) -> tuple[DecodeOutput, float]:
     """Decode one prompt; return the output and the wall-clock seconds it took."""
+    if spec.kind == "llamacpp":
+        if llamacpp is None:
+            raise CllmError("the llamacpp row needs the model's GGUF file loaded by llama.cpp")
+        start = time.perf_counter()
+        output = llamacpp.generate(prompt_ids, max_new_tokens, loaded.eos_token_ids)
+        return output, time.perf_counter() - start
     device = loaded.model.device
     input_ids = torch.tensor([prompt_ids], device=device)
     kwargs = dict(max_new_tokens=max_new_tokens, eos_token_id=loaded.eos_token_ids, pad_token_id=loaded.pad_token_id,
@@ -76,6 +83,10 @@ class BenchModel:
     name: str
     loaded: LoadedModel
     prompts: list[list[int]]  # encoded with this model's tokenizer
+    llamacpp: LlamaCpp | None = None  # its GGUF in llama.cpp, for the llamacpp row
+
+    def runs(self, spec: DecoderSpec) -> bool:
+        return spec.kind != "llamacpp" or self.llamacpp is not None
 
 
 def run_benchmark(
@@ -90,16 +101,16 @@ def run_benchmark(
 ) -> list[RunRecord]:
     """Time every decoder of every model on every prompt `repeats` times (batch size 1), after one
     warm-up run of each; `draft` drafts for `hf-assisted`. Prompt i samples with seed + i."""
-    runs = [(model, spec) for model in models for spec in specs]
+    runs = [(model, spec) for model in models for spec in specs if model.runs(spec)]
     for model, spec in runs:
-        decode_once(model.loaded, spec, model.prompts[0], min(max_new_tokens, 16), draft, sampling, seed)
+        decode_once(model.loaded, spec, model.prompts[0], min(max_new_tokens, 16), draft, sampling, seed, model.llamacpp)
     records = []
     count = len(models[0].prompts)
     for step, (repeat, index) in enumerate((r, i) for r in range(repeats) for i in range(count)):
         rotation = step % len(runs)
         for model, spec in runs[rotation:] + runs[:rotation]:
             output, seconds = decode_once(model.loaded, spec, model.prompts[index], max_new_tokens, draft, sampling,
-                                          seed + index)
+                                          seed + index, model.llamacpp)
             stats = output.stats[0]
             records.append(
                 RunRecord(

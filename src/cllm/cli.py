@@ -190,7 +190,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="comma-separated: hf, ar, jacobi:N, jacobi:N:INIT with INIT one of --init's, jacobi:N:INIT:G "
         "(G n-gram candidates verified alongside the block), lookahead:W:N:G "
         "(window, n-gram size, candidates; plain lookahead = 5:4:5), hf-pld[:K] (transformers' prompt lookup, "
-        "K tokens, default 10), hf-assisted (transformers' assisted generation, with --draft-model) "
+        "K tokens, default 10), hf-assisted (transformers' assisted generation, with --draft-model), llamacpp "
+        "(llama.cpp on the GGUF file of a GGUF model, greedy: a reference; needs pip install 'cllm[llamacpp]') "
         "(default: %(default)s)",
     )
     bench.add_argument("--draft-model", help="hf-assisted: the draft model (same tokenizer as every --model)")
@@ -644,6 +645,8 @@ def _bench(models: Sequence[tuple[str, object]], args, prompt_texts: Sequence[st
 
     bench_models = [BenchModel(name, loaded, _encode_all(loaded, prompt_texts, args.raw, args.max_new_tokens))
                     for name, loaded in models]
+    if any(spec.kind == "llamacpp" for spec in specs):
+        _attach_llamacpp(bench_models, args, sampling)
     draft = None
     if getattr(args, "draft_model", None):
         from cllm.fidelity import check_same_tokenizer
@@ -678,6 +681,22 @@ def _bench(models: Sequence[tuple[str, object]], args, prompt_texts: Sequence[st
     write_report(out_dir, meta, summaries, records)
     stderr.print(f"[dim]wrote bench.json, bench.md and bench.png to {out_dir}[/dim]")
     return summaries
+
+
+def _attach_llamacpp(bench_models, args, sampling) -> None:
+    """llama.cpp on the GGUF file of every model that has one (the others get no llamacpp row)."""
+    from cllm.llamacpp import LlamaCpp, gguf_file
+
+    if sampling is not None and not sampling.greedy:
+        raise CllmError("the llamacpp row decodes greedily: drop --temperature")
+    names = args.model if isinstance(args.model, list) else [args.model]
+    for model, name in zip(bench_models, names):
+        gguf = gguf_file(name)
+        if gguf is not None:
+            with stderr.status(f"loading {gguf.name} into llama.cpp ..."):
+                model.llamacpp = LlamaCpp(gguf, threads=args.threads)
+    if all(model.llamacpp is None for model in bench_models):
+        raise CllmError("the llamacpp row runs a GGUF file: give --model default or a .gguf file")
 
 
 def _summary_table(summaries) -> Table:

@@ -1,6 +1,7 @@
 """One decoder and its settings, as written on the command line: `hf`, `ar`, `jacobi:N[:INIT[:G]]`,
-`lookahead:W:N:G`, `hf-pld[:K]` (transformers' prompt-lookup decoding) and `hf-assisted`
-(transformers' assisted generation with a draft model)."""
+`lookahead:W:N:G`, `hf-pld[:K]` (transformers' prompt-lookup decoding), `hf-assisted`
+(transformers' assisted generation with a draft model) and `llamacpp` (llama.cpp on the model's
+GGUF file, a reference row of `cllm bench`)."""
 
 from __future__ import annotations
 
@@ -9,8 +10,8 @@ from dataclasses import dataclass
 from cllm.errors import CllmError
 
 INIT_STRATEGIES = ("prompt", "repeat", "pad", "lookup")
-KINDS = ("hf", "ar", "jacobi", "lookahead", "hf-pld", "hf-assisted")
-USAGE = "use hf, ar, jacobi:N[:INIT[:G]], lookahead:W:N:G, hf-pld[:K] or hf-assisted"
+KINDS = ("hf", "ar", "jacobi", "lookahead", "hf-pld", "hf-assisted", "llamacpp")
+USAGE = "use hf, ar, jacobi:N[:INIT[:G]], lookahead:W:N:G, hf-pld[:K], hf-assisted or llamacpp"
 
 
 @dataclass(frozen=True)
