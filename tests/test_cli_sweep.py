@@ -104,6 +104,7 @@ CASES = [
     # bench
     ("bench --out is a file", lambda w: ["bench", "--out", str(w.file("f.txt", "x")), "--limit", "1"], "not a directory"),
     ("bench --out unwritable", lambda w: ["bench", "--out", UNWRITABLE, "--limit", "1"], "cannot"),
+    ("generate --quantize int4", lambda w: ["generate", "hi", "--quantize", "int4"], "--quantize"),
     ("bench llamacpp on a Hugging Face model", lambda w: ["bench", "--decoders", "ar,llamacpp", "--limit", "1", "--out", str(w.root / "b")],
      "GGUF"),
     ("bench llamacpp sampled", lambda w: ["bench", "--decoders", "llamacpp", "--temperature", "0.5", "--limit", "1", "--out", str(w.root / "b")],

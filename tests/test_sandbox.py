@@ -66,6 +66,9 @@ def host():
         (directory / "precious.txt").write_text(PRECIOUS)
         (directory / "precious.txt").chmod(0o666)
     sleeper = subprocess.Popen(["sleep", "600"], env={"CLLM_SECRET": token, "PATH": "/usr/bin:/bin"})
+    deadline = time.monotonic() + 5  # a loaded machine once showed the new process's /proc entry late
+    while _processes_mentioning(token) != [sleeper.pid] and time.monotonic() < deadline:
+        time.sleep(0.05)
     os.environ["CLLM_SECRET"] = token
     try:
         yield Host(hidden, visible, token, sleeper, home_secret)

@@ -35,6 +35,7 @@ class ModelConfig:
     dtype: str = "float32"
     device: str = "auto"
     threads: int | None = None
+    quantize: str | None = None  # "int8": weight-only int8 linear layers (cllm.quantize), CPU
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
@@ -219,4 +220,8 @@ def load_model(config: ModelConfig | str = ModelConfig()) -> LoadedModel:
     except (ValueError, RuntimeError, KeyError) as exc:
         raise CllmError(f"cannot load model {config.name!r}: corrupt or unsupported ({exc})") from exc
     model.to(device).eval()
+    if config.quantize is not None:
+        from cllm.quantize import quantize_weights
+
+        quantize_weights(model, config.quantize)
     return LoadedModel(model=model, tokenizer=tokenizer, source=source)
