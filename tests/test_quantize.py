@@ -28,6 +28,7 @@ def test_int8_linear_is_the_linear_of_its_dequantized_weights():
     step = linear.weight.abs().amax(dim=1, keepdim=True) / 127
     assert ((quantized.dequantized() - linear.weight).abs() <= step / 2 + 1e-7).all()
     assert quantized.weight_int8.dtype == torch.int8 and quantized.weight_int8.abs().max() == 127
+    assert quantized.weight.shape == linear.weight.shape
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt2"])

@@ -42,6 +42,11 @@ class Int8Linear(torch.nn.Module):
     def dequantized(self) -> torch.Tensor:
         return self.weight_int8.to(self.scale.dtype) * self.scale[:, None]
 
+    @property
+    def weight(self) -> torch.Tensor:
+        """The dequantized weight, for code that inspects a linear layer's shape or values."""
+        return self.dequantized()
+
 
 def quantize_weights(model: torch.nn.Module, scheme: str) -> int:
     """Replace the model's linear layers in place; returns how many were replaced."""
