@@ -4,8 +4,8 @@
                           (DECODER: ar, jacobi (jacobi:16:lookup) or lookahead (3:3:3); 4 GSM8K prompts, 256 tokens)
   compile [DTYPE]         AR over a StaticCache: eager vs torch.compile, ms per token (128 tokens)
   matmul                  one linear layer's shapes of SmolLM2-135M: float32, bfloat16, int8 weights
-  int8 MODEL              an experiment: every linear layer with int8 weights (per output channel), ar and
-                          jacobi:16:lookup tokens/s against bf16 (4 GSM8K prompts, 256 tokens)
+  int8 MODEL              ar and jacobi:16:lookup tokens/s with int8 weights (cllm.quantize) against bf16
+                          (4 GSM8K prompts, 256 tokens)
 
 Run with the repository's .venv: .venv/bin/python scripts/profile_decode.py profile default jacobi
 """
@@ -22,6 +22,7 @@ import torch
 from cllm.data import SourceOptions, load_prompts
 from cllm.decoding import ar, jacobi, left_pad, lookahead
 from cllm.models import ModelConfig, load_model
+from cllm.quantize import quantize_weights
 
 
 def gsm8k_prompts(loaded, count: int) -> list[list[int]]:
@@ -129,31 +130,6 @@ def matmul() -> None:
                   f"int8 weights {times[2]:.0f} us")
 
 
-class Int8Linear(torch.nn.Module):
-    """A linear layer with symmetric int8 weights, one bf16 scale per output channel."""
-
-    def __init__(self, linear: torch.nn.Linear) -> None:
-        super().__init__()
-        weight = linear.weight.detach().float()
-        scale = weight.abs().amax(dim=1).clamp(min=1e-8) / 127
-        self.register_buffer("weight_int8", torch.round(weight / scale[:, None]).clamp(-128, 127).to(torch.int8))
-        self.register_buffer("scale", scale.to(torch.bfloat16))
-        self.bias = linear.bias
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = torch._weight_int8pack_mm(x.reshape(-1, x.shape[-1]), self.weight_int8, self.scale)
-        y = y.reshape(*x.shape[:-1], -1)
-        return y if self.bias is None else y + self.bias
-
-
-def int8_weights(module: torch.nn.Module) -> None:
-    for name, child in module.named_children():
-        if isinstance(child, torch.nn.Linear):
-            setattr(module, name, Int8Linear(child))
-        else:
-            int8_weights(child)
-
-
 def int8(model_name: str) -> None:
     loaded = load_model(ModelConfig(name=model_name, dtype="bfloat16", threads=2))
     prompts = gsm8k_prompts(loaded, 4)
@@ -173,7 +149,7 @@ def int8(model_name: str) -> None:
     reference = None
     for label in ("bfloat16", "int8 weights"):
         if label != "bfloat16":
-            int8_weights(loaded.model)
+            quantize_weights(loaded.model, "int8")
         rate(ar)
         ar_rate, _, ar_outputs = rate(ar)
         jacobi_rate, per_forward, jacobi_outputs = rate(jacobi, block_size=16, init="lookup")

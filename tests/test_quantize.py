@@ -8,7 +8,6 @@ import json
 import pytest
 import torch
 from tiny_models import save_tiny_model, tiny_model
-
 from transformers.pytorch_utils import Conv1D
 
 from cllm.cli import main
