@@ -83,8 +83,7 @@ class LoadedModel:
         if not text.strip():
             raise CllmError("empty prompt")
         if not raw and self.tokenizer.chat_template:
-            messages = [{"role": "user", "content": text}]
-            ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=False)
+            ids = self.encode_messages([{"role": "user", "content": text}])
         else:
             ids = self.tokenizer(text).input_ids
         if not ids:
@@ -94,6 +93,10 @@ class LoadedModel:
                 f"prompt is {len(ids)} tokens, longer than the model's context of {self.context_length} tokens"
             )
         return list(ids)
+
+    def encode_messages(self, messages: list[dict]) -> list[int]:
+        """Token ids of a conversation through the chat template, ready for the assistant's turn."""
+        return list(self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=False))
 
 
 def cllm_home() -> Path:

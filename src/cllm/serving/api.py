@@ -172,7 +172,7 @@ def _chat_ids(engine: Engine, messages: list[dict]) -> list[int]:
     if not tokenizer.chat_template:
         raise ApiError(400, "this model has no chat template: use /v1/completions with a plain prompt")
     try:
-        return list(tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=False))
+        return engine.loaded.encode_messages(messages)
     except Exception as exc:  # noqa: BLE001 -- templates raise what they like (e.g. roles out of order)
         raise ApiError(400, f"messages: the chat template refused them: {exc}") from None
 

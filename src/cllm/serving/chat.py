@@ -102,7 +102,7 @@ class Chat:
     def prompt_ids(self, messages: list[dict]) -> list[int] | None:
         tokenizer = self.engine.loaded.tokenizer
         if tokenizer.chat_template:
-            ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=False)
+            ids = self.engine.loaded.encode_messages(messages)
         else:  # no template: the turns as plain text
             ids = tokenizer("\n".join(f"{m['role']}: {m['content']}" for m in messages) + "\nassistant:").input_ids
         context = self.engine.loaded.context_length

@@ -82,7 +82,6 @@ class Request:
 class EngineCounters:
     """Totals since start, read by /metrics."""
 
-    finished: int = 0
     new_tokens: int = 0
     forward_passes: int = 0  # summed over rows: tokens / forward_passes is the mean tokens per forward
     decoder_calls: int = 0
@@ -181,7 +180,6 @@ class Engine:
             reason = "eos"
         else:
             reason = "length"
-        self.counters.finished += 1
         self.counters.new_tokens += stats.new_tokens
         self.counters.forward_passes += stats.forward_passes
         self._end(request, Finished(token_ids, stats, reason))

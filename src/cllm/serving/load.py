@@ -178,8 +178,10 @@ class ServerProcess:
 
 def bench_levels(base_url: str, prompts: Sequence[str], levels: Sequence[int], requests: int, max_tokens: int,
                  label: str, on_level: Callable[[LevelReport], None]) -> list[LevelReport]:
+    import openai
+
     model = served_model(base_url)
-    one_request(__import__("openai").OpenAI(base_url=base_url, api_key="unused"), model, prompts[0], 8)  # warm-up
+    one_request(openai.OpenAI(base_url=base_url, api_key="unused"), model, prompts[0], 8)  # warm-up
     reports = []
     for concurrency in levels:
         report = run_level(base_url, model, prompts, concurrency, max(requests, concurrency), max_tokens, label)
