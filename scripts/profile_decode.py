@@ -1,8 +1,11 @@
-"""Where a decode's time goes on this machine (issue 20), three measurements:
+"""Where a decode's time goes on this machine (issue 20), four measurements:
 
   profile MODEL DECODER   forwards vs the decoding loop around them, then cProfile's top entries
                           (DECODER: ar, jacobi (jacobi:16:lookup) or lookahead (3:3:3); 4 GSM8K prompts, 256 tokens)
-  compile [DTYPE]         AR over a StaticCache: eager vs torch.compile, ms per token (128 tokens)
+  compiled MODEL [DTYPE [int8]]
+                          the compiled path (compile=True) against eager and transformers' generate: tokens/s
+                          of ar and jacobi:16:lookup (4 GSM8K prompts, 256 tokens), then the cost of a 1- and
+                          a 16-column step
   matmul                  one linear layer's shapes of SmolLM2-135M: float32, bfloat16, int8 weights
   int8 MODEL              ar and jacobi:16:lookup tokens/s with int8 weights (cllm.quantize) against bf16
                           (4 GSM8K prompts, 256 tokens)
@@ -20,7 +23,7 @@ import time
 import torch
 
 from cllm.data import SourceOptions, load_prompts
-from cllm.decoding import ar, jacobi, left_pad, lookahead
+from cllm.decoding import ar, hf_generate, jacobi, left_pad, lookahead
 from cllm.models import ModelConfig, load_model
 from cllm.quantize import quantize_weights
 
@@ -70,39 +73,58 @@ def profile(model_name: str, decoder: str) -> None:
     pstats.Stats(profiler).sort_stats("tottime").print_stats(12)
 
 
-def compile_ar(dtype: str) -> None:
-    from transformers import StaticCache
+def compiled(model_name: str = "default", dtype: str = "bfloat16", quantize: str | None = None) -> None:
+    """The compiled path (`compile=True`) against the eager one and transformers' generate."""
+    loaded = load_model(ModelConfig(name=model_name, dtype=dtype, threads=2, quantize=quantize))
+    model, prompts = loaded.model, gsm8k_prompts(loaded, 4)
+    common = dict(max_new_tokens=256, eos_token_id=loaded.eos_token_ids, pad_token_id=loaded.pad_token_id)
+    decoders = {
+        "hf generate": lambda ids, mask: hf_generate(model, ids, mask, **common),
+        "ar": lambda ids, mask: ar(model, ids, mask, **common),
+        "ar compiled": lambda ids, mask: ar(model, ids, mask, compile=True, **common),
+        "jacobi:16:lookup": lambda ids, mask: jacobi(model, ids, mask, block_size=16, init="lookup", **common),
+        "jacobi:16:lookup compiled": lambda ids, mask: jacobi(model, ids, mask, block_size=16, init="lookup",
+                                                              compile=True, **common),
+    }
+    outputs = {}
+    for name, decode in decoders.items():
+        start = time.perf_counter()
+        decode(*left_pad(prompts[:1], loaded.pad_token_id))  # warm-up, and the compile
+        warm_up = time.perf_counter() - start
+        start, tokens, forwards, outputs[name] = time.perf_counter(), 0, 0, []
+        for prompt in prompts:
+            out = decode(*left_pad([prompt], loaded.pad_token_id))
+            tokens += out.stats[0].new_tokens
+            forwards += out.stats[0].forward_passes
+            outputs[name].append(out.token_ids[0])
+        seconds = time.perf_counter() - start
+        same = sum(a == b for a, b in zip(outputs[name], outputs["ar"])) if "ar" in outputs else "-"
+        print(f"{name}: {tokens / seconds:.1f} tokens/s, {seconds / forwards * 1000:.1f} ms per forward, "
+              f"{tokens / forwards:.2f} tokens/forward, warm-up {warm_up:.0f} s, outputs equal to ar: {same}/4", flush=True)
+    step_costs(model, prompts[0])
 
-    loaded = load_model(ModelConfig(name="default", dtype=dtype, threads=2))
-    model = loaded.model
-    ids = torch.tensor(gsm8k_prompts(loaded, 1))
-    length, new = ids.shape[1], 128
 
-    def decode(step) -> tuple[torch.Tensor, float]:
-        cache = StaticCache(config=model.config, max_cache_len=length + new)
+def step_costs(model, prompt: list[int], repeats: int = 50) -> None:
+    """ms per forward of 1 and 16 columns after the prompt, eager (DynamicCache) and compiled."""
+    from cllm.decoding.kv import DynamicKV, new_store
+
+    ids = torch.tensor([prompt])
+    positions = torch.arange(len(prompt))[None]
+    for label, store in (("eager", DynamicKV(model)), ("compiled", new_store(model, len(prompt) + 64, compile=True))):
+        costs = {}
         with torch.inference_mode():
-            logits = model(input_ids=ids, cache_position=torch.arange(length), past_key_values=cache).logits[:, -1]
-            token = logits.argmax(-1, keepdim=True)
-            tokens = [token]
-            start = time.perf_counter()
-            for i in range(new - 1):
-                position = torch.tensor([length + i])
-                logits = step(input_ids=token, cache_position=position, position_ids=position[None],
-                              past_key_values=cache).logits[:, -1]
-                token = logits.argmax(-1, keepdim=True)
-                tokens.append(token)
-            return torch.cat(tokens, 1), (time.perf_counter() - start) / (new - 1)
-
-    decode(model.forward)
-    eager_tokens, eager = decode(model.forward)
-    print(f"{dtype} eager: {eager * 1000:.1f} ms/token", flush=True)
-    compiled = torch.compile(model.forward, dynamic=False)
-    start = time.perf_counter()
-    decode(compiled)
-    print(f"compile and first decode: {time.perf_counter() - start:.0f} s", flush=True)
-    tokens, step = decode(compiled)
-    print(f"{dtype} compiled: {step * 1000:.1f} ms/token ({eager / step:.2f}x eager); same tokens: "
-          f"{bool((tokens == eager_tokens).all())}")
+            store.forward(ids, positions, None, logits_to_keep=1)
+            for width in (1, 16):
+                tokens, after = ids[:, :width], len(prompt) + torch.arange(width)[None]
+                for _ in range(3):
+                    store.forward(tokens, after, None)
+                    store.keep(0)
+                start = time.perf_counter()
+                for _ in range(repeats):
+                    store.forward(tokens, after, None)
+                    store.keep(0)
+                costs[width] = (time.perf_counter() - start) / repeats * 1000
+        print(f"{label} step: 1 column {costs[1]:.1f} ms, 16 columns {costs[16]:.1f} ms ({costs[16] / costs[1]:.2f}x)")
 
 
 def matmul() -> None:
@@ -161,5 +183,5 @@ def int8(model_name: str) -> None:
 
 if __name__ == "__main__":
     command, *rest = sys.argv[1:] or ["matmul"]
-    {"profile": lambda: profile(*rest), "compile": lambda: compile_ar(*(rest or ["bfloat16"])), "matmul": matmul,
+    {"profile": lambda: profile(*rest), "compiled": lambda: compiled(*rest), "matmul": matmul,
      "int8": lambda: int8(*rest)}[command]()

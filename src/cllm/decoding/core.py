@@ -16,9 +16,12 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 import torch
-from transformers import DynamicCache, PreTrainedModel
+from transformers import PreTrainedModel
 
+from cllm.decoding.kv import DynamicKV, StaticKV, new_store
 from cllm.decoding.sampling import GREEDY, Sampling, row_seeds, sample, uniforms
+
+KVStore = DynamicKV | StaticKV
 
 TokenCallback = Callable[[int, list[int]], None]
 """Called as `callback(row, new_token_ids)` whenever a row's output grows (streaming)."""
@@ -157,28 +160,24 @@ def _eos_tensor(eos_token_id: int | Sequence[int] | None, device: torch.device) 
 def _prefill(
     model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor,
     max_new_tokens: int | Sequence[int], slack: int, sampling: Sampling | Sequence[Sampling] = GREEDY,
-    seed: int | Sequence[int] = 0, first_index: int = 0,
-) -> tuple[DynamicCache, _Rows]:
+    seed: int | Sequence[int] = 0, first_index: int = 0, compile: bool | str = False, like: KVStore | None = None,
+) -> tuple[KVStore, _Rows]:
     """Run the prompts into a fresh cache; the prediction after the last prompt token is `pending`.
 
     That first token is not emitted here: callers do it with `_emit`, so EOS and streaming
     treat it like any other token. Rows get `max_new_tokens + slack` output slots (the sampling
-    table's width too) and indices from `first_index` on.
+    table's width too) and indices from `first_index` on. `compile` picks the store (kv.new_store),
+    unless it is to be of the kind of `like`.
     """
     batch = input_ids.shape[0]
     device = input_ids.device
-    cache = DynamicCache(config=model.config)
-    positions = (attention_mask.cumsum(1) - 1).clamp(min=0)
-    logits = model(
-        input_ids=input_ids,
-        attention_mask=None if bool(attention_mask.all()) else attention_mask,
-        position_ids=positions,
-        past_key_values=cache,
-        use_cache=True,
-        logits_to_keep=1,
-    ).logits  # (B, 1, V)
     limits = torch.tensor(_per_row(max_new_tokens, batch, "max_new_tokens"), dtype=torch.long, device=device)
     scratch = int(limits.max()) + slack
+    width = input_ids.shape[1]
+    cache = like.empty(width) if like is not None else new_store(model, width, compile)
+    positions = (attention_mask.cumsum(1) - 1).clamp(min=0)
+    mask = None if bool(attention_mask.all()) else attention_mask
+    logits = cache.forward(input_ids, positions, mask, logits_to_keep=1)  # (B, 1, V)
     rows = _Rows(
         index=torch.arange(first_index, first_index + batch, device=device),
         slot_mask=attention_mask.clone(),
@@ -196,7 +195,7 @@ def _prefill(
     return cache, rows
 
 
-def _emit_first_token(rows: _Rows, cache: DynamicCache, eos: torch.Tensor, outputs: _Outputs) -> torch.Tensor | None:
+def _emit_first_token(rows: _Rows, cache: KVStore, eos: torch.Tensor, outputs: _Outputs) -> torch.Tensor | None:
     """Emit the prefill's prediction and retire rows that it already finished (returns what
     `_Outputs.retire` does)."""
     first = rows.pending[:, None]  # (B, 1)
@@ -205,9 +204,7 @@ def _emit_first_token(rows: _Rows, cache: DynamicCache, eos: torch.Tensor, outpu
     return outputs.retire(rows, cache, hit_eos | (rows.n_out >= rows.limit))
 
 
-def _forward(
-    model: PreTrainedModel, cache: DynamicCache, rows: _Rows, tokens: torch.Tensor, real: torch.Tensor
-) -> torch.Tensor:
+def _forward(cache: KVStore, rows: _Rows, tokens: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
     """One forward of `tokens` (B, m), `pending` first, after the cache; returns the prediction
     (argmax or fixed sample) at every column."""
     columns = torch.arange(tokens.shape[1], device=tokens.device)
@@ -215,21 +212,14 @@ def _forward(
     attention_mask = torch.cat([rows.slot_mask, real.long()], dim=1)  # (B, S + m)
     if bool(attention_mask.all()):
         attention_mask = None  # no padding or holes: the plain causal mask, cheapest for the backend
-    logits = model(
-        input_ids=tokens,
-        attention_mask=attention_mask,
-        position_ids=positions,
-        past_key_values=cache,
-        use_cache=True,
-    ).logits  # (B, m, V)
+    logits = cache.forward(tokens, positions, attention_mask)  # (B, m, V)
     return rows.pick(logits, rows.n_out[:, None] + columns)  # column j predicts output index n_out + j
 
 
-def _keep_real_slots(cache: DynamicCache, rows: _Rows, fed: int, accepted: torch.Tensor) -> None:
-    """After a forward of `fed` columns, keep the KV of each row's first `accepted` columns."""
+def _keep_real_slots(cache: KVStore, rows: _Rows, accepted: torch.Tensor) -> None:
+    """After a forward, keep the KV of each row's first `accepted` columns."""
     keep = int(accepted.max())
-    if keep < fed:
-        cache.crop(keep - fed)
+    cache.keep(keep)
     columns = torch.arange(keep, device=accepted.device)
     rows.slot_mask = torch.cat([rows.slot_mask, (columns < accepted[:, None]).long()], dim=1)
     rows.n_real = rows.n_real + accepted
@@ -296,7 +286,7 @@ class _Outputs:
         self.stats += [DecodeStats(forward_passes=1) for _ in range(count)]
         return first
 
-    def retire(self, rows: _Rows, cache: DynamicCache, done: torch.Tensor) -> torch.Tensor | None:
+    def retire(self, rows: _Rows, cache: KVStore, done: torch.Tensor) -> torch.Tensor | None:
         """Store the output of finished rows and drop them from the batch and the cache; returns
         the batch positions kept (None when every row goes on)."""
         if self.control is not None:
@@ -317,7 +307,7 @@ class _Outputs:
                 self.control.finished(row, tokens, stats)
         keep = (~done).nonzero().flatten()
         rows.select(keep)
-        cache.batch_select_indices(keep)
+        cache.select(keep)
         return keep
 
     def output(self, trajectories: list[list[torch.Tensor]] | None = None) -> DecodeOutput:
@@ -333,23 +323,24 @@ def _as_batch(
 
 
 def _join(
-    model: PreTrainedModel, cache: DynamicCache, rows: _Rows, admission: Admission, outputs: _Outputs,
+    model: PreTrainedModel, cache: KVStore, rows: _Rows, admission: Admission, outputs: _Outputs,
     eos: torch.Tensor, slack: int, pad_token_id: int,
-) -> tuple[DynamicCache, _Rows, int]:
+) -> tuple[KVStore, _Rows, int]:
     """Prefill the admitted prompts and append them to the running batch; returns the new cache,
     rows and how many rows joined (the last ones: some may have ended with their first token)."""
     input_ids, attention_mask = left_pad(admission.prompts, pad_token_id)
     device = rows.pending.device
     first = outputs.grow(len(admission.prompts))
     new_cache, new_rows = _prefill(model, input_ids.to(device), attention_mask.to(device), admission.max_new_tokens,
-                                   slack, admission.samplings, admission.seeds, first_index=first)
+                                   slack, admission.samplings, admission.seeds, first_index=first,
+                                   like=cache)
     _emit_first_token(new_rows, new_cache, eos, outputs)
     joined = len(new_rows.index)
     if not len(rows.index):
         return new_cache, new_rows, joined
     if not joined:
         return cache, rows, 0
-    return _merge(model, cache, new_cache), _merge_rows(rows, new_rows), joined
+    return cache.merge(new_cache), _merge_rows(rows, new_rows), joined
 
 
 def _pad(tensor: torch.Tensor, size: int, dim: int, left: bool) -> torch.Tensor:
@@ -360,17 +351,6 @@ def _pad(tensor: torch.Tensor, size: int, dim: int, left: bool) -> torch.Tensor:
     shape[dim] = missing
     filler = torch.zeros(shape, dtype=tensor.dtype, device=tensor.device)
     return torch.cat([filler, tensor] if left else [tensor, filler], dim=dim)
-
-
-def _merge(model: PreTrainedModel, first: DynamicCache, second: DynamicCache) -> DynamicCache:
-    """One cache of both batches; the shorter is padded on the left with holes (masked slots)."""
-    merged = DynamicCache(config=model.config)
-    for layer, (a, b) in enumerate(zip(first.layers, second.layers)):
-        length = max(a.keys.shape[-2], b.keys.shape[-2])
-        keys = torch.cat([_pad(a.keys, length, -2, left=True), _pad(b.keys, length, -2, left=True)])
-        values = torch.cat([_pad(a.values, length, -2, left=True), _pad(b.values, length, -2, left=True)])
-        merged.update(keys, values, layer)
-    return merged
 
 
 def _merge_rows(first: _Rows, second: _Rows) -> _Rows:
@@ -392,9 +372,3 @@ def _merge_rows(first: _Rows, second: _Rows) -> _Rows:
 def _one_token_per_forward(token_ids: list[list[int]]) -> DecodeOutput:
     stats = [DecodeStats(len(t), len(t), [1] * len(t)) for t in token_ids]
     return DecodeOutput(token_ids=token_ids, stats=stats)
-
-
-def _additive(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """A boolean (B, Q, K) mask as the additive (B, 1, Q, K) float mask every attention accepts
-    (transformers passes a 4D mask to the attention as it is)."""
-    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(~allowed, torch.finfo(dtype).min)[:, None]

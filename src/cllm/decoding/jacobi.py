@@ -174,6 +174,7 @@ def jacobi(
     ngram: int = 4,
     sampling: Sampling | Sequence[Sampling] = GREEDY,
     control: BatchControl | None = None,
+    compile: bool | str = False,
 ) -> DecodeOutput:
     """Jacobi decoding with a KV cache over blocks of `block_size` tokens.
 
@@ -184,7 +185,8 @@ def jacobi(
     `ngram`-grams from the context and the row's own iterates in the same forward
     (cllm.decoding.candidates). `seed` also seeds the initial guesses. `max_new_tokens`,
     `sampling` and `seed` are one for the batch or one per row; `control` lets rows join and
-    leave while decoding (continuous batching; cllm.decoding.core.BatchControl).
+    leave while decoding (continuous batching; cllm.decoding.core.BatchControl); `compile` runs the
+    compiled path (cllm.decoding.kv).
     """
     if candidates < 0 or ngram < 2:
         raise ValueError(f"candidates must be >= 0 and ngram >= 2, got {candidates} and {ngram}")
@@ -199,7 +201,7 @@ def jacobi(
     eos = _eos_tensor(eos_token_id, device)
     outputs = _Outputs(batch, on_tokens, control)
     stats = outputs.stats
-    cache, rows = _prefill(model, input_ids, attention_mask, max_new_tokens, slack, sampling, seed)
+    cache, rows = _prefill(model, input_ids, attention_mask, max_new_tokens, slack, sampling, seed, compile=compile)
     make_guess = _GuessMaker(init, seed, batch, pad_token_id)
     trajectories: list[list[torch.Tensor]] = [[] for _ in range(batch)]
     pools = [NgramPool(ngram, candidates) for _ in range(batch)] if candidates else None
@@ -245,18 +247,18 @@ def jacobi(
             tokens = torch.cat([rows.pending[:, None], guesses[:, :-1]], dim=1).masked_fill(~real, pad_token_id)
 
             # 2. one parallel forward
-            prediction = _forward(model, cache, rows, tokens, real)  # (B, m)
+            prediction = _forward(cache, rows, tokens, real)  # (B, m)
 
             # 3. accept the longest prefix whose inputs were right, plus the token after it
             same = (prediction == guesses) & real
             accepted = torch.minimum(same.long().cumprod(1).sum(1) + 1, width)  # (B,) >= 1
-            _keep_real_slots(cache, rows, fed, accepted)
+            _keep_real_slots(cache, rows, accepted)
             emitted = prediction
         else:  # 2-3 with candidates verified alongside; the cache is committed inside
             for i, row in enumerate(rows.index.tolist()):
                 pools[row].add_context(_context(rows, i))
             proposals, present = offered_candidates(pools, rows, ngram, pad_token_id)
-            step = candidate_step(model, cache, rows, run, run_len, guesses, width, proposals, present, pad_token_id)
+            step = candidate_step(cache, rows, run, run_len, guesses, width, proposals, present, pad_token_id)
             prediction, emitted, accepted, iterates.run, iterates.run_len = (
                 step.predictions, step.emitted, step.count, step.run, step.run_len)
 

@@ -37,7 +37,6 @@ from cllm.decoding.core import (
     BatchControl,
     DecodeOutput,
     TokenCallback,
-    _additive,
     _as_batch,
     _context,
     _emit,
@@ -103,11 +102,13 @@ def lookahead(
     on_tokens: TokenCallback | None = None,
     sampling: Sampling | Sequence[Sampling] = GREEDY,
     control: BatchControl | None = None,
+    compile: bool | str = False,
 ) -> DecodeOutput:
     """Lookahead decoding: `window` W, n-gram size `ngram` N, up to `candidates` G verified
     n-grams per step. Returns exactly the AR output, greedy or sampled with the same `sampling`
     and `seed`; stats count one forward per step. `max_new_tokens`, `sampling` and `seed` are one
-    for the batch or one per row; `control` lets rows join and leave (cllm.decoding.core.BatchControl)."""
+    for the batch or one per row; `control` lets rows join and leave (cllm.decoding.core.BatchControl);
+    `compile` runs the compiled path (cllm.decoding.kv)."""
     input_ids, attention_mask = _as_batch(input_ids, attention_mask)
     _validate(input_ids, attention_mask, max_new_tokens, block_size=1)
     if window < 1 or ngram < 2 or candidates < 1:
@@ -120,7 +121,7 @@ def lookahead(
     eos = _eos_tensor(eos_token_id, device)
     outputs = _Outputs(batch, on_tokens, control)
     stats = outputs.stats
-    cache, rows = _prefill(model, input_ids, attention_mask, max_new_tokens, ngram, sampling, seed)
+    cache, rows = _prefill(model, input_ids, attention_mask, max_new_tokens, ngram, sampling, seed, compile=compile)
     pools = [NgramPool(ngram, candidates) for _ in range(batch)]
     make_guess = _GuessMaker("prompt", seed, batch, pad_token_id)  # the window starts as Jacobi's `prompt` guess
     _emit_first_token(rows, cache, eos, outputs)
@@ -164,10 +165,7 @@ def lookahead(
         # only the run, the window's last level and the candidates are read: the LM head skips the rest
         last_level = width + (levels - 1) * window
         read = torch.cat([torch.arange(width), torch.arange(last_level, tokens.shape[1])]).to(device)
-        logits = model(
-            input_ids=tokens, attention_mask=_additive(allowed, model.dtype), position_ids=positions,
-            past_key_values=cache, use_cache=True, logits_to_keep=read,
-        ).logits
+        logits = cache.forward(tokens, positions, allowed, logits_to_keep=read)
         # the column at position q predicts output index n_out + q - last (`pending`, at `last`, is n_out - 1)
         prediction = rows.pick(logits, positions[:, read] - last[:, None] + rows.n_out[:, None])  # (B, width + W + G * (N-1))
 
@@ -185,7 +183,7 @@ def lookahead(
         count, hit_eos = _truncate_at_eos(emitted, count, eos)
 
         # keep the run's KV, crop the window's and the candidates'
-        cache.crop(width - tokens.shape[1])  # a negative count: drop that many slots from the end
+        cache.keep(width)
         rows.slot_mask = torch.cat([rows.slot_mask, (torch.arange(width, device=device) < run_len[:, None]).long()], dim=1)
         rows.n_real = rows.n_real + run_len
         _emit(rows, emitted, count, on_tokens)

@@ -240,6 +240,7 @@ class Engine:
                 max_new_tokens=first.max_new_tokens, sampling=first.samplings, seed=first.seeds,
                 eos_token_id=self.loaded.eos_token_ids, pad_token_id=self.loaded.pad_token_id,
                 on_tokens=self._on_tokens, control=self, **self.spec.decoder_kwargs(),
+                **self.loaded.decoder_kwargs(self.spec.kind),
             )
         except Exception as exc:  # noqa: BLE001 -- one failed batch must not take the server down
             message = f"decoding failed: {type(exc).__name__}: {exc}"

@@ -1,0 +1,268 @@
+"""Where the cached decoders keep keys and values, and the opt-in compiled forward.
+
+Every cached decoder talks to a store: `forward` runs some columns after the cached slots,
+`keep` keeps the KV of the first columns of the last forward, `select` drops rows, `merge` joins
+two batches (the slot layout is described in cllm.decoding.core).
+
+`DynamicKV` is transformers' `DynamicCache`, grown and cropped, with the model run eagerly.
+`StaticKV` is the compiled path (`compile=True`): a preallocated `StaticCache` whose write position
+moves back instead of cropping, and columns padded to a few fixed widths (1, 4, 16, 64, ...), so
+that a handful of graphs of `torch.compile(model.forward)` cover a whole decode. Padded columns
+see only themselves and are never kept, so they change nothing but cost. The mask is always
+built here as a 4D additive tensor over the whole cache (transformers uses a 4D mask as it is).
+Graphs are compiled once per process and model and kept on disk under $CLLM_HOME/compile
+(inductor's cache), so a second process skips most of the work. Where compiling is unavailable
+(no C++ compiler, a cache with sliding-window layers, an op inductor cannot lower), the decode
+says so once and runs eagerly.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+import weakref
+from collections.abc import Callable
+
+import torch
+from transformers import DynamicCache, PreTrainedModel, StaticCache
+from transformers.cache_utils import StaticLayer
+
+WIDTH_BUCKETS = (1, 4, 16, 64, 256, 1024)
+CAPACITY_STEP = 64  # static caches grow in steps of this many slots: attention reads every slot
+
+Mask = torch.Tensor | None
+"""What the decoders pass as the mask of one forward of m columns after S cached slots: None (every
+slot real, causal), a (B, S + m) 0/1 padding mask (causal over the m columns), or a boolean
+(B, m, S + m) tensor saying which slot and column each column may see."""
+
+
+class DynamicKV:
+    """transformers' DynamicCache and the model's eager forward: the reference path."""
+
+    def __init__(self, model: PreTrainedModel) -> None:
+        self.model = model
+        self.cache = DynamicCache(config=model.config)
+        self._fed = 0
+
+    def forward(self, tokens: torch.Tensor, positions: torch.Tensor, mask: Mask,
+                logits_to_keep: int | torch.Tensor = 0) -> torch.Tensor:
+        self._fed = tokens.shape[1]
+        if mask is not None and mask.ndim == 3:
+            mask = additive(mask, self.model.dtype)
+        return self.model(input_ids=tokens, attention_mask=mask, position_ids=positions, past_key_values=self.cache,
+                          use_cache=True, logits_to_keep=logits_to_keep).logits
+
+    def empty(self, capacity: int) -> DynamicKV:
+        """A new store of this kind (a DynamicCache needs no capacity)."""
+        return DynamicKV(self.model)
+
+    def keep(self, count: int) -> None:
+        """Keep the KV of the first `count` columns of the last forward, drop the rest."""
+        if count < self._fed:
+            self.cache.crop(count - self._fed)
+
+    def select(self, rows: torch.Tensor) -> None:
+        self.cache.batch_select_indices(rows)
+
+    def merge(self, other: DynamicKV) -> DynamicKV:
+        """One store of both batches; the shorter is padded on the left with holes (masked slots)."""
+        merged = DynamicKV(self.model)
+        for layer, (keys, values) in enumerate(_merged_layers(self.contents(), other.contents())):
+            merged.cache.update(keys, values, layer)
+        return merged
+
+    def contents(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        return [(layer.keys, layer.values) for layer in self.cache.layers]
+
+
+class StaticKV:
+    """A preallocated StaticCache and a compiled forward over fixed column widths."""
+
+    def __init__(self, model: PreTrainedModel, capacity: int, compiled: Callable) -> None:
+        self.model = model
+        self.capacity = _round_up(capacity)
+        self.cache = StaticCache(config=model.config, max_cache_len=self.capacity)
+        self.compiled = compiled
+        self.length = 0  # slots written and kept
+        self._start = 0  # where the last forward's columns begin
+
+    def forward(self, tokens: torch.Tensor, positions: torch.Tensor, mask: Mask,
+                logits_to_keep: int | torch.Tensor = 0) -> torch.Tensor:
+        batch, fed = tokens.shape
+        prefill = self.length == 0  # prompt widths vary: the prefill runs eagerly, unpadded
+        width = fed if prefill else next(w for w in WIDTH_BUCKETS + (fed,) if w >= fed)
+        self._reserve(self.length + width)
+        allowed = torch.zeros((batch, width, self.capacity), dtype=torch.bool, device=tokens.device)
+        allowed[:, :fed, : self.length + fed] = _as_3d(mask, batch, fed, self.length, tokens.device)
+        padding = torch.arange(fed, width, device=tokens.device)
+        allowed[:, padding, self.length + padding] = True  # a padded column sees only itself
+        tokens = torch.nn.functional.pad(tokens, (0, width - fed))
+        positions = torch.cat([positions, positions[:, -1:].expand(-1, width - fed)], dim=1)
+        self._set_write_position(self.length)
+        mask4d = additive(allowed, self.model.dtype)
+        torch._dynamo.maybe_mark_dynamic(mask4d, 3)  # the cache's size, like its keys' (_mark_capacity_dynamic)
+        inputs = dict(input_ids=tokens, attention_mask=mask4d, position_ids=positions, past_key_values=self.cache,
+                      use_cache=True)
+        if prefill:
+            logits = self.model(**inputs, logits_to_keep=logits_to_keep).logits
+            self._mark_capacity_dynamic()
+        else:
+            logits = _kept(self.compiled(**inputs).logits[:, :fed], logits_to_keep)
+        self._start, self.length = self.length, self.length + width
+        return logits
+
+    def empty(self, capacity: int) -> StaticKV:
+        """A new store of this kind, for up to `capacity` slots (it grows when needed)."""
+        return StaticKV(self.model, capacity, self.compiled)
+
+    def keep(self, count: int) -> None:
+        """Keep the KV of the first `count` columns of the last forward; the next forward
+        overwrites the rest (the mask hides slots past the length)."""
+        self.length = self._start + count
+        self._set_write_position(self.length)
+
+    def select(self, rows: torch.Tensor) -> None:
+        self._refill([(k[rows], v[rows]) for k, v in self.contents()], self.capacity)
+
+    def merge(self, other: StaticKV) -> StaticKV:
+        merged = StaticKV(self.model, max(self.capacity, other.capacity), self.compiled)
+        merged._refill(_merged_layers(self.contents(), other.contents()), merged.capacity)
+        return merged
+
+    def contents(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        if not self.cache.layers[0].is_initialized:  # nothing written yet
+            return []
+        return [(layer.keys[:, :, : self.length], layer.values[:, :, : self.length]) for layer in self.cache.layers]
+
+    def _reserve(self, slots: int) -> None:
+        if slots > self.capacity:
+            self._refill(self.contents(), _round_up(slots))
+
+    def _refill(self, contents: list[tuple[torch.Tensor, torch.Tensor]], capacity: int) -> None:
+        """A fresh cache of `capacity` slots holding `contents` (a new batch size or length)."""
+        self.capacity = capacity
+        self.cache = StaticCache(config=self.model.config, max_cache_len=capacity)
+        for layer, (keys, values) in zip(self.cache.layers, contents):
+            layer.update(keys.contiguous(), values.contiguous())
+        self.length = self._start = contents[0][0].shape[-2] if contents else 0
+        self._mark_capacity_dynamic()
+
+    def _mark_capacity_dynamic(self) -> None:
+        """One graph for every cache size: without this, dynamo compiles a graph for the first size
+        and another, dynamic one when the cache first grows."""
+        for layer in self.cache.layers:
+            if layer.is_initialized:
+                torch._dynamo.maybe_mark_dynamic(layer.keys, 2)
+                torch._dynamo.maybe_mark_dynamic(layer.values, 2)
+
+    def _set_write_position(self, slot: int) -> None:
+        for layer in self.cache.layers:
+            if layer.is_initialized:
+                layer.cumulative_length.fill_(slot)
+
+
+def new_store(model: PreTrainedModel, capacity: int, compile: bool | str = False) -> DynamicKV | StaticKV:
+    """A store for a decode that starts with `capacity` slots (a static cache grows when needed):
+    `compile` False for the eager path, True (inductor) or a torch.compile backend for the compiled one."""
+    if not compile:
+        return DynamicKV(model)
+    compiled = compiled_forward(model, "inductor" if compile is True else compile)
+    return DynamicKV(model) if compiled is None else StaticKV(model, capacity, compiled)
+
+
+_COMPILED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def compiled_forward(model: PreTrainedModel, backend: str = "inductor") -> Callable | None:
+    """The model's compiled forward, made once per process and backend; None (after saying why,
+    once) where compiling is unavailable."""
+    per_model = _COMPILED.setdefault(model, {})
+    if backend not in per_model:
+        reason = _cannot_compile(model, backend)
+        if reason is None:
+            _configure_inductor()
+            per_model[backend] = _FallingBack(torch.compile(model.forward, backend=backend), model)
+        else:
+            print(f"cllm: cannot compile ({reason}); decoding eagerly", file=sys.stderr)
+            per_model[backend] = None
+    return per_model[backend]
+
+
+class _FallingBack:
+    """A compiled forward that turns into the eager one, with a message, if compiling fails."""
+
+    def __init__(self, compiled: Callable, model: PreTrainedModel) -> None:
+        self.compiled, self.model, self.failed = compiled, model, False
+
+    def __call__(self, **inputs):
+        if not self.failed:
+            try:
+                return self.compiled(**inputs)
+            except Exception as error:  # noqa: BLE001 - any backend failure means: run eagerly
+                self.failed = True
+                print(f"cllm: compiling failed ({type(error).__name__}: {str(error).splitlines()[0][:200]}); "
+                      "decoding eagerly", file=sys.stderr)
+        return self.model(**inputs)
+
+
+def _cannot_compile(model: PreTrainedModel, backend: str) -> str | None:
+    layers = StaticCache(config=model.config, max_cache_len=1).layers
+    if any(type(layer) is not StaticLayer for layer in layers):
+        return "the model's cache has sliding-window or other special layers; only full-attention caches are supported"
+    device = next(model.parameters()).device
+    if backend == "inductor" and device.type == "cpu" and not (os.environ.get("CXX") or shutil.which("g++")
+                                                                or shutil.which("clang++")):
+        return "inductor needs a C++ compiler on the CPU (g++ or clang++), none found"
+    return None
+
+
+def _configure_inductor() -> None:
+    from cllm.models import cllm_home
+
+    # a second process reuses the compiled kernels instead of building them again
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cllm_home() / "compile"))
+    # a decode compiles a few widths and batch sizes, per model: more than dynamo's default allows
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+
+
+def _round_up(slots: int) -> int:
+    return -(-max(slots, 1) // CAPACITY_STEP) * CAPACITY_STEP
+
+
+def _as_3d(mask: Mask, batch: int, fed: int, cached: int, device: torch.device) -> torch.Tensor:
+    """Any decoder mask as the boolean (B, m, S + m) form."""
+    if mask is not None and mask.ndim == 3:
+        return mask.bool()
+    causal = torch.ones((fed, cached + fed), dtype=torch.bool, device=device).tril(cached)
+    if mask is None:
+        return causal[None].expand(batch, -1, -1)
+    return causal[None] & mask.bool()[:, None, :]
+
+
+def additive(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A boolean (B, Q, K) mask as the additive (B, 1, Q, K) float mask every attention accepts
+    (transformers passes a 4D mask to the attention as it is)."""
+    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(~allowed, torch.finfo(dtype).min)[:, None]
+
+
+def _kept(logits: torch.Tensor, logits_to_keep: int | torch.Tensor) -> torch.Tensor:
+    """The columns `logits_to_keep` asks for (transformers' meaning), from every column's logits."""
+    if isinstance(logits_to_keep, torch.Tensor):
+        return logits[:, logits_to_keep]
+    return logits[:, -logits_to_keep:] if logits_to_keep else logits
+
+
+def _pad_left(tensor: torch.Tensor, size: int) -> torch.Tensor:
+    return torch.nn.functional.pad(tensor, (0, 0, size - tensor.shape[-2], 0))
+
+
+def _merged_layers(first: list[tuple[torch.Tensor, torch.Tensor]], second: list[tuple[torch.Tensor, torch.Tensor]]
+                   ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Both batches' keys and values per layer, the shorter padded on the left with holes."""
+    merged = []
+    for (keys_a, values_a), (keys_b, values_b) in zip(first, second):
+        length = max(keys_a.shape[-2], keys_b.shape[-2])
+        merged.append((torch.cat([_pad_left(keys_a, length), _pad_left(keys_b, length)]),
+                       torch.cat([_pad_left(values_a, length), _pad_left(values_b, length)])))
+    return merged

@@ -1,0 +1,158 @@
+"""The compiled path (`compile=...`, cllm.decoding.kv.StaticKV): a static cache, padded column
+widths and a compiled forward give the eager path's outputs, token for token.
+
+The randomized cases run dynamo with its `eager` backend (the whole static-cache path, traced, in
+float64, seconds per graph); one test compiles with inductor for real in float32."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+import torch
+from test_continuous_batching import DECODERS as JOINING_DECODERS
+from test_continuous_batching import ScriptedControl, random_requests
+from test_lookahead import random_case
+from tiny_models import VOCAB, save_tiny_model, tiny_model
+
+from cllm.cli import main
+from cllm.decoding import ar, jacobi, left_pad, lookahead
+from cllm.decoding import kv as kv_module
+from cllm.decoding.kv import DynamicKV, StaticKV, new_store
+
+ARCHS = ["llama", "qwen2", "gpt2"]
+
+
+@pytest.fixture(scope="module")
+def models() -> dict:
+    """One model per architecture for the module: its graphs are traced once, not per test."""
+    return {arch: tiny_model(arch, seed=1) for arch in ARCHS}
+
+
+def random_decoder(rng: random.Random):
+    """One of the cached decoders with random settings: (name, function, keyword arguments)."""
+    kind = rng.choice(["ar", "jacobi", "jacobi+candidates", "lookahead"])
+    if kind == "ar":
+        return kind, ar, {}
+    if kind == "lookahead":
+        return kind, lookahead, {"window": rng.randint(1, 5), "ngram": rng.randint(2, 5), "candidates": rng.randint(1, 5)}
+    settings = {"block_size": rng.choice([1, 2, 4, 8, 16]), "init": rng.choice(["prompt", "repeat", "lookup"])}
+    if kind == "jacobi+candidates":
+        settings |= {"candidates": rng.randint(1, 4), "ngram": rng.randint(2, 5)}
+    return kind, jacobi, settings
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_static_path_equals_ar_on_randomized_cases(arch, models, monkeypatch):
+    monkeypatch.setattr(kv_module, "CAPACITY_STEP", 8)  # small caches: most decodes must grow theirs
+    model = models[arch]
+    for case in range(30):
+        rng = random.Random(f"static-{arch}-{case}")
+        input_ids, attention_mask, max_new_tokens, eos, expected = random_case(model, rng)
+        name, decoder, settings = random_decoder(rng)
+        streamed: dict[int, list[int]] = {}
+        out = decoder(model, input_ids, attention_mask, max_new_tokens=max_new_tokens, eos_token_id=eos, seed=case,
+                      compile="eager", on_tokens=lambda row, tokens: streamed.setdefault(row, []).extend(tokens),
+                      **settings)
+        label = f"case {case}: {name} {settings} B={input_ids.shape[0]} eos={eos}"
+        assert out.token_ids == expected, label
+        assert [streamed.get(row, []) for row in range(input_ids.shape[0])] == expected, label
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_static_path_under_continuous_batching(arch, models):
+    """Rows joining (their caches merged), leaving and being cancelled, through the static path."""
+    model = models[arch]
+    for case in range(10):
+        rng = random.Random(f"static-joining-{arch}-{case}")
+        requests = random_requests(rng)
+        eos = rng.choice([None, rng.randrange(1, VOCAB)])
+        name = rng.choice(list(JOINING_DECODERS))
+        decoder, settings = JOINING_DECODERS[name](model, rng)
+        alone = [ar(model, torch.tensor([r.prompt]), max_new_tokens=r.max_new_tokens, eos_token_id=eos,
+                    sampling=r.sampling, seed=r.seed).token_ids[0] for r in requests]
+        control = ScriptedControl(requests)
+        first = [requests[i] for i in control.order]
+        input_ids, attention_mask = left_pad([r.prompt for r in first], pad_token_id=0)
+        decoder(model, input_ids, attention_mask, max_new_tokens=[r.max_new_tokens for r in first],
+                sampling=[r.sampling for r in first], seed=[r.seed for r in first], eos_token_id=eos,
+                control=control, compile="eager", **settings)
+        for row, number in enumerate(control.order):
+            tokens, _ = control.done[row]
+            expected = alone[number] if requests[number].cancel_at is None else alone[number][: len(tokens)]
+            assert tokens == expected, f"case {case}: {name} {settings}, request {number}"
+
+
+def test_padded_columns_and_kept_slots_change_nothing():
+    """A forward of 3 columns padded to 4, then keeping 1 of them: the next forward's logits equal
+    those of one eager forward of the whole sequence."""
+    model = tiny_model("llama", seed=2)
+    tokens = torch.tensor([[5, 9, 17, 33, 41, 2, 70]])
+    positions = torch.arange(7)[None]
+    reference = model(input_ids=tokens[:, :6], position_ids=positions[:, :6]).logits
+    store = new_store(model, 16, compile="eager")
+    assert isinstance(store, StaticKV)
+    store.forward(tokens[:, :3], positions[:, :3], None)
+    store.forward(tokens[:, 3:6], positions[:, 3:6], None)  # padded to 4 columns
+    store.keep(1)  # the slots of 41, 2 and the padding hold stale writes from now on
+    assert store.length == 4
+    logits = store.forward(tokens[:, 4:6], positions[:, 4:6], None)
+    torch.testing.assert_close(logits, reference[:, 4:6], rtol=1e-9, atol=1e-9)
+
+
+def test_inductor_matches_eager_in_float32_and_compiles_once(tmp_path, monkeypatch):
+    monkeypatch.setenv("CLLM_HOME", str(tmp_path))
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)  # cllm sets it; undone after the test
+    torch._dynamo.reset()
+    model = tiny_model("llama", seed=3, dtype=torch.float32)
+    input_ids, attention_mask = left_pad([[4, 8, 15, 16, 23, 42], [7, 7, 3]], pad_token_id=0)
+    common = dict(max_new_tokens=24, seed=0)
+    expected = ar(model, input_ids, attention_mask, **common).token_ids
+    runs = {
+        "ar": lambda: ar(model, input_ids, attention_mask, compile=True, **common),
+        "jacobi": lambda: jacobi(model, input_ids, attention_mask, block_size=4, init="lookup", compile=True, **common),
+        "lookahead": lambda: lookahead(model, input_ids, attention_mask, window=2, ngram=2, candidates=1, compile=True,
+                                       **common),
+    }
+    for name, run in runs.items():
+        assert run().token_ids == expected, name
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    for name, run in runs.items():
+        assert run().token_ids == expected, name
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs, "a second decode compiled again"
+    assert any((tmp_path / "compile").rglob("*.py")), "inductor's kernels are not kept under $CLLM_HOME/compile"
+
+
+def test_failed_compilation_falls_back_to_eager_with_one_message(capsys):
+    def broken_backend(graph, example_inputs):
+        raise RuntimeError("no compiler in this test")
+
+    model = tiny_model("qwen2", seed=4)
+    input_ids = torch.tensor([[3, 1, 4, 1, 5, 9]])
+    expected = ar(model, input_ids, max_new_tokens=12).token_ids
+    for _ in range(2):
+        assert jacobi(model, input_ids, block_size=4, max_new_tokens=12, compile=broken_backend).token_ids == expected
+    assert capsys.readouterr().err.count("compiling failed") == 1
+
+
+def test_missing_cxx_compiler_says_so_and_decodes_eagerly(capsys, monkeypatch):
+    monkeypatch.delenv("CXX", raising=False)
+    monkeypatch.setattr(kv_module.shutil, "which", lambda name: None)
+    model = tiny_model("gpt2", seed=5)
+    assert isinstance(new_store(model, 32, compile=True), DynamicKV)
+    assert "needs a C++ compiler" in capsys.readouterr().err
+
+
+def test_cli_compile_gives_the_eager_output(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("CLLM_HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    model_dir = str(save_tiny_model(tmp_path / "model", eos_token_id=None))
+    common = ["generate", "Hello there", "--model", model_dir, "--max-new-tokens", "9", "--decoder", "ar", "--json"]
+    assert main(common) == 0
+    eager = json.loads(capsys.readouterr().out)
+    assert main([*common, "--compile"]) == 0
+    captured = capsys.readouterr()
+    assert "eagerly" not in captured.err, captured.err
+    compiled = json.loads(captured.out)
+    assert compiled["token_ids"] == eager["token_ids"] and compiled["compile"] is True
