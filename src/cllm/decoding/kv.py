@@ -218,10 +218,15 @@ def _cannot_compile(model: PreTrainedModel, backend: str) -> str | None:
 
 
 def _configure_inductor() -> None:
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
     from cllm.models import cllm_home
 
-    # a second process reuses the compiled kernels instead of building them again
-    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cllm_home() / "compile"))
+    # a second process reuses the compiled kernels instead of building them again; torch writes its
+    # default (a temporary directory) into the variable when it first looks, so that one is replaced
+    current = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    if current is None or os.path.abspath(current) == os.path.abspath(default_cache_dir()):
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(cllm_home() / "compile")
     # a decode compiles a few widths and batch sizes, per model: more than dynamo's default allows
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
 
