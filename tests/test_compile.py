@@ -12,7 +12,7 @@ import random
 import pytest
 import torch
 from test_continuous_batching import DECODERS as JOINING_DECODERS
-from test_continuous_batching import ScriptedControl, random_requests
+from test_continuous_batching import decode_scripted, random_requests
 from test_lookahead import random_case
 from tiny_models import VOCAB, save_tiny_model, tiny_model
 from torch._inductor.runtime.cache_dir_utils import default_cache_dir
@@ -71,14 +71,7 @@ def test_static_path_under_continuous_batching(arch, models):
         eos = rng.choice([None, rng.randrange(1, VOCAB)])
         name = rng.choice(list(JOINING_DECODERS))
         decoder, settings = JOINING_DECODERS[name](model, rng)
-        alone = [ar(model, torch.tensor([r.prompt]), max_new_tokens=r.max_new_tokens, eos_token_id=eos,
-                    sampling=r.sampling, seed=r.seed).token_ids[0] for r in requests]
-        control = ScriptedControl(requests)
-        first = [requests[i] for i in control.order]
-        input_ids, attention_mask = left_pad([r.prompt for r in first], pad_token_id=0)
-        decoder(model, input_ids, attention_mask, max_new_tokens=[r.max_new_tokens for r in first],
-                sampling=[r.sampling for r in first], seed=[r.seed for r in first], eos_token_id=eos,
-                control=control, compile="eager", **settings)
+        _, control, alone = decode_scripted(model, decoder, settings, requests, eos, compile="eager")
         for row, number in enumerate(control.order):
             tokens, _ = control.done[row]
             expected = alone[number] if requests[number].cancel_at is None else alone[number][: len(tokens)]

@@ -79,6 +79,20 @@ DECODERS = {
 }
 
 
+def decode_scripted(model, decoder, settings: dict, requests: list[Request], eos: int | None, **extra):
+    """The requests through `decoder`, joining as scripted: (its output, the control, each request's
+    AR output decoded alone)."""
+    alone = [ar(model, torch.tensor([r.prompt]), max_new_tokens=r.max_new_tokens, eos_token_id=eos,
+                sampling=r.sampling, seed=r.seed).token_ids[0] for r in requests]
+    control = ScriptedControl(requests)
+    first = [requests[i] for i in control.order]
+    input_ids, attention_mask = left_pad([r.prompt for r in first], pad_token_id=0)
+    out = decoder(model, input_ids, attention_mask, max_new_tokens=[r.max_new_tokens for r in first],
+                  sampling=[r.sampling for r in first], seed=[r.seed for r in first], eos_token_id=eos,
+                  control=control, **settings, **extra)
+    return out, control, alone
+
+
 @pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("name", list(DECODERS))
 def test_rows_joining_and_leaving_get_their_own_output(arch, name):
@@ -89,15 +103,7 @@ def test_rows_joining_and_leaving_get_their_own_output(arch, name):
         requests = random_requests(rng)
         eos = rng.choice([None, rng.randrange(1, VOCAB)])
         decoder, settings = DECODERS[name](model, rng)
-        alone = [ar(model, torch.tensor([r.prompt]), max_new_tokens=r.max_new_tokens, eos_token_id=eos,
-                    sampling=r.sampling, seed=r.seed).token_ids[0] for r in requests]
-
-        control = ScriptedControl(requests)
-        first = [requests[i] for i in control.order]
-        input_ids, attention_mask = left_pad([r.prompt for r in first], pad_token_id=0)
-        out = decoder(model, input_ids, attention_mask, max_new_tokens=[r.max_new_tokens for r in first],
-                      sampling=[r.sampling for r in first], seed=[r.seed for r in first], eos_token_id=eos,
-                      control=control, **settings)
+        out, control, alone = decode_scripted(model, decoder, settings, requests, eos)
         label = f"case {case}: {settings}"
         assert len(out.token_ids) == len(control.order), label
         for row, number in enumerate(control.order):

@@ -175,8 +175,8 @@ _COMPILED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def compiled_forward(model: PreTrainedModel, backend: str = "inductor") -> Callable | None:
-    """The model's compiled forward, made once per process and backend; None (after saying why,
-    once) where compiling is unavailable."""
+    """The model's compiled forward, made once per process and backend and kept as long as the
+    process (it holds the model); None (after saying why, once) where compiling is unavailable."""
     per_model = _COMPILED.setdefault(model, {})
     if backend not in per_model:
         reason = _cannot_compile(model, backend)
