@@ -99,7 +99,6 @@ class StaticKV:
         allowed[:, padding, self.length + padding] = True  # a padded column sees only itself
         tokens = torch.nn.functional.pad(tokens, (0, width - fed))
         positions = torch.cat([positions, positions[:, -1:].expand(-1, width - fed)], dim=1)
-        self._set_write_position(self.length)
         mask4d = additive(allowed, self.model.dtype)
         torch._dynamo.maybe_mark_dynamic(mask4d, 3)  # the cache's size, like its keys' (_mark_capacity_dynamic)
         inputs = dict(input_ids=tokens, attention_mask=mask4d, position_ids=positions, past_key_values=self.cache,
@@ -118,9 +117,11 @@ class StaticKV:
 
     def keep(self, count: int) -> None:
         """Keep the KV of the first `count` columns of the last forward; the next forward
-        overwrites the rest (the mask hides slots past the length)."""
-        self.length = self._start + count
-        self._set_write_position(self.length)
+        overwrites the rest (the mask hides slots past the length). The cache's layers advance their
+        write position by every forward themselves; only a shorter keep moves it back."""
+        if self._start + count != self.length:
+            self.length = self._start + count
+            self._set_write_position(self.length)
 
     def select(self, rows: torch.Tensor) -> None:
         self._refill([(k[rows], v[rows]) for k, v in self.contents()], self.capacity)
