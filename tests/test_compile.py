@@ -117,6 +117,12 @@ def test_inductor_matches_eager_in_float32_and_compiles_once(tmp_path, monkeypat
         assert run().token_ids == expected, name
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs, "a second decode compiled again"
     assert any((tmp_path / "compile").rglob("*.py")), "inductor's kernels are not kept under $CLLM_HOME/compile"
+    # the graphs hold frozen weights: a model changed in place must be compiled again, not decoded stale
+    with torch.no_grad():
+        model.lm_head.weight.mul_(-1.0)
+    changed = ar(model, input_ids, attention_mask, **common).token_ids
+    assert changed != expected
+    assert runs["ar"]().token_ids == changed
 
 
 def test_failed_compilation_falls_back_to_eager_with_one_message(capsys):

@@ -10,10 +10,18 @@ moves back instead of cropping, and columns padded to a few fixed widths (1, 4, 
 that a handful of graphs of `torch.compile(model.forward)` cover a whole decode. Padded columns
 see only themselves and are never kept, so they change nothing but cost. The mask is always
 built here as a 4D additive tensor over the whole cache (transformers uses a 4D mask as it is).
-Graphs are compiled once per process and model and kept on disk under $CLLM_HOME/compile
-(inductor's cache), so a second process skips most of the work. Where compiling is unavailable
-(no C++ compiler, a cache with sliding-window layers, an op inductor cannot lower), the decode
-says so once and runs eagerly.
+Graphs are compiled once per process and model; inductor's kernels are kept on disk under
+$CLLM_HOME/compile, so a second process skips building them. Where compiling is unavailable (no
+C++ compiler, a cache with sliding-window layers, an op inductor cannot lower), the decode says so
+once and runs eagerly.
+
+On a CPU the graphs are frozen: the weights become constants, prepacked for the matrix kernels,
+and each linear layer's kernel is picked by timing inductor's own C++ GEMM against oneDNN's for its
+shape (one column: a weight-streaming kernel several times faster than oneDNN's; 16 columns:
+oneDNN). A graph holds its own copy of the packed weights, so a change to the weights (training,
+loading) makes the next decode compile again. The attention runs as plain matmuls and softmax
+there, which inductor fuses; the CPU's fused SDPA kernel has a high fixed cost per call for a
+handful of queries.
 """
 
 from __future__ import annotations
@@ -22,13 +30,14 @@ import os
 import shutil
 import sys
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import torch
 from transformers import DynamicCache, PreTrainedModel, StaticCache
 from transformers.cache_utils import StaticLayer
 
-WIDTH_BUCKETS = (1, 4, 16, 64, 256, 1024)
+WIDTH_BUCKETS = (1, 4, 8, 16, 32, 64, 256, 1024)
 CAPACITY_STEP = 64  # static caches grow in steps of this many slots: attention reads every slot
 
 Mask = torch.Tensor | None
@@ -101,6 +110,10 @@ class StaticKV:
         positions = torch.cat([positions, positions[:, -1:].expand(-1, width - fed)], dim=1)
         mask4d = additive(allowed, self.model.dtype)
         torch._dynamo.maybe_mark_dynamic(mask4d, 3)  # the cache's size, like its keys' (_mark_capacity_dynamic)
+        # a graph per width: the best matrix kernel for one column is not the best for sixteen, and
+        # dynamo would otherwise make the second width it meets dynamic (the batch size may become so)
+        for tensor, dim in ((tokens, 1), (positions, 1), (mask4d, 2)):
+            torch._dynamo.mark_static(tensor, dim)
         inputs = dict(input_ids=tokens, attention_mask=mask4d, position_ids=positions, past_key_values=self.cache,
                       use_cache=True)
         if prefill:
@@ -150,10 +163,15 @@ class StaticKV:
         self._mark_capacity_dynamic()
 
     def _mark_capacity_dynamic(self) -> None:
-        """One graph for every cache size: without this, dynamo compiles a graph for the first size
-        and another, dynamic one when the cache first grows."""
+        """One graph for every cache and its size: without this, dynamo compiles a graph for the
+        first size and another, dynamic one when the cache first grows. transformers marks the
+        cache's tensors as static addresses (for CUDA graphs), which would make a frozen graph keep
+        the first cache's tensors as its own, unguarded, for every later cache: unmarked here."""
         for layer in self.cache.layers:
             if layer.is_initialized:
+                for tensor in (layer.keys, layer.values, layer.cumulative_length):
+                    if hasattr(tensor, "_dynamo_static_input_type"):
+                        del tensor._dynamo_static_input_type
                 torch._dynamo.maybe_mark_dynamic(layer.keys, 2)
                 torch._dynamo.maybe_mark_dynamic(layer.values, 2)
 
@@ -174,37 +192,77 @@ def new_store(model: PreTrainedModel, capacity: int, compile: bool | str = False
 
 _COMPILED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
+# freezing folds the weights into the graph, so the GEMM autotuning sees constant weights and can
+# prepack them (the mkldnn packing makes inductor's graph cache skip these graphs; its kernels are kept)
+CPU_INDUCTOR_OPTIONS = {"freezing": True, "max_autotune": True, "max_autotune_gemm_backends": "CPP,ATEN"}
+
 
 def compiled_forward(model: PreTrainedModel, backend: str = "inductor") -> Callable | None:
     """The model's compiled forward, made once per process and backend and kept as long as the
-    process (it holds the model); None (after saying why, once) where compiling is unavailable."""
+    process (it holds the model), made again when the weights changed; None (after saying why,
+    once) where compiling is unavailable."""
     per_model = _COMPILED.setdefault(model, {})
+    weights = _weights_state(model)
+    if backend in per_model and per_model[backend] is not None and per_model[backend].weights != weights:
+        print("cllm: the model's weights changed since it was compiled; compiling again", file=sys.stderr)
+        torch._dynamo.reset()  # frozen graphs hold the old weights and dynamo's guards cannot tell
+        del per_model[backend]
     if backend not in per_model:
         reason = _cannot_compile(model, backend)
         if reason is None:
-            _configure_inductor()
-            per_model[backend] = _FallingBack(torch.compile(model.forward, backend=backend), model)
+            per_model[backend] = _CompiledForward(model, backend, weights)
         else:
             print(f"cllm: cannot compile ({reason}); decoding eagerly", file=sys.stderr)
             per_model[backend] = None
     return per_model[backend]
 
 
-class _FallingBack:
-    """A compiled forward that turns into the eager one, with a message, if compiling fails."""
+class _CompiledForward:
+    """torch.compile of the model's forward, which turns into the eager forward, with a message,
+    if compiling fails."""
 
-    def __init__(self, compiled: Callable, model: PreTrainedModel) -> None:
-        self.compiled, self.model, self.failed = compiled, model, False
+    def __init__(self, model: PreTrainedModel, backend: str, weights: int) -> None:
+        on_cpu = next(model.parameters()).device.type == "cpu"
+        if backend == "inductor":
+            _configure_inductor()
+        self.compiled = torch.compile(model.forward, backend=backend)
+        self.model, self.weights, self.failed = model, weights, False
+        # set while tracing as well as compiling (dynamo decides there whether weights are constants),
+        # and only around these calls, not for the process's other compiled code
+        self.settings = CPU_INDUCTOR_OPTIONS if on_cpu and backend == "inductor" else {}
+        # transformers' eager attention takes its softmax in float32: below a float64 model's precision
+        self.attention = "eager" if on_cpu and model.dtype != torch.float64 else None
 
     def __call__(self, **inputs):
         if not self.failed:
             try:
-                return self.compiled(**inputs)
+                with _attention(self.model, self.attention), torch._inductor.config.patch(self.settings):
+                    return self.compiled(**inputs)
             except Exception as error:  # noqa: BLE001 - any backend failure means: run eagerly
                 self.failed = True
                 print(f"cllm: compiling failed ({type(error).__name__}: {str(error).splitlines()[0][:200]}); "
                       "decoding eagerly", file=sys.stderr)
         return self.model(**inputs)
+
+
+@contextmanager
+def _attention(model: PreTrainedModel, implementation: str | None) -> Iterator[None]:
+    """The model's attention implementation switched for one call (transformers reads it from the
+    config at every forward), so the compiled graphs get theirs while eager forwards keep the model's."""
+    before = model.config._attn_implementation
+    if implementation is None or implementation == before:
+        yield
+        return
+    model.config._attn_implementation = implementation
+    try:
+        yield
+    finally:
+        model.config._attn_implementation = before
+
+
+def _weights_state(model: PreTrainedModel) -> int:
+    """Changes when a parameter is replaced or modified in place (its storage or version counter)."""
+    return hash(tuple((parameter.data_ptr(), parameter._version) for parameter in model.parameters()))
 
 
 def _cannot_compile(model: PreTrainedModel, backend: str) -> str | None:
