@@ -37,7 +37,7 @@ import torch
 from transformers import DynamicCache, PreTrainedModel, StaticCache
 from transformers.cache_utils import StaticLayer
 
-WIDTH_BUCKETS = (1, 4, 8, 16, 32, 64, 256, 1024)
+WIDTH_BUCKETS = (1, 4, 16, 64, 256, 1024)
 CAPACITY_STEP = 64  # static caches grow in steps of this many slots: attention reads every slot
 
 Mask = torch.Tensor | None
@@ -194,7 +194,9 @@ _COMPILED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 # freezing folds the weights into the graph, so the GEMM autotuning sees constant weights and can
 # prepack them (the mkldnn packing makes inductor's graph cache skip these graphs; its kernels are kept)
-CPU_INDUCTOR_OPTIONS = {"freezing": True, "max_autotune": True, "max_autotune_gemm_backends": "CPP,ATEN"}
+CPU_INDUCTOR_OPTIONS = {"freezing": True, "max_autotune": True, "max_autotune_gemm_backends": "CPP,ATEN",
+                        # inductor prints every GEMM's timings otherwise
+                        "autotune_num_choices_displayed": 0, "max_autotune_report_choices_stats": False}
 
 
 def compiled_forward(model: PreTrainedModel, backend: str = "inductor") -> Callable | None:
