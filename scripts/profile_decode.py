@@ -105,7 +105,7 @@ def compiled(model_name: str = "default", dtype: str = "bfloat16", quantize: str
 
 
 def step_costs(model, prompt: list[int], repeats: int = 50) -> None:
-    """ms per forward of 1 and 16 columns after the prompt, eager (DynamicCache) and compiled."""
+    """ms per forward of 1, 4 and 16 columns after the prompt, eager (DynamicCache) and compiled."""
     from cllm.decoding.kv import DynamicKV, new_store
 
     ids = torch.tensor([prompt])
@@ -114,7 +114,7 @@ def step_costs(model, prompt: list[int], repeats: int = 50) -> None:
         costs = {}
         with torch.inference_mode():
             store.forward(ids, positions, None, logits_to_keep=1)
-            for width in (1, 16):
+            for width in (1, 4, 16):
                 tokens, after = ids[:, :width], len(prompt) + torch.arange(width)[None]
                 for _ in range(3):
                     store.forward(tokens, after, None)
@@ -124,7 +124,8 @@ def step_costs(model, prompt: list[int], repeats: int = 50) -> None:
                     store.forward(tokens, after, None)
                     store.keep(0)
                 costs[width] = (time.perf_counter() - start) / repeats * 1000
-        print(f"{label} step: 1 column {costs[1]:.1f} ms, 16 columns {costs[16]:.1f} ms ({costs[16] / costs[1]:.2f}x)")
+        print(f"{label} step: 1 column {costs[1]:.1f} ms, 4 columns {costs[4]:.1f} ms, 16 columns {costs[16]:.1f} ms "
+              f"({costs[16] / costs[1]:.2f}x)")
 
 
 def matmul() -> None:

@@ -95,8 +95,9 @@ def _add_model_args(parser: argparse.ArgumentParser, several: bool = False, raw:
                            "steps about 1.8x faster here). A different model: measure it with `cllm eval fidelity "
                            "--quantize int8 --target MODEL` (the target loads unquantized)")
         group.add_argument("--compile", action="store_true", help="run ar, jacobi and lookahead through "
-                           "torch.compile over a static KV cache (the first decode compiles for minutes on a CPU; "
-                           "kernels are kept under $CLLM_HOME/compile for the next process; eager when unavailable)")
+                           "torch.compile over a static KV cache (on a CPU each process compiles 1-2 minutes per column "
+                           "width the decoder uses; the C++ kernels are kept under $CLLM_HOME/compile; eager when "
+                           "unavailable)")
 
 
 # decoding.INIT_STRATEGIES, spelled out so that --help does not import torch (a test keeps them equal)

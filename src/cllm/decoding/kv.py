@@ -26,6 +26,7 @@ handful of queries.
 
 from __future__ import annotations
 
+import itertools
 import os
 import shutil
 import sys
@@ -263,8 +264,10 @@ def _attention(model: PreTrainedModel, implementation: str | None) -> Iterator[N
 
 
 def _weights_state(model: PreTrainedModel) -> int:
-    """Changes when a parameter is replaced or modified in place (its storage or version counter)."""
-    return hash(tuple((parameter.data_ptr(), parameter._version) for parameter in model.parameters()))
+    """Changes when a parameter or buffer (int8 weights are buffers) is replaced or modified in
+    place: its storage or its version counter."""
+    tensors = itertools.chain(model.parameters(), model.buffers())
+    return hash(tuple((tensor.data_ptr(), tensor._version) for tensor in tensors))
 
 
 def _cannot_compile(model: PreTrainedModel, backend: str) -> str | None:
