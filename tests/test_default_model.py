@@ -62,6 +62,8 @@ def test_lookahead_and_multi_candidate_jacobi_equal_ar_on_twenty_prompts(loaded,
     expected = ar(loaded.model, input_ids, attention_mask, **kwargs).token_ids
     batched = lookahead(loaded.model, input_ids, attention_mask, window=3, ngram=3, candidates=3, **kwargs)
     assert batched.token_ids == expected
+    drafted = lookahead(loaded.model, input_ids, attention_mask, window=3, ngram=3, candidates=3, draft=10, **kwargs)
+    assert drafted.token_ids == expected
     single = lookahead(loaded.model, torch.tensor([twenty_prompts[0]]), **kwargs)  # the defaults, 5:4:5
     assert single.token_ids[0] == expected[0]
     with_candidates = jacobi(loaded.model, input_ids, attention_mask, block_size=16, candidates=3, **kwargs)

@@ -10,6 +10,7 @@ import torch
 from tiny_models import VOCAB, tiny_model
 
 from cllm.decoding import ar, hf_assisted, hf_pld, jacobi, left_pad, lookahead
+from cllm.decoding.kv import DynamicKV
 from cllm.decoding.lookahead import _step_mask
 from cllm.decoding.ngrams import NgramPool
 
@@ -39,11 +40,12 @@ def test_lookahead_equals_ar_on_randomized_cases(arch):
         input_ids, attention_mask, max_new_tokens, eos, expected = random_case(model, rng)
         batch = input_ids.shape[0]
         window, ngram, candidates = rng.randint(1, 5), rng.randint(2, 5), rng.randint(1, 5)
+        draft = rng.choice([0, rng.randint(1, 12)])
         streamed: dict[int, list[int]] = {}
         out = lookahead(model, input_ids, attention_mask, window=window, ngram=ngram, candidates=candidates,
-                        max_new_tokens=max_new_tokens, eos_token_id=eos, seed=case,
+                        draft=draft, max_new_tokens=max_new_tokens, eos_token_id=eos, seed=case,
                         on_tokens=lambda row, tokens: streamed.setdefault(row, []).extend(tokens))
-        assert out.token_ids == expected, f"case {case}: W={window} N={ngram} G={candidates} B={batch} eos={eos}"
+        assert out.token_ids == expected, f"case {case}: W={window} N={ngram} G={candidates} D={draft} B={batch} eos={eos}"
         assert [streamed.get(row, []) for row in range(batch)] == expected
         for stats, tokens in zip(out.stats, expected):
             assert stats.new_tokens == len(tokens) and stats.fast_forward == len(tokens) - stats.forward_passes
@@ -88,6 +90,41 @@ def test_step_mask_by_hand():
     assert padded[0, 1].tolist() == [True, True, False, False]  # a padded run column: unused, never all-masked
     assert padded[0, 3].tolist() == [False, False, False, True]  # an absent candidate sees nothing else
     assert padded[1, 3].tolist() == [True, True, False, True]
+    drafted = _step_mask(torch.tensor([1, 1]), width=1, levels=1, window=1, counts=torch.zeros((2, 0), dtype=torch.bool),
+                         ngram=2, drafted=torch.tensor([[True, True, False], [False, False, False]]))
+    # columns: r | w | d0 d1 d2: draft tokens see the run and the draft's earlier tokens; missing ones only themselves
+    assert drafted[0, 2:].int().tolist() == [[1, 0, 1, 0, 0], [1, 0, 1, 1, 0], [0, 0, 0, 0, 1]]
+    assert drafted[1, 2:].int().tolist() == [[0, 0, 1, 0, 0], [0, 0, 0, 1, 0], [0, 0, 0, 0, 1]]
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_step_mask_isolates_candidates_and_draft(arch):
+    """Every candidate's and the draft's logits in one lookahead-shaped forward equal those of a
+    separate forward of the prefix and that candidate alone (float64, each attention backend; the
+    eager attention takes its softmax in float32, hence its tolerance)."""
+    for attention, tolerance in (("eager", 1e-5), ("sdpa", 1e-10)):
+        model = tiny_model(arch, seed=3)
+        model.set_attn_implementation(attention)
+        rng = random.Random(f"isolation-{arch}")
+        prefix = torch.tensor([[rng.randrange(1, VOCAB) for _ in range(9)]])
+        run, window, levels, groups, ngram = 2, 3, 2, 3, 3
+        fed = torch.tensor([[rng.randrange(1, VOCAB) for _ in range(run + levels * window + groups * (ngram - 1) + 4)]])
+        present = torch.tensor([[True, True, False]])
+        drafted = torch.tensor([[True, True, True, False]])
+        mask = _step_mask(torch.tensor([run]), run, levels, window, present, ngram, drafted)
+        store = DynamicKV(model)
+        store.forward(prefix, torch.arange(9)[None], None)
+        last = 9 + run - 1
+        span = torch.arange(levels * window)
+        positions = torch.cat([torch.arange(9, 9 + run), last + 1 + span % window + span // window,
+                               last + 1 + torch.arange(levels).repeat(groups), last + 1 + torch.arange(4)])[None]
+        allowed = torch.cat([torch.ones((1, fed.shape[1], 9), dtype=torch.bool), mask], dim=2)
+        together = store.forward(fed, positions, allowed)[0]
+        start = run + levels * window
+        pieces = [(start + g * (ngram - 1), ngram - 1) for g in range(2)] + [(start + groups * (ngram - 1), 3)]
+        for first, length in pieces:
+            alone = model(torch.cat([prefix, fed[:, :run], fed[:, first : first + length]], dim=1)).logits[0, 9 + run :]
+            torch.testing.assert_close(together[first : first + length], alone, rtol=0, atol=tolerance)
 
 
 def test_ngram_pool_keeps_the_newest_distinct_continuations():
@@ -122,7 +159,7 @@ def test_transformers_baselines_equal_ar(arch):
 def test_bad_settings_raise_value_error():
     model = tiny_model("llama")
     prompt = torch.ones((1, 3), dtype=torch.long)
-    for settings in ({"window": 0}, {"ngram": 1}, {"candidates": 0}):
+    for settings in ({"window": 0}, {"ngram": 1}, {"candidates": 0}, {"draft": -1}):
         with pytest.raises(ValueError, match="lookahead needs"):
             lookahead(model, prompt, max_new_tokens=2, **settings)
     with pytest.raises(ValueError, match="pure Jacobi"):

@@ -103,7 +103,7 @@ def streamed(client, prompt: str, **kwargs) -> tuple[str, list]:
 @pytest.mark.parametrize("decoder, generate_flags", [
     ("ar", ["--decoder", "ar"]),
     ("jacobi:8", ["--decoder", "jacobi", "--block-size", "8"]),
-    ("lookahead:3:3:3", ["--decoder", "lookahead", "--window", "3", "--ngram", "3", "--candidates", "3"]),
+    ("lookahead:3:3:3:6", ["--decoder", "lookahead", "--window", "3", "--ngram", "3", "--candidates", "3", "--draft", "6"]),
 ])
 def test_chat_and_completions_equal_generate(loaded, model_dir, capsys, decoder, generate_flags):
     spec = DecoderSpec.parse(decoder)

@@ -119,6 +119,9 @@ def _add_decoding_args(parser: argparse.ArgumentParser, max_new_tokens: int,
     lookahead.add_argument("--candidates", type=_positive_int,
                            help="G: n-grams verified per step, from the context and the decoder's own guesses "
                            "(default: 5 for lookahead; jacobi: none, plain Jacobi)")
+    lookahead.add_argument("--draft", type=_non_negative_int, default=0,
+                           help="D: lookahead also verifies up to D tokens that followed the latest earlier "
+                           "occurrence of the context's last 1-3 tokens (prompt lookup) (default: 0, none)")
     parser.add_argument(
         "--init", choices=JACOBI_INITS, default="prompt",
         help="Jacobi initial guess of a block: tokens drawn from the prompt (the paper's), the last token "
@@ -574,7 +577,7 @@ def _spec(args: argparse.Namespace, decoder: str):
     from cllm.decoding.spec import DecoderSpec
 
     return DecoderSpec(decoder, block_size=args.block_size, init=args.init, window=args.window, ngram=args.ngram,
-                       candidates=args.candidates)
+                       candidates=args.candidates, draft=args.draft)
 
 
 def _stats_table(rows: list[tuple[int, object, float]]) -> Table:
@@ -975,7 +978,7 @@ def run_eval(args: argparse.Namespace) -> dict:
     settings = evaluation.DecodeSettings(
         decoder=args.decoder, block_size=args.block_size, init=args.init, max_new_tokens=args.max_new_tokens,
         batch_size=args.batch_size, template="raw" if args.raw else "chat", window=args.window, ngram=args.ngram,
-        candidates=args.candidates, sampling=_sampling(args), seed=args.seed,
+        candidates=args.candidates, draft=args.draft, sampling=_sampling(args), seed=args.seed,
     )
     if args.task == "fidelity":
         return _run_fidelity(args, out, settings)
@@ -1160,7 +1163,8 @@ def _serve_args(args: argparse.Namespace, spec) -> list[str]:
     if spec.kind == "jacobi":
         flags += ["--block-size", str(spec.block_size), "--init", spec.init]
     if spec.kind == "lookahead" or spec.verified:
-        flags += ["--window", str(spec.window), "--ngram", str(spec.ngram), "--candidates", str(spec.verified)]
+        flags += ["--window", str(spec.window), "--ngram", str(spec.ngram), "--candidates", str(spec.verified),
+                  "--draft", str(spec.draft)]
     return flags
 
 

@@ -38,13 +38,14 @@ class DecodeSettings:
     window: int = 5  # lookahead
     ngram: int = 4
     candidates: int | None = None  # lookahead: 5; jacobi: none
+    draft: int = 0  # lookahead: prompt-lookup draft length
     sampling: Sampling = GREEDY
     seed: int = 0  # prompt i samples with seed + i
 
     @property
     def spec(self) -> DecoderSpec:
         return DecoderSpec(self.decoder, block_size=self.block_size, init=self.init, window=self.window,
-                           ngram=self.ngram, candidates=self.candidates)
+                           ngram=self.ngram, candidates=self.candidates, draft=self.draft)
 
 
 def generate_all(

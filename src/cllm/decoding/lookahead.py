@@ -3,7 +3,7 @@
 Each step feeds one sequence per row through the public forward with a custom 4D attention mask
 (docs/decoding.md draws it):
 
-    [ run | lookahead window: N-1 levels x W columns | G candidate n-grams of N-1 tokens ]
+    [ run | lookahead window: N-1 levels x W columns | G candidate n-grams of N-1 tokens | draft ]
 
 - run: the tokens accepted last step, not yet in the KV cache (1..N of them); causal among
   themselves. The prediction after the last one is the next token, exactly as in AR.
@@ -17,6 +17,10 @@ Each step feeds one sequence per row through the public forward with a custom 4D
   p+1.. and seeing the run and its own earlier tokens only. Candidate g is right for as long as
   each of its tokens equals the prediction at the column before it; the longest such prefix, plus
   the prediction after it, is accepted (at least one token: the plain AR step).
+- draft (optional, `draft` D > 0): up to D tokens that followed the latest earlier occurrence of
+  the context's last tokens (prompt lookup), verified like a candidate. The pool's candidates are
+  N-1 tokens long; a draft copies a longer span where the answer repeats its question, which is
+  what makes transformers' prompt lookup hard to beat on a CPU (docs/results.md).
 The pool (per row, keyed by first token, newest first, G per key) is fed by the window and by
 every N-gram of the row's own context (prompt + output so far). The KV of the run is kept; the
 window's and the candidates' are cropped away, and the accepted tokens form the next run, so the
@@ -46,21 +50,25 @@ from cllm.decoding.core import (
     _Outputs,
     _pad,
     _prefill,
+    _Rows,
     _truncate_at_eos,
     _validate,
 )
-from cllm.decoding.jacobi import _GuessMaker
+from cllm.decoding.jacobi import _GuessMaker, lookup_continuation
 from cllm.decoding.ngrams import NgramPool, offered_candidates
 from cllm.decoding.sampling import GREEDY, Sampling
 
 
-def _step_mask(run_len: torch.Tensor, width: int, levels: int, window: int, counts: torch.Tensor, ngram: int) -> torch.Tensor:
+def _step_mask(run_len: torch.Tensor, width: int, levels: int, window: int, counts: torch.Tensor, ngram: int,
+               drafted: torch.Tensor | None = None) -> torch.Tensor:
     """(B, Q, Q) True where a fed column may attend to another fed column (the cache part is
-    added by the caller). Columns: R run, then levels*window window tokens, then candidates."""
+    added by the caller). Columns: R run, then levels*window window tokens, then candidates, then
+    the draft ((B, D) `drafted`: which draft tokens exist)."""
     device = run_len.device
     batch, span = run_len.shape[0], levels * window
     groups = counts.shape[1]
-    total = width + span + groups * (ngram - 1)
+    drafted = torch.zeros((batch, 0), dtype=torch.bool, device=device) if drafted is None else drafted
+    total = width + span + groups * (ngram - 1) + drafted.shape[1]
     mask = torch.zeros((batch, total, total), dtype=torch.bool, device=device)
     run_cols = torch.arange(width, device=device)
     run_real = run_cols[None, :] < run_len[:, None]  # (B, R)
@@ -81,6 +89,12 @@ def _step_mask(run_len: torch.Tensor, width: int, levels: int, window: int, coun
         real = counts[:, g]  # (B,) whether this row has a g-th candidate
         mask[:, cols, cols] = own[None] & real[:, None, None] | torch.eye(ngram - 1, dtype=torch.bool, device=device)[None]
         mask[:, cols, :width] &= real[:, None, None]
+    if drafted.shape[1]:
+        cols = slice(total - drafted.shape[1], total)
+        own = torch.ones((drafted.shape[1],) * 2, dtype=torch.bool, device=device).tril()
+        eye = torch.eye(drafted.shape[1], dtype=torch.bool, device=device)
+        mask[:, cols, cols] = own[None] & drafted[:, None, :] & drafted[:, :, None] | eye[None]
+        mask[:, cols, :width] &= drafted[:, :, None]  # a missing draft token sees only itself
     holes = ~run_real
     mask[:, :width, :width] |= torch.diag_embed(holes)  # a padded run column (unused) is never all-masked
     return mask
@@ -95,6 +109,7 @@ def lookahead(
     window: int = 5,
     ngram: int = 4,
     candidates: int = 5,
+    draft: int = 0,
     max_new_tokens: int | Sequence[int] = 128,
     eos_token_id: int | Sequence[int] | None = None,
     pad_token_id: int = 0,
@@ -105,14 +120,15 @@ def lookahead(
     compile: bool | str = False,
 ) -> DecodeOutput:
     """Lookahead decoding: `window` W, n-gram size `ngram` N, up to `candidates` G verified
-    n-grams per step. Returns exactly the AR output, greedy or sampled with the same `sampling`
+    n-grams per step, and a prompt-lookup draft of up to `draft` tokens (0: none). Returns exactly the AR output, greedy or sampled with the same `sampling`
     and `seed`; stats count one forward per step. `max_new_tokens`, `sampling` and `seed` are one
     for the batch or one per row; `control` lets rows join and leave (cllm.decoding.core.BatchControl);
     `compile` runs the compiled path (cllm.decoding.kv)."""
     input_ids, attention_mask = _as_batch(input_ids, attention_mask)
     _validate(input_ids, attention_mask, max_new_tokens, block_size=1)
-    if window < 1 or ngram < 2 or candidates < 1:
-        raise ValueError(f"lookahead needs window >= 1, ngram >= 2 and candidates >= 1; got {window}, {ngram}, {candidates}")
+    if window < 1 or ngram < 2 or candidates < 1 or draft < 0:
+        raise ValueError("lookahead needs window >= 1, ngram >= 2, candidates >= 1 and draft >= 0; "
+                         f"got {window}, {ngram}, {candidates}, {draft}")
     if str(getattr(model.config, "_attn_implementation", "")).startswith("flash"):
         raise ValueError("lookahead needs a custom attention mask, which flash-attention does not take: load the model "
                          "with attn_implementation='sdpa' or 'eager'")
@@ -121,7 +137,8 @@ def lookahead(
     eos = _eos_tensor(eos_token_id, device)
     outputs = _Outputs(batch, on_tokens, control)
     stats = outputs.stats
-    cache, rows = _prefill(model, input_ids, attention_mask, max_new_tokens, ngram, sampling, seed, compile=compile)
+    slack = max(ngram, draft + 1)  # the longest run a step can accept
+    cache, rows = _prefill(model, input_ids, attention_mask, max_new_tokens, slack, sampling, seed, compile=compile)
     pools = [NgramPool(ngram, candidates) for _ in range(batch)]
     make_guess = _GuessMaker("prompt", seed, batch, pad_token_id)  # the window starts as Jacobi's `prompt` guess
     _emit_first_token(rows, cache, eos, outputs)
@@ -136,7 +153,7 @@ def lookahead(
     while True:
         admission = control.admit() if control is not None else None
         if admission is not None:
-            cache, rows, joined = _join(model, cache, rows, admission, outputs, eos, ngram, pad_token_id)
+            cache, rows, joined = _join(model, cache, rows, admission, outputs, eos, slack, pad_token_id)
             make_guess.add_rows(admission.seeds, first_index=len(pools))
             pools += [NgramPool(ngram, candidates) for _ in admission.prompts]
             new_trail, new_run, new_len = start(torch.arange(len(rows.index) - joined, len(rows.index), device=device))
@@ -152,15 +169,17 @@ def lookahead(
         width = int(run_len.max())
         proposals, present = offered_candidates(pools, rows, ngram, pad_token_id)
         groups = proposals.shape[1]
+        drafts, drafted = _context_drafts(rows, draft, pad_token_id)
 
         last = rows.n_real + run_len - 1  # position of the last run token
         run_positions = rows.n_real[:, None] + torch.arange(width, device=device)
         span = torch.arange(levels * window, device=device)
         window_positions = last[:, None] + 1 + span % window + span // window
         proposal_positions = last[:, None] + 1 + torch.arange(levels, device=device).repeat(groups)
-        tokens = torch.cat([run, trail.flatten(1), proposals.flatten(1)], dim=1)
-        positions = torch.cat([run_positions, window_positions, proposal_positions], dim=1)
-        fed = _step_mask(run_len, width, levels, window, present, ngram)
+        draft_positions = last[:, None] + 1 + torch.arange(drafts.shape[1], device=device)
+        tokens = torch.cat([run, trail.flatten(1), proposals.flatten(1), drafts], dim=1)
+        positions = torch.cat([run_positions, window_positions, proposal_positions, draft_positions], dim=1)
+        fed = _step_mask(run_len, width, levels, window, present, ngram, drafted)
         allowed = torch.cat([rows.slot_mask.bool()[:, None, :].expand(-1, fed.shape[1], -1), fed], dim=2)
         # only the run, the window's last level and the candidates are read: the LM head skips the rest
         last_level = width + (levels - 1) * window
@@ -171,14 +190,23 @@ def lookahead(
 
         # verification: candidate g holds while each token equals the prediction before it
         after_run = prediction.gather(1, (run_len - 1)[:, None])  # (B, 1) the next token, as AR
-        proposed_predictions = prediction[:, width + window :].view(len(rows.index), groups, levels)
+        proposed_end = width + window + groups * levels
+        proposed_predictions = prediction[:, width + window : proposed_end].view(len(rows.index), groups, levels)
         before = torch.cat([after_run[:, None, :].expand(-1, groups, -1), proposed_predictions[:, :, :-1]], dim=2)
         matched = ((proposals == before) & present[:, :, None]).long().cumprod(2).sum(2)  # (B, G)
         best = matched.argmax(dim=1) if groups else torch.zeros(len(rows.index), dtype=torch.long, device=device)
         length = matched.gather(1, best[:, None]).squeeze(1) if groups else torch.zeros_like(best)
         chosen = proposed_predictions[torch.arange(len(rows.index), device=device), best] if groups else \
             torch.zeros((len(rows.index), levels), dtype=torch.long, device=device)
-        emitted = torch.cat([after_run, chosen], dim=1)  # (B, N): the first 1 + length are right
+        if drafts.shape[1]:  # the draft wins where it matched more than the best candidate
+            draft_predictions = prediction[:, proposed_end:]
+            before = torch.cat([after_run, draft_predictions[:, :-1]], dim=1)
+            draft_length = ((drafts == before) & drafted).long().cumprod(1).sum(1)
+            longest = max(levels, drafts.shape[1])
+            chosen = torch.where((draft_length > length)[:, None], _pad(draft_predictions, longest, 1, left=False),
+                                 _pad(chosen, longest, 1, left=False))
+            length = torch.maximum(length, draft_length)
+        emitted = torch.cat([after_run, chosen], dim=1)  # the first 1 + length are right
         count = torch.minimum(length + 1, rows.limit - rows.n_out)
         count, hit_eos = _truncate_at_eos(emitted, count, eos)
 
@@ -205,3 +233,18 @@ def lookahead(
         if len(rows.index):
             run = run[:, : int(run_len.max())]
     return outputs.output()
+
+
+def _context_drafts(rows: _Rows, length: int, pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, D) each row's prompt-lookup draft of up to `length` tokens and (B, D) which exist; D is
+    the longest draft found, so no column is fed where no row has a draft."""
+    found = [lookup_continuation(_context(rows, i), length) for i in range(len(rows.index))] if length else []
+    longest = max(map(len, found), default=0)
+    device = rows.pending.device
+    drafts = torch.full((len(rows.index), longest), pad_token_id, dtype=torch.long, device=device)
+    drafted = torch.zeros((len(rows.index), longest), dtype=torch.bool, device=device)
+    for i, tokens in enumerate(found):
+        if tokens:
+            drafts[i, : len(tokens)] = torch.tensor(tokens, dtype=torch.long, device=device)
+            drafted[i, : len(tokens)] = True
+    return drafts, drafted

@@ -1,5 +1,5 @@
 """One decoder and its settings, as written on the command line: `hf`, `ar`, `jacobi:N[:INIT[:G]]`,
-`lookahead:W:N:G`, `hf-pld[:K]` (transformers' prompt-lookup decoding), `hf-assisted`
+`lookahead:W:N:G[:D]`, `hf-pld[:K]` (transformers' prompt-lookup decoding), `hf-assisted`
 (transformers' assisted generation with a draft model) and `llamacpp` (llama.cpp on the model's
 GGUF file, a reference row of `cllm bench`)."""
 
@@ -11,7 +11,7 @@ from cllm.errors import CllmError
 
 INIT_STRATEGIES = ("prompt", "repeat", "pad", "lookup")
 KINDS = ("hf", "ar", "jacobi", "lookahead", "hf-pld", "hf-assisted", "llamacpp")
-USAGE = "use hf, ar, jacobi:N[:INIT[:G]], lookahead:W:N:G, hf-pld[:K], hf-assisted or llamacpp"
+USAGE = "use hf, ar, jacobi:N[:INIT[:G]], lookahead:W:N:G[:D], hf-pld[:K], hf-assisted or llamacpp"
 
 
 @dataclass(frozen=True)
@@ -22,6 +22,7 @@ class DecoderSpec:
     window: int = 5  # lookahead: W
     ngram: int = 4  # lookahead, and jacobi's candidates: N
     candidates: int | None = None  # n-grams verified per step; None: 5 for lookahead, 0 for jacobi
+    draft: int = 0  # lookahead: D, the prompt-lookup draft's length (0: none)
     lookup_tokens: int = 10  # hf-pld: prompt_lookup_num_tokens
 
     @property
@@ -37,7 +38,7 @@ class DecoderSpec:
                 return f"{label}:{self.init}:{self.verified}"
             return label + ("" if self.init == "prompt" else f":{self.init}")
         if self.kind == "lookahead":
-            return f"lookahead:{self.window}:{self.ngram}:{self.verified}"
+            return f"lookahead:{self.window}:{self.ngram}:{self.verified}" + (f":{self.draft}" if self.draft else "")
         if self.kind == "hf-pld":
             return f"hf-pld:{self.lookup_tokens}"
         return self.kind
@@ -48,7 +49,7 @@ class DecoderSpec:
             extra = {"candidates": self.verified, "ngram": self.ngram} if self.verified else {}
             return {"block_size": self.block_size, "init": self.init} | extra
         if self.kind == "lookahead":
-            return {"window": self.window, "ngram": self.ngram, "candidates": self.verified}
+            return {"window": self.window, "ngram": self.ngram, "candidates": self.verified, "draft": self.draft}
         if self.kind == "hf-pld":
             return {"lookup_tokens": self.lookup_tokens}
         return {}
@@ -68,14 +69,16 @@ class DecoderSpec:
             candidates = _number(fields[2], text, "number of candidates") if len(fields) > 2 else 0
             return cls("jacobi", block_size, init, candidates=candidates or None)
         if kind == "lookahead":
-            if len(fields) not in (0, 3):
-                raise CllmError(f"lookahead takes window, n-gram size and candidates: lookahead:W:N:G, got {text!r}")
+            if len(fields) not in (0, 3, 4):
+                raise CllmError("lookahead takes window, n-gram size, candidates and optionally a draft length: "
+                                f"lookahead:W:N:G[:D], got {text!r}")
             if not fields:
                 return cls("lookahead")
-            window, ngram, candidates = (_number(f, text, name) for f, name in zip(fields, ("window", "n-gram size", "candidates")))
+            names = ("window", "n-gram size", "candidates", "draft length")
+            window, ngram, candidates, *draft = (_number(f, text, name) for f, name in zip(fields, names))
             if ngram < 2:
                 raise CllmError(f"the n-gram size must be >= 2 in {text!r}")
-            return cls("lookahead", window=window, ngram=ngram, candidates=candidates)
+            return cls("lookahead", window=window, ngram=ngram, candidates=candidates, draft=draft[0] if draft else 0)
         if kind == "hf-pld":
             if len(fields) > 1:
                 raise CllmError(f"hf-pld takes one field, the lookup length: hf-pld[:K], got {text!r}")
