@@ -5,8 +5,8 @@ Each step feeds one sequence per row through the public forward with a custom 4D
 
     [ run | lookahead window: N-1 levels x W columns | G candidate n-grams of N-1 tokens | draft ]
 
-- run: the tokens accepted last step, not yet in the KV cache (1..N of them); causal among
-  themselves. The prediction after the last one is the next token, exactly as in AR.
+- run: the tokens accepted last step, not yet in the KV cache (1..N of them, up to D+1 with a
+  draft); causal among themselves. The prediction after the last one is the next token, exactly as in AR.
 - lookahead window: a W-wide trajectory of Jacobi guesses, N-1 levels deep. The token at level l,
   column i sits at position p+1+i+l (p: the last run token) and sees the run, level 0 up to
   column i, and column i of levels 1..l: a diagonal. The last level's predictions become the
@@ -120,10 +120,11 @@ def lookahead(
     compile: bool | str = False,
 ) -> DecodeOutput:
     """Lookahead decoding: `window` W, n-gram size `ngram` N, up to `candidates` G verified
-    n-grams per step, and a prompt-lookup draft of up to `draft` tokens (0: none). Returns exactly the AR output, greedy or sampled with the same `sampling`
-    and `seed`; stats count one forward per step. `max_new_tokens`, `sampling` and `seed` are one
-    for the batch or one per row; `control` lets rows join and leave (cllm.decoding.core.BatchControl);
-    `compile` runs the compiled path (cllm.decoding.kv)."""
+    n-grams per step, and a prompt-lookup draft of up to `draft` tokens (0: none). Returns exactly
+    the AR output, greedy or sampled with the same `sampling` and `seed`; stats count one forward
+    per step. `max_new_tokens`, `sampling` and `seed` are one for the batch or one per row;
+    `control` lets rows join and leave (cllm.decoding.core.BatchControl); `compile` runs the
+    compiled path (cllm.decoding.kv)."""
     input_ids, attention_mask = _as_batch(input_ids, attention_mask)
     _validate(input_ids, attention_mask, max_new_tokens, block_size=1)
     if window < 1 or ngram < 2 or candidates < 1 or draft < 0:
@@ -181,7 +182,7 @@ def lookahead(
         positions = torch.cat([run_positions, window_positions, proposal_positions, draft_positions], dim=1)
         fed = _step_mask(run_len, width, levels, window, present, ngram, drafted)
         allowed = torch.cat([rows.slot_mask.bool()[:, None, :].expand(-1, fed.shape[1], -1), fed], dim=2)
-        # only the run, the window's last level and the candidates are read: the LM head skips the rest
+        # only the run, the window's last level, the candidates and the draft are read: the LM head skips the rest
         last_level = width + (levels - 1) * window
         read = torch.cat([torch.arange(width), torch.arange(last_level, tokens.shape[1])]).to(device)
         logits = cache.forward(tokens, positions, allowed, logits_to_keep=read)
