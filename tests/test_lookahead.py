@@ -100,7 +100,7 @@ def test_step_mask_by_hand():
 @pytest.mark.parametrize("arch", ARCHS)
 def test_step_mask_isolates_candidates_and_draft(arch):
     """Every candidate's and the draft's logits in one lookahead-shaped forward equal those of a
-    separate forward of the prefix and that candidate alone (float64, each attention backend; the
+    separate forward of the prefix, the run and that candidate alone (float64, each attention backend; the
     eager attention takes its softmax in float32, hence its tolerance)."""
     for attention, tolerance in (("eager", 1e-5), ("sdpa", 1e-10)):
         model = tiny_model(arch, seed=3)
