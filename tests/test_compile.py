@@ -95,6 +95,28 @@ def test_padded_columns_and_kept_slots_change_nothing():
     torch.testing.assert_close(logits, reference[:, 4:6], rtol=1e-9, atol=1e-9)
 
 
+@pytest.mark.parametrize("compile", [False, "eager"])
+def test_kept_columns_per_row_equal_a_plain_forward(compile):
+    """After one forward of `pending` and two 2-token candidates, row 0 keeps `pending` and the second
+    candidate, row 1 `pending` and the first candidate's first token (a hole after it): the next
+    forward's logits equal a plain forward of each row's prompt and kept tokens (both stores)."""
+    model = tiny_model("qwen2", seed=2)
+    prompt = torch.tensor([[5, 9, 17, 33], [8, 3, 60, 12]])
+    fed = torch.tensor([[41, 2, 70, 11, 19], [7, 25, 4, 30, 6]])  # pending | a1 a2 | b1 b2
+    store = new_store(model, 16, compile=compile)
+    store.forward(prompt, torch.arange(4).expand(2, -1), None)
+    own = torch.tensor([[1, 0, 0, 0, 0], [1, 1, 0, 0, 0], [1, 1, 1, 0, 0], [1, 0, 0, 1, 0], [1, 0, 0, 1, 1]], dtype=torch.bool)
+    allowed = torch.cat([torch.ones((5, 4), dtype=torch.bool), own], dim=1).expand(2, -1, -1)
+    store.forward(fed, torch.tensor([4, 5, 6, 5, 6]).expand(2, -1), allowed)
+    store.keep_columns(torch.tensor([[0, 3, 4], [0, 1, 0]]))
+    following = torch.tensor([[50], [51]])
+    slots = torch.tensor([[1] * 7 + [1], [1] * 6 + [0, 1]], dtype=torch.bool)
+    logits = store.forward(following, torch.tensor([[7], [6]]), slots[:, None, :])
+    for row, kept in ((0, [41, 11, 19]), (1, [7, 25])):
+        alone = model(torch.cat([prompt[row], torch.tensor(kept), following[row]])[None]).logits[0, -1]
+        torch.testing.assert_close(logits[row, 0], alone, rtol=1e-9, atol=1e-9)
+
+
 def test_inductor_matches_eager_in_float32_and_compiles_once(tmp_path, monkeypatch):
     monkeypatch.setenv("CLLM_HOME", str(tmp_path))
     # as torch leaves it once it has looked for its cache (cllm replaces it; undone after the test)
@@ -129,6 +151,7 @@ def test_failed_compilation_falls_back_to_eager_with_one_message(capsys):
     def broken_backend(graph, example_inputs):
         raise RuntimeError("no compiler in this test")
 
+    torch._dynamo.reset()  # dynamo would reuse a graph an earlier test traced for the same forward code
     model = tiny_model("qwen2", seed=4)
     input_ids = torch.tensor([[3, 1, 4, 1, 5, 9]])
     expected = ar(model, input_ids, max_new_tokens=12).token_ids

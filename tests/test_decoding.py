@@ -158,8 +158,10 @@ def test_lookup_continuation_follows_the_latest_longest_match():
     assert lookup_continuation([3, 6, 8, 8, 8, 3, 7, 2, 3], n=2) == [7, 2]
     # a 2-token match beats a more recent 1-token match
     assert lookup_continuation([5, 3, 0, 2, 3, 9, 5, 3], n=1) == [0]
-    # the continuation stops at the end of the context; nothing recurs -> nothing
-    assert lookup_continuation([4, 4], n=5) == [4]
+    # where the context ends first, what followed goes on repeating itself (a loop of period 2, then 1)
+    assert lookup_continuation([9, 4, 6, 4, 6], n=5) == [4, 6, 4, 6, 4]
+    assert lookup_continuation([4, 4], n=5) == [4, 4, 4, 4, 4]
+    # nothing recurs -> nothing
     assert lookup_continuation([1, 2, 3], n=5) == []
     assert lookup_continuation([7], n=5) == []
 

@@ -73,26 +73,25 @@ def test_multi_candidate_jacobi_equals_ar_on_randomized_cases(arch):
 
 
 def test_step_mask_by_hand():
-    """One run token, 2 levels x 2 columns of window, one candidate of 2 tokens (N = 3)."""
-    mask = _step_mask(torch.tensor([1]), width=1, levels=2, window=2, counts=torch.tensor([[True]]), ngram=3)[0]
-    # columns: r | (0,0) (0,1) (1,0) (1,1) | c0 c1
+    """`pending`, 2 levels x 2 columns of window, one candidate of 2 tokens (N = 3)."""
+    mask = _step_mask(levels=2, window=2, counts=torch.tensor([[True]]), ngram=3)[0]
+    # columns: p | (0,0) (0,1) (1,0) (1,1) | c0 c1
     expected = torch.tensor([
-        [1, 0, 0, 0, 0, 0, 0],  # run
+        [1, 0, 0, 0, 0, 0, 0],  # pending
         [1, 1, 0, 0, 0, 0, 0],  # level 0, column 0
         [1, 1, 1, 0, 0, 0, 0],  # level 0, column 1: level 0 up to its column
         [1, 1, 0, 1, 0, 0, 0],  # level 1, column 0: level 0 up to column 0, then its diagonal
         [1, 1, 1, 0, 1, 0, 0],  # level 1, column 1
-        [1, 0, 0, 0, 0, 1, 0],  # candidate token 0: the run and itself
+        [1, 0, 0, 0, 0, 1, 0],  # candidate token 0: pending and itself
         [1, 0, 0, 0, 0, 1, 1],  # candidate token 1
     ], dtype=torch.bool)
     assert torch.equal(mask, expected)
-    padded = _step_mask(torch.tensor([1, 2]), width=2, levels=1, window=1, counts=torch.tensor([[False], [True]]), ngram=2)
-    assert padded[0, 1].tolist() == [True, True, False, False]  # a padded run column: unused, never all-masked
-    assert padded[0, 3].tolist() == [False, False, False, True]  # an absent candidate sees nothing else
-    assert padded[1, 3].tolist() == [True, True, False, True]
-    drafted = _step_mask(torch.tensor([1, 1]), width=1, levels=1, window=1, counts=torch.zeros((2, 0), dtype=torch.bool),
-                         ngram=2, drafted=torch.tensor([[True, True, False], [False, False, False]]))
-    # columns: r | w | d0 d1 d2: draft tokens see the run and the draft's earlier tokens; missing ones only themselves
+    absent = _step_mask(levels=1, window=1, counts=torch.tensor([[False], [True]]), ngram=2)
+    assert absent[0, 2].tolist() == [False, False, True]  # an absent candidate sees nothing else
+    assert absent[1, 2].tolist() == [True, False, True]
+    drafted = _step_mask(levels=1, window=1, counts=torch.zeros((2, 0), dtype=torch.bool), ngram=2,
+                         drafted=torch.tensor([[True, True, False], [False, False, False]]))
+    # columns: p | w | d0 d1 d2: draft tokens see pending and the draft's earlier tokens; missing ones only themselves
     assert drafted[0, 2:].int().tolist() == [[1, 0, 1, 0, 0], [1, 0, 1, 1, 0], [0, 0, 0, 0, 1]]
     assert drafted[1, 2:].int().tolist() == [[0, 0, 1, 0, 0], [0, 0, 0, 1, 0], [0, 0, 0, 0, 1]]
 
@@ -100,30 +99,30 @@ def test_step_mask_by_hand():
 @pytest.mark.parametrize("arch", ARCHS)
 def test_step_mask_isolates_candidates_and_draft(arch):
     """Every candidate's and the draft's logits in one lookahead-shaped forward equal those of a
-    separate forward of the prefix, the run and that candidate alone (float64, each attention backend; the
+    separate forward of the prefix, `pending` and that candidate alone (float64, each attention backend; the
     eager attention takes its softmax in float32, hence its tolerance)."""
     for attention, tolerance in (("eager", 1e-5), ("sdpa", 1e-10)):
         model = tiny_model(arch, seed=3)
         model.set_attn_implementation(attention)
         rng = random.Random(f"isolation-{arch}")
         prefix = torch.tensor([[rng.randrange(1, VOCAB) for _ in range(9)]])
-        run, window, levels, groups, ngram = 2, 3, 2, 3, 3
-        fed = torch.tensor([[rng.randrange(1, VOCAB) for _ in range(run + levels * window + groups * (ngram - 1) + 4)]])
+        window, levels, groups, ngram = 3, 2, 3, 3
+        fed = torch.tensor([[rng.randrange(1, VOCAB) for _ in range(1 + levels * window + groups * (ngram - 1) + 4)]])
         present = torch.tensor([[True, True, False]])
         drafted = torch.tensor([[True, True, True, False]])
-        mask = _step_mask(torch.tensor([run]), run, levels, window, present, ngram, drafted)
+        mask = _step_mask(levels, window, present, ngram, drafted)
         store = DynamicKV(model)
         store.forward(prefix, torch.arange(9)[None], None)
-        last = 9 + run - 1
+        last = 9
         span = torch.arange(levels * window)
-        positions = torch.cat([torch.arange(9, 9 + run), last + 1 + span % window + span // window,
+        positions = torch.cat([torch.tensor([last]), last + 1 + span % window + span // window,
                                last + 1 + torch.arange(levels).repeat(groups), last + 1 + torch.arange(4)])[None]
         allowed = torch.cat([torch.ones((1, fed.shape[1], 9), dtype=torch.bool), mask], dim=2)
         together = store.forward(fed, positions, allowed)[0]
-        start = run + levels * window
+        start = 1 + levels * window
         pieces = [(start + g * (ngram - 1), ngram - 1) for g in range(2)] + [(start + groups * (ngram - 1), 3)]
         for first, length in pieces:
-            alone = model(torch.cat([prefix, fed[:, :run], fed[:, first : first + length]], dim=1)).logits[0, 9 + run :]
+            alone = model(torch.cat([prefix, fed[:, :1], fed[:, first : first + length]], dim=1)).logits[0, 10:]
             torch.testing.assert_close(together[first : first + length], alone, rtol=0, atol=tolerance)
 
 

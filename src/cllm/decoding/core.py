@@ -225,6 +225,17 @@ def _keep_real_slots(cache: KVStore, rows: _Rows, accepted: torch.Tensor) -> Non
     rows.n_real = rows.n_real + accepted
 
 
+def _keep_pending_and_accepted(cache: KVStore, rows: _Rows, first: torch.Tensor, accepted: torch.Tensor) -> None:
+    """After a forward that fed `pending` at column 0, keep its KV and that of each row's `accepted`
+    (B,) columns from column `first` (B,) on: the fed tokens that proved right, now part of the output."""
+    offsets = torch.arange(int(accepted.max()), device=accepted.device)
+    real = offsets < accepted[:, None]
+    columns = torch.where(real, first[:, None] + offsets, 0)  # a row's unused slots copy column 0, masked
+    cache.keep_columns(torch.cat([torch.zeros_like(first)[:, None], columns], dim=1))
+    rows.slot_mask = torch.cat([rows.slot_mask, torch.ones_like(first)[:, None], real.long()], dim=1)
+    rows.n_real = rows.n_real + 1 + accepted
+
+
 def _context(rows: _Rows, i: int) -> torch.Tensor:
     """Row i's prompt and output so far (its last token is `pending`)."""
     prompt = rows.prompt[i, rows.prompt.shape[1] - int(rows.prompt_len[i]) :]

@@ -35,7 +35,6 @@ from cllm.decoding.core import (
     _join,
     _keep_real_slots,
     _Outputs,
-    _pad,
     _prefill,
     _Rows,
     _truncate_at_eos,
@@ -54,9 +53,9 @@ class _GuessMaker:
 
     `prompt` (the paper's choice) draws n tokens uniformly from the row's own prompt; every row has
     its own generator, seeded `seed + row` or by its entry of a per-row `seed` list, so a row's
-    guesses do not depend on its batch mates. `lookup` starts from what followed the latest earlier
-    occurrence of the context's last tokens (see `lookup_continuation`) and fills the rest like
-    `prompt`: answers repeat numbers and phrases of their question, and the acceptance rule verifies
+    guesses do not depend on its batch mates. `lookup` takes what followed the latest earlier
+    occurrence of the context's last tokens (see `lookup_continuation`), and draws like `prompt`
+    where no suffix recurs: answers repeat numbers and phrases of their question, and the acceptance rule verifies
     every guess, so the output stays the greedy one whatever the guess.
     """
 
@@ -111,8 +110,10 @@ class _GuessMaker:
 def lookup_continuation(
     context: torch.Tensor | Sequence[int], n: int, max_ngram: int = LOOKUP_MAX_NGRAM, min_ngram: int = 1
 ) -> list[int]:
-    """Up to n tokens that followed the latest earlier occurrence of the context's last `size`
-    tokens, trying size = max_ngram down to min_ngram (prompt lookup); [] when no suffix recurs."""
+    """n tokens that followed the latest earlier occurrence of the context's last `size` tokens,
+    trying size = max_ngram down to min_ngram (prompt lookup); [] when no suffix recurs. Where the
+    context ends first, the copy goes on repeating what followed the occurrence (an overlapping
+    copy, as in LZ77): a loop shorter than n is guessed to go on, which is what a looping model does."""
     context = torch.as_tensor(context, dtype=torch.long)
     length = context.shape[0]
     for size in range(min(max_ngram, length - 1), min_ngram - 1, -1):
@@ -120,8 +121,8 @@ def lookup_continuation(
         earlier = context[: length - 1].unfold(0, size, 1)
         hits = (earlier == context[length - size :]).all(dim=1).nonzero()
         if len(hits):
-            start = int(hits[-1]) + size
-            return context[start : start + n].tolist()
+            followed = context[int(hits[-1]) + size :].tolist()
+            return [followed[k % len(followed)] for k in range(n)]
     return []
 
 
@@ -233,7 +234,7 @@ def jacobi(
             states |= {int(rows.index[i]): [state] for i, state in zip(new.tolist(), joining.block)}
         if not len(rows.index):
             break
-        block, fixed, run, run_len = iterates.block, iterates.fixed, iterates.run, iterates.run_len
+        block, fixed = iterates.block, iterates.fixed
         block_len = (rows.limit - iterates.block_start).clamp(max=n)
         width = block_len - fixed  # (B,) >= 1 unfixed positions
         fed = int(width.max())
@@ -258,9 +259,8 @@ def jacobi(
             for i, row in enumerate(rows.index.tolist()):
                 pools[row].add_context(_context(rows, i))
             proposals, present = offered_candidates(pools, rows, ngram, pad_token_id)
-            step = candidate_step(cache, rows, run, run_len, guesses, width, proposals, present, pad_token_id)
-            prediction, emitted, accepted, iterates.run, iterates.run_len = (
-                step.predictions, step.emitted, step.count, step.run, step.run_len)
+            step = candidate_step(cache, rows, guesses, width, proposals, present, pad_token_id)
+            prediction, emitted, accepted = step.predictions, step.emitted, step.count
 
         # 4. commit: new iterate (the accepted tokens where a candidate won), output
         relative = torch.arange(n, device=device) - fixed[:, None]  # (B, n)
@@ -297,8 +297,6 @@ def jacobi(
         keep = outputs.retire(rows, cache, done)
         if keep is not None:
             iterates = iterates.selected(keep)
-        if len(rows.index):
-            iterates.run = iterates.run[:, : int(iterates.run_len.max())]
 
     return outputs.output(trajectories if return_trajectory else None)
 
@@ -311,14 +309,11 @@ class _Iterates:
     fixed: torch.Tensor  # (B,) leading positions known right
     block_start: torch.Tensor  # (B,) n_out when the block began
     block_iters: torch.Tensor  # (B,)
-    run: torch.Tensor  # (B, R) accepted tokens whose KV is not cached; only candidates make R > 1
-    run_len: torch.Tensor  # (B,)
 
     @classmethod
     def start(cls, rows: _Rows, which: torch.Tensor, make_guess: _GuessMaker, n: int) -> _Iterates:
         zeros = torch.zeros(len(which), dtype=torch.long, device=rows.pending.device)
-        return cls(make_guess(rows, which, n), zeros, rows.n_out[which].clone(), zeros.clone(),
-                   rows.pending[which, None].clone(), torch.ones_like(zeros))
+        return cls(make_guess(rows, which, n), zeros, rows.n_out[which].clone(), zeros.clone())
 
     def restart(self, rows: _Rows, which: torch.Tensor, make_guess: _GuessMaker, n: int) -> None:
         """New blocks for the rows at `which` (their previous block converged)."""
@@ -331,8 +326,6 @@ class _Iterates:
         return _Iterates(*(getattr(self, f.name)[keep] for f in fields(self)))
 
     def extended(self, other: _Iterates) -> _Iterates:
-        width = max(self.run.shape[1], other.run.shape[1])
-        self.run, other.run = _pad(self.run, width, 1, left=False), _pad(other.run, width, 1, left=False)
         return _Iterates(*(torch.cat([getattr(self, f.name), getattr(other, f.name)]) for f in fields(self)))
 
 

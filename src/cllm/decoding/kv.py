@@ -1,8 +1,9 @@
 """Where the cached decoders keep keys and values, and the opt-in compiled forward.
 
 Every cached decoder talks to a store: `forward` runs some columns after the cached slots,
-`keep` keeps the KV of the first columns of the last forward, `select` drops rows, `merge` joins
-two batches (the slot layout is described in cllm.decoding.core).
+`keep` keeps the KV of the first columns of the last forward, `keep_columns` the KV of chosen
+columns per row, `select` drops rows, `merge` joins two batches (the slot layout is described in
+cllm.decoding.core).
 
 `DynamicKV` is transformers' `DynamicCache`, grown and cropped, with the model run eagerly.
 `StaticKV` is the compiled path (`compile=True`): a preallocated `StaticCache` whose write position
@@ -72,6 +73,13 @@ class DynamicKV:
         if count < self._fed:
             self.cache.crop(count - self._fed)
 
+    def keep_columns(self, columns: torch.Tensor) -> None:
+        """Keep, per row, the KV of the last forward's columns `columns` (B, K), in that order."""
+        start = self.cache.get_seq_length() - self._fed
+        for layer in self.cache.layers:
+            layer.keys = torch.cat([layer.keys[:, :, :start], _gathered(layer.keys, start + columns)], dim=2)
+            layer.values = torch.cat([layer.values[:, :, :start], _gathered(layer.values, start + columns)], dim=2)
+
     def select(self, rows: torch.Tensor) -> None:
         self.cache.batch_select_indices(rows)
 
@@ -136,6 +144,15 @@ class StaticKV:
         if self._start + count != self.length:
             self.length = self._start + count
             self._set_write_position(self.length)
+
+    def keep_columns(self, columns: torch.Tensor) -> None:
+        """Keep, per row, the KV of the last forward's columns `columns` (B, K), in that order: written
+        over the forward's first K slots."""
+        kept = slice(self._start, self._start + columns.shape[1])
+        for layer in self.cache.layers:
+            layer.keys[:, :, kept] = _gathered(layer.keys, self._start + columns)
+            layer.values[:, :, kept] = _gathered(layer.values, self._start + columns)
+        self.keep(columns.shape[1])
 
     def select(self, rows: torch.Tensor) -> None:
         self._refill([(k[rows], v[rows]) for k, v in self.contents()], self.capacity)
@@ -320,6 +337,12 @@ def _kept(logits: torch.Tensor, logits_to_keep: int | torch.Tensor) -> torch.Ten
     if isinstance(logits_to_keep, torch.Tensor):
         return logits[:, logits_to_keep]
     return logits[:, -logits_to_keep:] if logits_to_keep else logits
+
+
+def _gathered(states: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+    """(B, H, K, D) the keys or values at each row's `slots` (B, K)."""
+    index = slots[:, None, :, None].expand(-1, states.shape[1], -1, states.shape[3])
+    return states.gather(2, index)
 
 
 def _pad_left(tensor: torch.Tensor, size: int) -> torch.Tensor:

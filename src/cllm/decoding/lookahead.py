@@ -3,28 +3,29 @@
 Each step feeds one sequence per row through the public forward with a custom 4D attention mask
 (docs/decoding.md draws it):
 
-    [ run | lookahead window: N-1 levels x W columns | G candidate n-grams of N-1 tokens | draft ]
+    [ pending | lookahead window: N-1 levels x W columns | G candidate n-grams of N-1 tokens | draft ]
 
-- run: the tokens accepted last step, not yet in the KV cache (1..N of them, up to D+1 with a
-  draft); causal among themselves. The prediction after the last one is the next token, exactly as in AR.
+- pending: the last accepted token, at position p, not yet in the KV cache; every column sees it.
+  Its prediction is the next token, exactly as in AR.
 - lookahead window: a W-wide trajectory of Jacobi guesses, N-1 levels deep. The token at level l,
-  column i sits at position p+1+i+l (p: the last run token) and sees the run, level 0 up to
-  column i, and column i of levels 1..l: a diagonal. The last level's predictions become the
-  next step's last level (the oldest level drops out), and each column, read down its levels
-  plus that prediction, is an N-gram for the pool. The window only proposes; nothing it holds is
-  trusted.
-- candidates: up to G n-grams from the pool that start with the last run token, each at positions
-  p+1.. and seeing the run and its own earlier tokens only. Candidate g is right for as long as
-  each of its tokens equals the prediction at the column before it; the longest such prefix, plus
-  the prediction after it, is accepted (at least one token: the plain AR step).
-- draft (optional, `draft` D > 0): up to D tokens that followed the latest earlier occurrence of
-  the context's last tokens (prompt lookup), verified like a candidate. The pool's candidates are
+  column i sits at position p+1+i+l and sees `pending`, level 0 up to column i, and column i of
+  levels 1..l: a diagonal. The last level's predictions become the next step's last level (the
+  oldest level drops out), and each column, read down its levels plus that prediction, is an
+  N-gram for the pool. The window only proposes; nothing it holds is trusted.
+- candidates: up to G n-grams from the pool that start with `pending`, each at positions p+1..
+  and seeing `pending` and its own earlier tokens only. Candidate g is right for as long as each
+  of its tokens equals the prediction at the column before it; the longest such prefix, plus the
+  prediction after it, is accepted (at least one token: the plain AR step).
+- draft (optional, `draft` D > 0): D tokens that followed the latest earlier occurrence of the
+  context's last tokens (prompt lookup; a loop shorter than D repeated), verified like a candidate. The pool's candidates are
   N-1 tokens long; a draft copies a longer span where the answer repeats its question, which is
   what makes transformers' prompt lookup hard to beat on a CPU (docs/results.md).
 The pool (per row, keyed by first token, newest first, G per key) is fed by the window and by
-every N-gram of the row's own context (prompt + output so far). The KV of the run is kept; the
-window's and the candidates' are cropped away, and the accepted tokens form the next run, so the
-cache only ever holds tokens fed after a correct prefix: outputs equal AR's token for token.
+every N-gram of the row's own context (prompt + output so far). The KV of `pending` and of the
+winner's right prefix is kept (gathered per row: each row's winner sits in other columns), the
+window's and the other candidates' are cropped away; the prediction after the prefix is the next
+`pending`. The cache only ever holds tokens fed after a correct prefix: outputs equal AR's token
+for token.
 
 Custom 4D masks are handed to the attention as they are: this works with the eager and SDPA
 attentions (an additive float mask), not with flash-attention.
@@ -47,6 +48,7 @@ from cllm.decoding.core import (
     _emit_first_token,
     _eos_tensor,
     _join,
+    _keep_pending_and_accepted,
     _Outputs,
     _pad,
     _prefill,
@@ -59,44 +61,37 @@ from cllm.decoding.ngrams import NgramPool, offered_candidates
 from cllm.decoding.sampling import GREEDY, Sampling
 
 
-def _step_mask(run_len: torch.Tensor, width: int, levels: int, window: int, counts: torch.Tensor, ngram: int,
-               drafted: torch.Tensor | None = None) -> torch.Tensor:
+def _step_mask(levels: int, window: int, counts: torch.Tensor, ngram: int, drafted: torch.Tensor | None = None
+               ) -> torch.Tensor:
     """(B, Q, Q) True where a fed column may attend to another fed column (the cache part is
-    added by the caller). Columns: R run, then levels*window window tokens, then candidates, then
-    the draft ((B, D) `drafted`: which draft tokens exist)."""
-    device = run_len.device
-    batch, span = run_len.shape[0], levels * window
-    groups = counts.shape[1]
+    added by the caller). Columns: `pending`, then levels*window window tokens, then the
+    candidates ((B, G) `counts`: which exist), then the draft ((B, D) `drafted`: which draft tokens exist)."""
+    device = counts.device
+    batch, span, groups = counts.shape[0], levels * window, counts.shape[1]
     drafted = torch.zeros((batch, 0), dtype=torch.bool, device=device) if drafted is None else drafted
-    total = width + span + groups * (ngram - 1) + drafted.shape[1]
+    total = 1 + span + groups * (ngram - 1) + drafted.shape[1]
     mask = torch.zeros((batch, total, total), dtype=torch.bool, device=device)
-    run_cols = torch.arange(width, device=device)
-    run_real = run_cols[None, :] < run_len[:, None]  # (B, R)
-    causal = run_cols[None, :] <= run_cols[:, None]  # (R, R) key <= query
-    mask[:, :width, :width] = causal[None] & run_real[:, None, :]
-    mask[:, width:, :width] = run_real[:, None, :]  # window and candidates see the whole run
+    mask[:, :, 0] = True  # every column sees `pending`
 
     level = torch.arange(span, device=device) // window
     column = torch.arange(span, device=device) % window
     sees_level0 = (level[None, :] == 0) & (column[None, :] <= column[:, None])
     sees_diagonal = (level[None, :] >= 1) & (level[None, :] <= level[:, None]) & (column[None, :] == column[:, None])
-    mask[:, width : width + span, width : width + span] = (sees_level0 | sees_diagonal)[None]
+    mask[:, 1 : 1 + span, 1 : 1 + span] = (sees_level0 | sees_diagonal)[None]
 
-    start = width + span
+    own = torch.ones((ngram - 1, ngram - 1), dtype=torch.bool, device=device).tril()
+    eye = torch.eye(ngram - 1, dtype=torch.bool, device=device)
     for g in range(groups):
-        cols = slice(start + g * (ngram - 1), start + (g + 1) * (ngram - 1))
-        own = torch.ones((ngram - 1, ngram - 1), dtype=torch.bool, device=device).tril()
+        cols = slice(1 + span + g * (ngram - 1), 1 + span + (g + 1) * (ngram - 1))
         real = counts[:, g]  # (B,) whether this row has a g-th candidate
-        mask[:, cols, cols] = own[None] & real[:, None, None] | torch.eye(ngram - 1, dtype=torch.bool, device=device)[None]
-        mask[:, cols, :width] &= real[:, None, None]
+        mask[:, cols, cols] = own[None] & real[:, None, None] | eye[None]
+        mask[:, cols, 0] &= real[:, None]  # an absent candidate sees only itself
     if drafted.shape[1]:
         cols = slice(total - drafted.shape[1], total)
         own = torch.ones((drafted.shape[1],) * 2, dtype=torch.bool, device=device).tril()
         eye = torch.eye(drafted.shape[1], dtype=torch.bool, device=device)
         mask[:, cols, cols] = own[None] & drafted[:, None, :] & drafted[:, :, None] | eye[None]
-        mask[:, cols, :width] &= drafted[:, :, None]  # a missing draft token sees only itself
-    holes = ~run_real
-    mask[:, :width, :width] |= torch.diag_embed(holes)  # a padded run column (unused) is never all-masked
+        mask[:, cols, 0] &= drafted  # a missing draft token sees only itself
     return mask
 
 
@@ -138,18 +133,19 @@ def lookahead(
     eos = _eos_tensor(eos_token_id, device)
     outputs = _Outputs(batch, on_tokens, control)
     stats = outputs.stats
-    slack = max(ngram, draft + 1)  # the longest run a step can accept
+    slack = max(ngram, draft + 1)  # the most tokens a step can accept
     cache, rows = _prefill(model, input_ids, attention_mask, max_new_tokens, slack, sampling, seed, compile=compile)
     pools = [NgramPool(ngram, candidates) for _ in range(batch)]
     make_guess = _GuessMaker("prompt", seed, batch, pad_token_id)  # the window starts as Jacobi's `prompt` guess
     _emit_first_token(rows, cache, eos, outputs)
 
-    def start(which: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """trail (b, N-1, W), run (b, 1), run_len (b,) for rows starting their first step."""
-        trail = make_guess(rows, which, levels * window).view(-1, levels, window)
-        return trail, rows.pending[which, None].clone(), torch.ones(len(which), dtype=torch.long, device=device)
+    def start_trail(which: torch.Tensor) -> torch.Tensor:
+        """(b, N-1, W) the window of rows starting their first step."""
+        return make_guess(rows, which, levels * window).view(-1, levels, window)
 
-    trail, run, run_len = start(torch.arange(len(rows.index), device=device))
+    trail = start_trail(torch.arange(len(rows.index), device=device))
+    span = torch.arange(levels * window, device=device)
+    first_candidate = 1 + levels * window  # fed column of the first candidate's first token
 
     while True:
         admission = control.admit() if control is not None else None
@@ -157,88 +153,77 @@ def lookahead(
             cache, rows, joined = _join(model, cache, rows, admission, outputs, eos, slack, pad_token_id)
             make_guess.add_rows(admission.seeds, first_index=len(pools))
             pools += [NgramPool(ngram, candidates) for _ in admission.prompts]
-            new_trail, new_run, new_len = start(torch.arange(len(rows.index) - joined, len(rows.index), device=device))
-            trail = torch.cat([trail, new_trail])
-            run_len = torch.cat([run_len, new_len])
-            run = torch.cat([run, _pad(new_run, run.shape[1], 1, left=False)])
-            if len(run_len):
-                run = run[:, : int(run_len.max())]
+            trail = torch.cat([trail, start_trail(torch.arange(len(rows.index) - joined, len(rows.index), device=device))])
         if not len(rows.index):
             break
         for i in range(len(rows.index)):
             pools[int(rows.index[i])].add_context(_context(rows, i))
-        width = int(run_len.max())
         proposals, present = offered_candidates(pools, rows, ngram, pad_token_id)
         groups = proposals.shape[1]
         drafts, drafted = _context_drafts(rows, draft, pad_token_id)
 
-        last = rows.n_real + run_len - 1  # position of the last run token
-        run_positions = rows.n_real[:, None] + torch.arange(width, device=device)
-        span = torch.arange(levels * window, device=device)
+        last = rows.n_real  # position of `pending`
         window_positions = last[:, None] + 1 + span % window + span // window
         proposal_positions = last[:, None] + 1 + torch.arange(levels, device=device).repeat(groups)
         draft_positions = last[:, None] + 1 + torch.arange(drafts.shape[1], device=device)
-        tokens = torch.cat([run, trail.flatten(1), proposals.flatten(1), drafts], dim=1)
-        positions = torch.cat([run_positions, window_positions, proposal_positions, draft_positions], dim=1)
-        fed = _step_mask(run_len, width, levels, window, present, ngram, drafted)
+        tokens = torch.cat([rows.pending[:, None], trail.flatten(1), proposals.flatten(1), drafts], dim=1)
+        positions = torch.cat([last[:, None], window_positions, proposal_positions, draft_positions], dim=1)
+        fed = _step_mask(levels, window, present, ngram, drafted)
         allowed = torch.cat([rows.slot_mask.bool()[:, None, :].expand(-1, fed.shape[1], -1), fed], dim=2)
-        # only the run, the window's last level, the candidates and the draft are read: the LM head skips the rest
-        last_level = width + (levels - 1) * window
-        read = torch.cat([torch.arange(width), torch.arange(last_level, tokens.shape[1])]).to(device)
+        # only `pending`, the window's last level, the candidates and the draft are read: the LM head skips the rest
+        last_level = 1 + (levels - 1) * window
+        read = torch.cat([torch.zeros(1, dtype=torch.long), torch.arange(last_level, tokens.shape[1])]).to(device)
         logits = cache.forward(tokens, positions, allowed, logits_to_keep=read)
         # the column at position q predicts output index n_out + q - last (`pending`, at `last`, is n_out - 1)
-        prediction = rows.pick(logits, positions[:, read] - last[:, None] + rows.n_out[:, None])  # (B, width + W + G * (N-1))
+        prediction = rows.pick(logits, positions[:, read] - last[:, None] + rows.n_out[:, None])  # (B, 1 + W + G * (N-1) + D)
 
         # verification: candidate g holds while each token equals the prediction before it
-        after_run = prediction.gather(1, (run_len - 1)[:, None])  # (B, 1) the next token, as AR
-        proposed_end = width + window + groups * levels
-        proposed_predictions = prediction[:, width + window : proposed_end].view(len(rows.index), groups, levels)
-        before = torch.cat([after_run[:, None, :].expand(-1, groups, -1), proposed_predictions[:, :, :-1]], dim=2)
+        after_pending = prediction[:, :1]  # (B, 1) the next token, as AR
+        proposed_end = 1 + window + groups * levels
+        proposed_predictions = prediction[:, 1 + window : proposed_end].view(len(rows.index), groups, levels)
+        before = torch.cat([after_pending[:, None, :].expand(-1, groups, -1), proposed_predictions[:, :, :-1]], dim=2)
         matched = ((proposals == before) & present[:, :, None]).long().cumprod(2).sum(2)  # (B, G)
         best = matched.argmax(dim=1) if groups else torch.zeros(len(rows.index), dtype=torch.long, device=device)
         length = matched.gather(1, best[:, None]).squeeze(1) if groups else torch.zeros_like(best)
         chosen = proposed_predictions[torch.arange(len(rows.index), device=device), best] if groups else \
             torch.zeros((len(rows.index), levels), dtype=torch.long, device=device)
+        winner = first_candidate + best * levels  # the fed column where the winning tokens start
         if drafts.shape[1]:  # the draft wins where it matched more than the best candidate
             draft_predictions = prediction[:, proposed_end:]
-            before = torch.cat([after_run, draft_predictions[:, :-1]], dim=1)
+            before = torch.cat([after_pending, draft_predictions[:, :-1]], dim=1)
             draft_length = ((drafts == before) & drafted).long().cumprod(1).sum(1)
             longest = max(levels, drafts.shape[1])
-            chosen = torch.where((draft_length > length)[:, None], _pad(draft_predictions, longest, 1, left=False),
+            by_draft = draft_length > length
+            chosen = torch.where(by_draft[:, None], _pad(draft_predictions, longest, 1, left=False),
                                  _pad(chosen, longest, 1, left=False))
+            winner = torch.where(by_draft, first_candidate + groups * levels, winner)
             length = torch.maximum(length, draft_length)
-        emitted = torch.cat([after_run, chosen], dim=1)  # the first 1 + length are right
+        emitted = torch.cat([after_pending, chosen], dim=1)  # the first 1 + length are right
         count = torch.minimum(length + 1, rows.limit - rows.n_out)
         count, hit_eos = _truncate_at_eos(emitted, count, eos)
 
-        # keep the run's KV, crop the window's and the candidates'
-        cache.keep(width)
-        rows.slot_mask = torch.cat([rows.slot_mask, (torch.arange(width, device=device) < run_len[:, None]).long()], dim=1)
-        rows.n_real = rows.n_real + run_len
+        # the winner's accepted tokens were fed after a right prefix: their KV is kept, the rest cropped
+        _keep_pending_and_accepted(cache, rows, winner, count - 1)
         _emit(rows, emitted, count, on_tokens)
         for row, emitted_count in zip(rows.index.tolist(), count.tolist()):
             stats[int(row)].forward_passes += 1
             stats[int(row)].fast_forward += emitted_count - 1
-        newest = prediction[:, width : width + window]  # (B, W) last level's predictions
+        newest = prediction[:, 1 : 1 + window]  # (B, W) last level's predictions
         for i, row in enumerate(rows.index.tolist()):
             columns = torch.cat([trail[i], newest[i][None]], dim=0).T.tolist()  # W n-grams, one per column
             for gram in columns:
                 pools[row].add(gram)
         trail = torch.cat([trail[:, 1:], newest[:, None]], dim=1)
-        run = emitted
-        run_len = count
         rows.pending = emitted.gather(1, (count - 1)[:, None]).squeeze(1)
         keep = outputs.retire(rows, cache, hit_eos | (rows.n_out >= rows.limit))
         if keep is not None:
-            trail, run, run_len = trail[keep], run[keep], run_len[keep]
-        if len(rows.index):
-            run = run[:, : int(run_len.max())]
+            trail = trail[keep]
     return outputs.output()
 
 
 def _context_drafts(rows: _Rows, length: int, pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(B, D) each row's prompt-lookup draft of up to `length` tokens and (B, D) which exist; D is
-    the longest draft found, so no column is fed where no row has a draft."""
+    """(B, D) each row's prompt-lookup draft of `length` tokens and (B, D) which exist: D is 0 where
+    no row's context has a recurring suffix, so no column is fed for nothing."""
     found = [lookup_continuation(_context(rows, i), length) for i in range(len(rows.index))] if length else []
     longest = max(map(len, found), default=0)
     device = rows.pending.device
