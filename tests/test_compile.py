@@ -105,7 +105,7 @@ def test_kept_columns_per_row_equal_a_plain_forward(compile):
     fed = torch.tensor([[41, 2, 70, 11, 19], [7, 25, 4, 30, 6]])  # pending | a1 a2 | b1 b2
     store = new_store(model, 16, compile=compile)
     store.forward(prompt, torch.arange(4).expand(2, -1), None)
-    own = torch.tensor([[1, 0, 0, 0, 0], [1, 1, 0, 0, 0], [1, 1, 1, 0, 0], [1, 0, 0, 1, 0], [1, 0, 0, 1, 1]], dtype=torch.bool)
+    own = torch.tensor([[1, 0, 0, 0, 0], [1, 1, 0, 0, 0], [1, 1, 1, 0, 0], [1, 0, 0, 1, 0], [1, 0, 0, 1, 1]]).bool()
     allowed = torch.cat([torch.ones((5, 4), dtype=torch.bool), own], dim=1).expand(2, -1, -1)
     store.forward(fed, torch.tensor([4, 5, 6, 5, 6]).expand(2, -1), allowed)
     store.keep_columns(torch.tensor([[0, 3, 4], [0, 1, 0]]))

@@ -61,7 +61,8 @@ def test_jacobi_equals_ar_on_ten_prompts_at_128_tokens(loaded, twenty_prompts, g
     assert plain.token_ids == expected
     assert all(stats.forward_passes <= len(reference) for stats, reference in zip(plain.stats, expected))
     # lookup guesses rewrite iterates mid-block; batched, so rows refresh at different iterations
-    with_lookup = jacobi(loaded.model, input_ids, attention_mask, block_size=16, init="lookup", **greedy_settings(loaded))
+    with_lookup = jacobi(loaded.model, input_ids, attention_mask, block_size=16, init="lookup",
+                         **greedy_settings(loaded))
     assert with_lookup.token_ids == expected
 
 

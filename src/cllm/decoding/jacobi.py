@@ -55,8 +55,8 @@ class _GuessMaker:
     its own generator, seeded `seed + row` or by its entry of a per-row `seed` list, so a row's
     guesses do not depend on its batch mates. `lookup` takes what followed the latest earlier
     occurrence of the context's last tokens (see `lookup_continuation`), and draws like `prompt`
-    where no suffix recurs: answers repeat numbers and phrases of their question, and the acceptance rule verifies
-    every guess, so the output stays the greedy one whatever the guess.
+    where no suffix recurs: answers repeat numbers and phrases of their question, and the
+    acceptance rule verifies every guess, so the output stays the greedy one whatever the guess.
     """
 
     def __init__(self, strategy: str, seed: int | Sequence[int], batch: int, pad_token_id: int) -> None:
