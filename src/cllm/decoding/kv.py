@@ -77,8 +77,8 @@ class DynamicKV:
         """Keep, per row, the KV of the last forward's columns `columns` (B, K), in that order."""
         start = self.cache.get_seq_length() - self._fed
         for layer in self.cache.layers:
-            layer.keys = torch.cat([layer.keys[:, :, :start], _gathered(layer.keys, start + columns)], dim=2)
-            layer.values = torch.cat([layer.values[:, :, :start], _gathered(layer.values, start + columns)], dim=2)
+            _move_kept(layer.keys, layer.values, start, columns)
+        self.keep(columns.shape[1])
 
     def select(self, rows: torch.Tensor) -> None:
         self.cache.batch_select_indices(rows)
@@ -148,10 +148,8 @@ class StaticKV:
     def keep_columns(self, columns: torch.Tensor) -> None:
         """Keep, per row, the KV of the last forward's columns `columns` (B, K), in that order: written
         over the forward's first K slots."""
-        kept = slice(self._start, self._start + columns.shape[1])
         for layer in self.cache.layers:
-            layer.keys[:, :, kept] = _gathered(layer.keys, self._start + columns)
-            layer.values[:, :, kept] = _gathered(layer.values, self._start + columns)
+            _move_kept(layer.keys, layer.values, self._start, columns)
         self.keep(columns.shape[1])
 
     def select(self, rows: torch.Tensor) -> None:
@@ -339,10 +337,13 @@ def _kept(logits: torch.Tensor, logits_to_keep: int | torch.Tensor) -> torch.Ten
     return logits[:, -logits_to_keep:] if logits_to_keep else logits
 
 
-def _gathered(states: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
-    """(B, H, K, D) the keys or values at each row's `slots` (B, K)."""
-    index = slots[:, None, :, None].expand(-1, states.shape[1], -1, states.shape[3])
-    return states.gather(2, index)
+def _move_kept(keys: torch.Tensor, values: torch.Tensor, start: int, columns: torch.Tensor) -> None:
+    """Write each row's chosen columns (B, K), counted from slot `start`, over slots start..start+K-1
+    in place (the gather copies them first), so that keeping the first K slots keeps them."""
+    kept = slice(start, start + columns.shape[1])
+    for states in (keys, values):  # their head sizes may differ
+        index = (start + columns)[:, None, :, None].expand(-1, states.shape[1], -1, states.shape[3])
+        states[:, :, kept] = states.gather(2, index)
 
 
 def _pad_left(tensor: torch.Tensor, size: int) -> torch.Tensor:
