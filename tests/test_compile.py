@@ -2,7 +2,7 @@
 widths and a compiled forward give the eager path's outputs, token for token.
 
 The randomized cases run dynamo with its `eager` backend (the whole static-cache path, traced, in
-float64, seconds per graph); one test compiles with inductor for real in float32."""
+float64, seconds per graph); two tests compile with inductor for real in float32."""
 
 from __future__ import annotations
 
@@ -117,11 +117,27 @@ def test_kept_columns_per_row_equal_a_plain_forward(compile):
         torch.testing.assert_close(logits[row, 0], alone, rtol=1e-9, atol=1e-9)
 
 
-def test_inductor_matches_eager_in_float32_and_compiles_once(tmp_path, monkeypatch):
+@pytest.fixture
+def inductor_home(tmp_path, monkeypatch):
     monkeypatch.setenv("CLLM_HOME", str(tmp_path))
     # as torch leaves it once it has looked for its cache (cllm replaces it; undone after the test)
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", default_cache_dir())
     torch._dynamo.reset()
+    return tmp_path
+
+
+def test_autotuned_gemms_match_eager_in_float32(inductor_home):
+    """AR through the options the product compiles with (frozen weights, CPU GEMMs autotuned)."""
+    model = tiny_model("gpt2", seed=5, dtype=torch.float32)
+    input_ids, attention_mask = left_pad([[4, 8, 15, 16, 23, 42], [7, 7, 3]], pad_token_id=0)
+    expected = ar(model, input_ids, attention_mask, max_new_tokens=16).token_ids
+    assert ar(model, input_ids, attention_mask, max_new_tokens=16, compile=True).token_ids == expected
+
+
+def test_inductor_matches_eager_in_float32_and_compiles_once(inductor_home, monkeypatch):
+    # GEMM autotuning (the test above) would spend minutes here on each decoder's column widths
+    monkeypatch.setattr(kv_module, "CPU_INDUCTOR_OPTIONS", {**kv_module.CPU_INDUCTOR_OPTIONS, "max_autotune": False})
+    tmp_path = inductor_home
     model = tiny_model("llama", seed=3, dtype=torch.float32)
     input_ids, attention_mask = left_pad([[4, 8, 15, 16, 23, 42], [7, 7, 3]], pad_token_id=0)
     common = dict(max_new_tokens=24, seed=0)

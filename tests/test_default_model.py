@@ -67,16 +67,17 @@ def test_jacobi_equals_ar_on_ten_prompts_at_128_tokens(loaded, twenty_prompts, g
 
 
 def test_lookahead_and_multi_candidate_jacobi_equal_ar_on_twenty_prompts(loaded, twenty_prompts, greedy):
-    """Batched on the twenty prompts: lookahead 3:3:3 with a draft of 10 (every part of its step)
-    and Jacobi with 3 candidates; lookahead's defaults (5:4:5, no draft) on one prompt."""
+    """Batched on the twenty prompts: lookahead 2:3:2 with a draft of 6 (every part of its step: a
+    two-level window, candidates, a draft) and 8-token Jacobi blocks with 2 candidates; lookahead's
+    defaults (5:4:5, no draft) on one prompt. Narrow steps: a float32 batch of twenty costs its columns."""
     input_ids, attention_mask = left_pad(twenty_prompts, loaded.pad_token_id)
-    drafted = lookahead(loaded.model, input_ids, attention_mask, window=3, ngram=3, candidates=3, draft=10,
+    drafted = lookahead(loaded.model, input_ids, attention_mask, window=2, ngram=3, candidates=2, draft=6,
                         **greedy_settings(loaded))
     assert drafted.token_ids == greedy
     assert sum(s.new_tokens for s in drafted.stats) > 1.2 * sum(s.forward_passes for s in drafted.stats)
     single = lookahead(loaded.model, torch.tensor([twenty_prompts[0]]), **greedy_settings(loaded))
     assert single.token_ids[0] == greedy[0]
-    with_candidates = jacobi(loaded.model, input_ids, attention_mask, block_size=16, candidates=3,
+    with_candidates = jacobi(loaded.model, input_ids, attention_mask, block_size=8, candidates=2,
                              **greedy_settings(loaded))
     assert with_candidates.token_ids == greedy
 
@@ -94,8 +95,8 @@ def test_sampled_jacobi_and_lookahead_equal_sampled_ar_on_ten_prompts(loaded, gr
     assert sum(a != b[:96] for a, b in zip(expected, greedy[:10])) >= 5  # sampling really changes the outputs
     outputs = {
         "jacobi": jacobi(loaded.model, input_ids, attention_mask, block_size=16, **kwargs).token_ids,
-        "jacobi+candidates": jacobi(loaded.model, input_ids, attention_mask, block_size=16, candidates=3, **kwargs).token_ids,
-        "lookahead": lookahead(loaded.model, input_ids, attention_mask, window=3, ngram=3, candidates=3, **kwargs).token_ids,
+        "jacobi+candidates": jacobi(loaded.model, input_ids, attention_mask, block_size=8, candidates=2, **kwargs).token_ids,
+        "lookahead": lookahead(loaded.model, input_ids, attention_mask, window=2, ngram=3, candidates=2, draft=6, **kwargs).token_ids,
     }
     for name, got in outputs.items():
         different = [row for row in range(len(prompts)) if got[row] != expected[row]]

@@ -52,6 +52,25 @@ def test_filters_by_hand():
     assert torch.allclose(scaled, torch.tensor([0.0, 2.0], dtype=torch.float64).softmax(0))
 
 
+def test_top_p_over_a_large_vocabulary_equals_a_full_sort_for_every_row_alone_or_batched():
+    """Peaked rows find their nucleus in a short partial top-k, flat ones (a guess after a wrong
+    token) in a longer one or the full sort; every row keeps what a full sort keeps, ties included."""
+    generator = torch.Generator().manual_seed(11)
+    scales = torch.tensor([8.0, 3.0, 1.0, 0.3, 0.0])[:, None]  # 0: all 5000 tokens tied
+    logits = torch.randn(5, 5000, generator=generator, dtype=torch.float64) * scales
+    logits[1, :40] = logits[1, 0]  # a tie straddling the first partial top-k
+    for top_p in (0.5, 0.9, 0.99):
+        probs = logits.softmax(dim=-1)
+        ordered = probs.sort(dim=-1, descending=True).values
+        needed = ((ordered.cumsum(dim=-1) - ordered) < top_p).sum(dim=-1, keepdim=True)
+        expected = probs >= ordered.gather(-1, needed - 1)
+        batched = filtered_probabilities(logits, Sampling(1.0, top_p=top_p)) > 0
+        assert torch.equal(batched, expected)
+        for row in range(5):
+            assert torch.equal(filtered_probabilities(logits[row], Sampling(1.0, top_p=top_p)) > 0, expected[row])
+    assert int(expected[4].sum()) == 5000 and int(expected[0].sum()) < 64
+
+
 @pytest.mark.parametrize("settings", [(0.7, 0, 1.0), (1.0, 7, 1.0), (1.3, 0, 0.8), (0.5, 12, 0.6)])
 def test_filters_agree_with_transformers_warpers(settings):
     temperature, top_k, top_p = settings
