@@ -126,12 +126,16 @@ def inductor_home(tmp_path, monkeypatch):
     return tmp_path
 
 
-def test_autotuned_gemms_match_eager_in_float32(inductor_home):
-    """AR through the options the product compiles with (frozen weights, CPU GEMMs autotuned)."""
-    model = tiny_model("gpt2", seed=5, dtype=torch.float32)
-    input_ids, attention_mask = left_pad([[4, 8, 15, 16, 23, 42], [7, 7, 3]], pad_token_id=0)
-    expected = ar(model, input_ids, attention_mask, max_new_tokens=16).token_ids
-    assert ar(model, input_ids, attention_mask, max_new_tokens=16, compile=True).token_ids == expected
+def test_autotuned_gemms_match_eager_and_a_model_of_the_same_shapes_gets_its_own_weights(inductor_home):
+    """AR through the options the product compiles with (frozen weights, CPU GEMMs autotuned), for
+    two models of the same shapes: the GEMM templates pack the weights into the graph, which
+    inductor's cache keys by shape only, so the second model must not be served the first's. In
+    float16: bfloat16's and float32's oneDNN-packed graphs are never cached at all."""
+    input_ids = torch.tensor([[4, 8, 15, 16, 23, 42]])
+    for seed in (5, 6):
+        model = tiny_model("gpt2", seed=seed, dtype=torch.float16)
+        expected = ar(model, input_ids, max_new_tokens=12).token_ids
+        assert ar(model, input_ids, max_new_tokens=12, compile=True).token_ids == expected, seed
 
 
 def test_inductor_matches_eager_in_float32_and_compiles_once(inductor_home, monkeypatch):
