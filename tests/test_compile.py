@@ -190,6 +190,8 @@ def test_missing_cxx_compiler_says_so_and_decodes_eagerly(capsys, monkeypatch):
 
 def test_cli_compile_gives_the_eager_output(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("CLLM_HOME", str(tmp_path / "home"))
+    # the flag's plumbing is tested here, the autotuned GEMMs above
+    monkeypatch.setattr(kv_module, "CPU_INDUCTOR_OPTIONS", {**kv_module.CPU_INDUCTOR_OPTIONS, "max_autotune": False})
     monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
     model_dir = str(save_tiny_model(tmp_path / "model", eos_token_id=None))
     common = ["generate", "Hello there", "--model", model_dir, "--max-new-tokens", "9", "--decoder", "ar", "--json"]

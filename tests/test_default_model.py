@@ -84,15 +84,15 @@ def test_lookahead_and_multi_candidate_jacobi_equal_ar_on_twenty_prompts(loaded,
 
 def test_sampled_jacobi_and_lookahead_equal_sampled_ar_on_ten_prompts(loaded, greedy):
     """Identical, or (float32) the first difference is a certified near-tie: the draw lies within
-    1e-5 of the edge of AR's token's cdf interval. With these seeds row 7 of the lookahead and of the
-    multi-candidate Jacobi batches meets one."""
+    1e-5 of the edge of AR's token's cdf interval. With these seeds row 7 of the multi-candidate
+    Jacobi batch meets one."""
     prompts = [loaded.encode_prompt(p) for p in BUILTIN_PROMPTS]
     sampling, seed = Sampling(temperature=0.7, top_p=0.9), 5
-    kwargs = dict(max_new_tokens=96, eos_token_id=loaded.eos_token_ids, pad_token_id=loaded.pad_token_id,
+    kwargs = dict(max_new_tokens=64, eos_token_id=loaded.eos_token_ids, pad_token_id=loaded.pad_token_id,
                   sampling=sampling, seed=seed)
     input_ids, attention_mask = left_pad(prompts, loaded.pad_token_id)
     expected = ar(loaded.model, input_ids, attention_mask, **kwargs).token_ids
-    assert sum(a != b[:96] for a, b in zip(expected, greedy[:10])) >= 5  # sampling really changes the outputs
+    assert sum(a != b[:64] for a, b in zip(expected, greedy[:10])) >= 5  # sampling really changes the outputs
     outputs = {
         "jacobi": jacobi(loaded.model, input_ids, attention_mask, block_size=16, **kwargs).token_ids,
         "jacobi+candidates": jacobi(loaded.model, input_ids, attention_mask, block_size=8, candidates=2, **kwargs).token_ids,
