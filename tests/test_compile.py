@@ -2,7 +2,8 @@
 widths and a compiled forward give the eager path's outputs, token for token.
 
 The randomized cases run dynamo with its `eager` backend (the whole static-cache path, traced, in
-float64, seconds per graph); two tests compile with inductor for real in float32."""
+float64, seconds per graph); a few compile with inductor for real (float32, and float16 where
+inductor's graph cache keeps a model's packed weights)."""
 
 from __future__ import annotations
 

@@ -291,7 +291,7 @@ def _weights_state(model: PreTrainedModel) -> int:
 
 
 def _weights_fingerprint(model: PreTrainedModel) -> str:
-    """A hash of every parameter's and buffer's bytes (a second for the default model on a CPU)."""
+    """A hash of every parameter's and buffer's bytes (0.3 s for the default model on this CPU)."""
     digest = hashlib.blake2b(digest_size=16)
     for name, tensor in itertools.chain(model.named_parameters(), model.named_buffers()):
         digest.update(name.encode())
