@@ -21,11 +21,13 @@ Run with the repository's .venv: .venv/bin/python scripts/profile_decode.py prof
 from __future__ import annotations
 
 import cProfile
+import os
 import pstats
 import sys
 import time
 
 import torch
+from transformers import StaticCache
 
 from cllm.data import SourceOptions, load_prompts
 from cllm.decoding import ar, hf_generate, jacobi, left_pad, lookahead
@@ -189,10 +191,6 @@ def int8(model_name: str) -> None:
 
 def aoti(model_name: str, dtype: str, package: str, capacity: int = 64, past: int = 10) -> None:
     """A research measurement, not the product's compiled path (cllm.decoding.kv)."""
-    import os
-
-    from transformers import StaticCache
-
     loaded = load_model(ModelConfig(name=model_name, dtype=dtype, threads=2))
     model, config = loaded.model, loaded.model.config
     model.config._attn_implementation = "eager"  # as the compiled path's graphs

@@ -18,8 +18,9 @@ Each step feeds one sequence per row through the public forward with a custom 4D
   prediction after it, is accepted (at least one token: the plain AR step).
 - draft (optional, `draft` D > 0): D tokens that followed the latest earlier occurrence of the
   context's last tokens (prompt lookup; a loop shorter than D repeated), verified like a
-  candidate. The pool's candidates are N-1 tokens long; a draft copies a longer span where the answer repeats its question, which is
-  what makes transformers' prompt lookup hard to beat on a CPU (docs/results.md).
+  candidate. The pool's candidates are N-1 tokens long; a draft copies a longer span where the
+  answer repeats its question, which is what makes transformers' prompt lookup hard to beat on a
+  CPU (docs/results.md).
 The pool (per row, keyed by first token, newest first, G per key) is fed by the window and by
 every N-gram of the row's own context (prompt + output so far). The KV of `pending` and of the
 winner's right prefix is kept (gathered per row: each row's winner sits in other columns), the
@@ -176,7 +177,7 @@ def lookahead(
         read = torch.cat([torch.zeros(1, dtype=torch.long), torch.arange(last_level, tokens.shape[1])]).to(device)
         logits = cache.forward(tokens, positions, allowed, logits_to_keep=read)
         # the column at position q predicts output index n_out + q - last (`pending`, at `last`, is n_out - 1)
-        prediction = rows.pick(logits, positions[:, read] - last[:, None] + rows.n_out[:, None])  # (B, 1 + W + G(N-1) + D)
+        prediction = rows.pick(logits, positions[:, read] - last[:, None] + rows.n_out[:, None])  # (B, 1+W+G(N-1)+D)
 
         # verification: candidate g holds while each token equals the prediction before it
         after_pending = prediction[:, :1]  # (B, 1) the next token, as AR
