@@ -9,11 +9,6 @@
   matmul                  one linear layer's shapes of SmolLM2-135M: float32, bfloat16, int8 weights
   int8 MODEL              ar and jacobi:16:lookup tokens/s with int8 weights (cllm.quantize) against bf16
                           (4 GSM8K prompts, 256 tokens)
-  aoti MODEL DTYPE PACKAGE
-                          feasibility of an AOTInductor package of the one-token step over a static cache
-                          passed as inputs (frozen, GEMMs autotuned): builds PACKAGE if missing, else loads it;
-                          load time, logits against eager, KV written in place, step time. Run it twice: the
-                          second process measures the load
 
 Run with the repository's .venv: .venv/bin/python scripts/profile_decode.py profile default jacobi
 """
@@ -21,13 +16,11 @@ Run with the repository's .venv: .venv/bin/python scripts/profile_decode.py prof
 from __future__ import annotations
 
 import cProfile
-import os
 import pstats
 import sys
 import time
 
 import torch
-from transformers import StaticCache
 
 from cllm.data import SourceOptions, load_prompts
 from cllm.decoding import ar, hf_generate, jacobi, left_pad, lookahead
@@ -189,68 +182,7 @@ def int8(model_name: str) -> None:
               f"ar = bf16 ar on {sum(a == b for a, b in zip(ar_outputs, reference))}/4", flush=True)
 
 
-def aoti(model_name: str, dtype: str, package: str, capacity: int = 64, past: int = 10) -> None:
-    """A research measurement, not the product's compiled path (cllm.decoding.kv)."""
-    loaded = load_model(ModelConfig(name=model_name, dtype=dtype, threads=2))
-    model, config = loaded.model, loaded.model.config
-    model.config._attn_implementation = "eager"  # as the compiled path's graphs
-    layers = config.num_hidden_layers
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-
-    class Step(torch.nn.Module):
-        """One forward over a StaticCache whose tensors are the inputs (mutated in place)."""
-
-        def __init__(self) -> None:
-            super().__init__()
-            self.model = model
-
-        def forward(self, input_ids, position_ids, mask, lengths, *kv):
-            cache = StaticCache(config=config, max_cache_len=kv[0].shape[2])
-            for i, layer in enumerate(cache.layers):
-                layer.keys, layer.values, layer.cumulative_length = kv[2 * i], kv[2 * i + 1], lengths[i]
-                layer.max_batch_size, layer.num_heads, layer.head_dim = kv[0].shape[0], kv[0].shape[1], head_dim
-                layer.dtype, layer.device, layer.is_initialized = kv[0].dtype, kv[0].device, True
-            return self.model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids,
-                              past_key_values=cache, use_cache=True).logits
-
-    generator = torch.Generator().manual_seed(0)
-    kv = [torch.randn(1, config.num_key_value_heads, capacity, head_dim, generator=generator).to(model.dtype)
-          for _ in range(2 * layers)]
-    lengths = [torch.tensor(past) for _ in range(layers)]
-    ids, positions = torch.randint(0, 1000, (1, 1), generator=generator), torch.full((1, 1), past)
-    mask = torch.full((1, 1, 1, capacity), torch.finfo(model.dtype).min, dtype=model.dtype)
-    mask[..., : past + 1] = 0
-    step = Step().eval()
-    fresh = lambda: ([t.clone() for t in lengths], [t.clone() for t in kv])  # noqa: E731
-    with torch.no_grad():
-        ref_lengths, ref_kv = fresh()
-        expected = step(ids, positions, mask, ref_lengths, *ref_kv)
-        if not os.path.exists(package):
-            start = time.perf_counter()
-            exported = torch.export.export(step, (ids, positions, mask, lengths, *kv), strict=False)
-            options = {"freezing": True, "max_autotune": True, "max_autotune_gemm_backends": "CPP,ATEN",
-                       "autotune_num_choices_displayed": 0, "max_autotune_report_choices_stats": False}
-            torch._inductor.aoti_compile_and_package(exported, package_path=package, inductor_configs=options)
-            print(f"export and compile {time.perf_counter() - start:.1f} s, {os.path.getsize(package) / 2**20:.0f} MiB")
-    start = time.perf_counter()
-    runner = torch._inductor.aoti_load_package(package)
-    print(f"load {time.perf_counter() - start:.2f} s")
-    got_lengths, got_kv = fresh()
-    got = runner(ids, positions, mask, got_lengths, *got_kv)
-    got = got[0] if isinstance(got, (list, tuple)) else got
-    kv_error = max(float((a.float() - b.float()).abs().max()) for a, b in zip(got_kv, ref_kv))
-    print(f"logits max error {float((got.float() - expected.float()).abs().max()):.2e} (largest "
-          f"{float(expected.abs().max()):.1f}), same top token {bool(got.argmax() == expected.argmax())}, KV max "
-          f"error {kv_error:.2e}, lengths advanced {int(got_lengths[0])} (eager {int(ref_lengths[0])})")
-    for _ in range(3):  # each call writes the next slot (23 of the 64 by the end)
-        runner(ids, positions, mask, got_lengths, *got_kv)
-    start = time.perf_counter()
-    for _ in range(20):
-        runner(ids, positions, mask, got_lengths, *got_kv)
-    print(f"step {(time.perf_counter() - start) / 20 * 1000:.1f} ms")
-
-
 if __name__ == "__main__":
     command, *rest = sys.argv[1:] or ["matmul"]
     {"profile": lambda: profile(*rest), "compiled": lambda: compiled(*rest), "matmul": matmul,
-     "int8": lambda: int8(*rest), "aoti": lambda: aoti(*rest)}[command]()
+     "int8": lambda: int8(*rest)}[command]()

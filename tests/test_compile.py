@@ -2,13 +2,14 @@
 widths and a compiled forward give the eager path's outputs, token for token.
 
 The randomized cases run dynamo with its `eager` backend (the whole static-cache path, traced, in
-float64, seconds per graph); a few compile with inductor for real (float32, and float16 where
-inductor's graph cache keeps a model's packed weights)."""
+float64, seconds per graph); a few compile with inductor for real: AOTInductor packages on disk
+(float32, and float16 with autotuned GEMMs), and torch.compile where a width cannot be exported."""
 
 from __future__ import annotations
 
 import json
 import random
+import weakref
 
 import pytest
 import torch
@@ -20,7 +21,9 @@ from torch._inductor.runtime.cache_dir_utils import default_cache_dir
 
 from cllm.cli import main
 from cllm.decoding import ar, jacobi, left_pad, lookahead
+from cllm.decoding import compiled as compiled_module
 from cllm.decoding import kv as kv_module
+from cllm.decoding.compiled import package_directory
 from cllm.decoding.kv import DynamicKV, StaticKV, new_store
 
 ARCHS = ["llama", "qwen2", "gpt2"]
@@ -127,22 +130,25 @@ def inductor_home(tmp_path, monkeypatch):
     return tmp_path
 
 
-def test_autotuned_gemms_match_eager_and_a_model_of_the_same_shapes_gets_its_own_weights(inductor_home):
-    """AR through the options the product compiles with (frozen weights, CPU GEMMs autotuned), for
-    two models of the same shapes: the GEMM templates pack the weights into the graph, which
-    inductor's cache keys by shape only, so the second model must not be served the first's. In
-    float16: bfloat16's and float32's oneDNN-packed graphs are never cached at all."""
+@pytest.fixture
+def untuned(monkeypatch):
+    """The product's compile options without GEMM autotuning, which would spend most of a minute per
+    column width (test_autotuned_gemms_match_eager covers it)."""
+    monkeypatch.setattr(compiled_module, "CPU_INDUCTOR_OPTIONS",
+                        {**compiled_module.CPU_INDUCTOR_OPTIONS, "max_autotune": False})
+
+
+def test_autotuned_gemms_match_eager(inductor_home):
+    """AR through the options the product compiles with on a CPU: a package with frozen weights and
+    autotuned GEMMs (in float16, inductor's own C++ GEMM template takes some of them)."""
+    model = tiny_model("gpt2", seed=5, dtype=torch.float16)
     input_ids = torch.tensor([[4, 8, 15, 16, 23, 42]])
-    for seed in (5, 6):
-        model = tiny_model("gpt2", seed=seed, dtype=torch.float16)
-        expected = ar(model, input_ids, max_new_tokens=12).token_ids
-        assert ar(model, input_ids, max_new_tokens=12, compile=True).token_ids == expected, seed
+    expected = ar(model, input_ids, max_new_tokens=12).token_ids
+    assert ar(model, input_ids, max_new_tokens=12, compile=True).token_ids == expected
 
 
-def test_inductor_matches_eager_in_float32_and_compiles_once(inductor_home, monkeypatch):
-    # GEMM autotuning (the test above) would spend minutes here on each decoder's column widths
-    monkeypatch.setattr(kv_module, "CPU_INDUCTOR_OPTIONS", {**kv_module.CPU_INDUCTOR_OPTIONS, "max_autotune": False})
-    tmp_path = inductor_home
+def test_packages_match_eager_in_float32_and_a_second_process_loads_them(inductor_home, untuned, monkeypatch, capsys):
+    monkeypatch.setattr(kv_module, "CAPACITY_STEP", 8)  # the cache grows: its size is a dynamic dimension
     model = tiny_model("llama", seed=3, dtype=torch.float32)
     input_ids, attention_mask = left_pad([[4, 8, 15, 16, 23, 42], [7, 7, 3]], pad_token_id=0)
     common = dict(max_new_tokens=24, seed=0)
@@ -155,17 +161,42 @@ def test_inductor_matches_eager_in_float32_and_compiles_once(inductor_home, monk
     }
     for name, run in runs.items():
         assert run().token_ids == expected, name
-    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
-    for name, run in runs.items():
-        assert run().token_ids == expected, name
-    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs, "a second decode compiled again"
-    assert any((tmp_path / "compile").rglob("*.py")), "inductor's kernels are not kept under $CLLM_HOME/compile"
-    # the graphs hold frozen weights: a model changed in place must be compiled again, not decoded stale
+    packages = sorted(package_directory().glob("*.pt2"))
+    # rows that finish early leave the batch: the last steps run one row
+    assert [path.name.split("-", 2)[2] for path in packages] == ["w1-b1.pt2", "w1-bN.pt2", "w4-b1.pt2", "w4-bN.pt2"]
+    assert capsys.readouterr().err.count("compiling the model's forward for") == 4
+
+    with monkeypatch.context() as second_process:  # nothing compiled in memory, nothing may be exported again
+        second_process.setattr(compiled_module, "_COMPILED", weakref.WeakKeyDictionary())
+        second_process.setattr(torch.export, "export", lambda *args, **kwargs: pytest.fail("exported again"))
+        for name, run in runs.items():
+            assert run().token_ids == expected, name
+    assert capsys.readouterr().err == ""
+
+    # the packages hold frozen weights: a model changed in place, or another one of the same shapes,
+    # must get its own package, not decode with these weights
     with torch.no_grad():
         model.lm_head.weight.mul_(-1.0)
     changed = ar(model, input_ids, attention_mask, **common).token_ids
     assert changed != expected
     assert runs["ar"]().token_ids == changed
+    assert len(list(package_directory().glob("*.pt2"))) == 5
+
+
+def test_a_width_that_cannot_be_exported_is_compiled_in_the_process(inductor_home, untuned, monkeypatch, capsys):
+
+    def refuse(*args, **kwargs):
+        raise RuntimeError("unsupported op in this test")
+
+    monkeypatch.setattr(torch.export, "export", refuse)
+    torch._dynamo.utils.counters.clear()
+    model = tiny_model("qwen2", seed=7, dtype=torch.float32)
+    input_ids = torch.tensor([[3, 1, 4, 1, 5, 9]])
+    expected = ar(model, input_ids, max_new_tokens=12).token_ids
+    assert ar(model, input_ids, max_new_tokens=12, compile=True).token_ids == expected
+    error = capsys.readouterr().err
+    assert "unsupported op in this test" in error and "compiling it in this process" in error
+    assert "eagerly" not in error and torch._dynamo.utils.counters["stats"]["unique_graphs"] > 0
 
 
 def test_failed_compilation_falls_back_to_eager_with_one_message(capsys):
@@ -183,16 +214,14 @@ def test_failed_compilation_falls_back_to_eager_with_one_message(capsys):
 
 def test_missing_cxx_compiler_says_so_and_decodes_eagerly(capsys, monkeypatch):
     monkeypatch.delenv("CXX", raising=False)
-    monkeypatch.setattr(kv_module.shutil, "which", lambda name: None)
+    monkeypatch.setattr(compiled_module.shutil, "which", lambda name: None)
     model = tiny_model("gpt2", seed=5)
     assert isinstance(new_store(model, 32, compile=True), DynamicKV)
     assert "needs a C++ compiler" in capsys.readouterr().err
 
 
-def test_cli_compile_gives_the_eager_output(tmp_path, capsys, monkeypatch):
+def test_cli_compile_gives_the_eager_output(tmp_path, untuned, capsys, monkeypatch):
     monkeypatch.setenv("CLLM_HOME", str(tmp_path / "home"))
-    # the flag's plumbing is tested here, the autotuned GEMMs above
-    monkeypatch.setattr(kv_module, "CPU_INDUCTOR_OPTIONS", {**kv_module.CPU_INDUCTOR_OPTIONS, "max_autotune": False})
     monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
     model_dir = str(save_tiny_model(tmp_path / "model", eos_token_id=None))
     common = ["generate", "Hello there", "--model", model_dir, "--max-new-tokens", "9", "--decoder", "ar", "--json"]

@@ -1,4 +1,4 @@
-"""Where the cached decoders keep keys and values, and the opt-in compiled forward.
+"""Where the cached decoders keep keys and values.
 
 Every cached decoder talks to a store: `forward` runs some columns after the cached slots,
 `keep` keeps the KV of the first columns of the last forward, `keep_columns` the KV of chosen
@@ -8,37 +8,19 @@ cllm.decoding.core).
 `DynamicKV` is transformers' `DynamicCache`, grown and cropped, with the model run eagerly.
 `StaticKV` is the compiled path (`compile=True`): a preallocated `StaticCache` whose write position
 moves back instead of cropping, and columns padded to a few fixed widths (1, 4, 16, 64, ...), so
-that a handful of graphs of `torch.compile(model.forward)` cover a whole decode. Padded columns
+that one compiled forward per width (cllm.decoding.compiled) covers a whole decode. Padded columns
 see only themselves and are never kept, so they change nothing but cost. The mask is always
 built here as a 4D additive tensor over the whole cache (transformers uses a 4D mask as it is).
-Graphs are compiled once per process and model; inductor's kernels are kept on disk under
-$CLLM_HOME/compile, so a second process skips building them. Where compiling is unavailable (no
-C++ compiler, a cache with sliding-window layers, an op inductor cannot lower), the decode says so
-once and runs eagerly.
-
-On a CPU the graphs are frozen: the weights become constants, prepacked for the matrix kernels,
-and each linear layer's kernel is picked by timing inductor's own C++ GEMM against oneDNN's for its
-shape (one column: a weight-streaming kernel several times faster than oneDNN's; 16 columns:
-oneDNN). A graph holds its own copy of the packed weights, so a change to the weights (training,
-loading) makes the next decode compile again. The attention runs as plain matmuls and softmax
-there, which inductor fuses; the CPU's fused SDPA kernel has a high fixed cost per call for a
-handful of queries.
 """
 
 from __future__ import annotations
 
-import hashlib
-import itertools
-import os
-import shutil
-import sys
-import weakref
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 
 import torch
 from transformers import DynamicCache, PreTrainedModel, StaticCache
-from transformers.cache_utils import StaticLayer
+
+from cllm.decoding.compiled import compiled_forward
 
 WIDTH_BUCKETS = (1, 4, 16, 64, 256, 1024)
 CAPACITY_STEP = 64  # static caches grow in steps of this many slots: attention reads every slot
@@ -205,123 +187,6 @@ def new_store(model: PreTrainedModel, capacity: int, compile: bool | str = False
         return DynamicKV(model)
     compiled = compiled_forward(model, "inductor" if compile is True else compile)
     return DynamicKV(model) if compiled is None else StaticKV(model, capacity, compiled)
-
-
-_COMPILED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-# freezing folds the weights into the graph, so the GEMM autotuning sees constant weights and can
-# prepack them (the mkldnn packing makes inductor's graph cache skip these graphs; its kernels are kept)
-CPU_INDUCTOR_OPTIONS = {"freezing": True, "max_autotune": True, "max_autotune_gemm_backends": "CPP,ATEN",
-                        # inductor prints every GEMM's timings otherwise
-                        "autotune_num_choices_displayed": 0, "max_autotune_report_choices_stats": False}
-
-
-def compiled_forward(model: PreTrainedModel, backend: str = "inductor") -> Callable | None:
-    """The model's compiled forward, made once per process and backend and kept as long as the
-    process (it holds the model), made again when the weights changed; None (after saying why,
-    once) where compiling is unavailable."""
-    per_model = _COMPILED.setdefault(model, {})
-    weights = _weights_state(model)
-    if backend in per_model and per_model[backend] is not None and per_model[backend].weights != weights:
-        print("cllm: the model's weights changed since it was compiled; compiling again", file=sys.stderr)
-        torch._dynamo.reset()  # frozen graphs hold the old weights and dynamo's guards cannot tell
-        del per_model[backend]
-    if backend not in per_model:
-        reason = _cannot_compile(model, backend)
-        if reason is None:
-            per_model[backend] = _CompiledForward(model, backend, weights)
-        else:
-            print(f"cllm: cannot compile ({reason}); decoding eagerly", file=sys.stderr)
-            per_model[backend] = None
-    return per_model[backend]
-
-
-class _CompiledForward:
-    """torch.compile of the model's forward, which turns into the eager forward, with a message,
-    if compiling fails."""
-
-    def __init__(self, model: PreTrainedModel, backend: str, weights: int) -> None:
-        on_cpu = next(model.parameters()).device.type == "cpu"
-        if backend == "inductor":
-            _configure_inductor()
-        self.compiled = torch.compile(model.forward, backend=backend)
-        self.model, self.weights, self.failed = model, weights, False
-        # set while tracing as well as compiling (dynamo decides there whether weights are constants),
-        # and only around these calls, not for the process's other compiled code
-        self.settings = CPU_INDUCTOR_OPTIONS if on_cpu and backend == "inductor" else {}
-        # frozen graphs hold packed copies of the weights, and inductor's graph cache keys them by
-        # shape only: another model of the same shapes would be served these weights
-        self.cache_tag = _weights_fingerprint(model) if self.settings.get("freezing") else ""
-        # transformers' eager attention takes its softmax in float32: below a float64 model's precision
-        self.attention = "eager" if on_cpu and model.dtype != torch.float64 else None
-
-    def __call__(self, **inputs):
-        if not self.failed:
-            try:
-                with (_attention(self.model, self.attention), torch._inductor.config.patch(self.settings),
-                      torch.compiler.config.patch(cache_key_tag=self.cache_tag)):
-                    return self.compiled(**inputs)
-            except Exception as error:  # noqa: BLE001 - any backend failure means: run eagerly
-                self.failed = True
-                print(f"cllm: compiling failed ({type(error).__name__}: {str(error).splitlines()[0][:200]}); "
-                      "decoding eagerly", file=sys.stderr)
-        return self.model(**inputs)
-
-
-@contextmanager
-def _attention(model: PreTrainedModel, implementation: str | None) -> Iterator[None]:
-    """The model's attention implementation switched for one call (transformers reads it from the
-    config at every forward), so the compiled graphs get theirs while eager forwards keep the model's."""
-    before = model.config._attn_implementation
-    if implementation is None or implementation == before:
-        yield
-        return
-    model.config._attn_implementation = implementation
-    try:
-        yield
-    finally:
-        model.config._attn_implementation = before
-
-
-def _weights_state(model: PreTrainedModel) -> int:
-    """Changes when a parameter or buffer (int8 weights are buffers) is replaced or modified in
-    place: its storage or its version counter."""
-    tensors = itertools.chain(model.parameters(), model.buffers())
-    return hash(tuple((tensor.data_ptr(), tensor._version) for tensor in tensors))
-
-
-def _weights_fingerprint(model: PreTrainedModel) -> str:
-    """A hash of every parameter's and buffer's bytes (0.3 s for the default model on this CPU)."""
-    digest = hashlib.blake2b(digest_size=16)
-    for name, tensor in itertools.chain(model.named_parameters(), model.named_buffers()):
-        digest.update(name.encode())
-        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
-    return digest.hexdigest()
-
-
-def _cannot_compile(model: PreTrainedModel, backend: str) -> str | None:
-    layers = StaticCache(config=model.config, max_cache_len=1).layers
-    if any(type(layer) is not StaticLayer for layer in layers):
-        return "the model's cache has sliding-window or other special layers; only full-attention caches are supported"
-    device = next(model.parameters()).device
-    if backend == "inductor" and device.type == "cpu" and not (os.environ.get("CXX") or shutil.which("g++")
-                                                                or shutil.which("clang++")):
-        return "inductor needs a C++ compiler on the CPU (g++ or clang++), none found"
-    return None
-
-
-def _configure_inductor() -> None:
-    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
-
-    from cllm.models import cllm_home
-
-    # a second process reuses the compiled kernels instead of building them again; torch writes its
-    # default (a temporary directory) into the variable when it first looks, so that one is replaced
-    current = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
-    if current is None or os.path.abspath(current) == os.path.abspath(default_cache_dir()):
-        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(cllm_home() / "compile")
-    # a decode compiles a few widths and batch sizes, per model: more than dynamo's default allows
-    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
 
 
 def _round_up(slots: int) -> int:
