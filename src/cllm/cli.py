@@ -95,10 +95,11 @@ def _add_model_args(parser: argparse.ArgumentParser, several: bool = False, raw:
                            "steps about 1.8x faster here). A different model: measure it with `cllm eval fidelity "
                            "--quantize int8 --target MODEL` (the target loads unquantized)")
         group.add_argument("--compile", action="store_true", help="run ar, jacobi and lookahead with a compiled "
-                           "forward over a static KV cache. On a CPU: AOTInductor packages, built once per model, dtype "
-                           "and column width the decoder uses (2-3 minutes each for the default model on 2 cores; about "
-                           "the model's size on disk each), kept under $CLLM_HOME/compile/packages and loaded in about a "
-                           "second by later processes; elsewhere torch.compile in each process; eager when unavailable")
+                           "forward over a static KV cache. On a CPU: AOTInductor packages, built once per model, dtype, "
+                           "column width the decoder uses and batch kind (one row or several; 2-3 minutes each for the "
+                           "default model on 2 cores, about the model's size on disk each), kept under "
+                           "$CLLM_HOME/compile/packages and loaded in under a second by later processes; elsewhere "
+                           "torch.compile in each process; eager when unavailable")
 
 
 # decoding.INIT_STRATEGIES, spelled out so that --help does not import torch (a test keeps them equal)

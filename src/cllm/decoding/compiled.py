@@ -1,10 +1,10 @@
 """The compiled forward behind the static-cache store (cllm.decoding.kv.StaticKV).
 
 On a CPU, `compile=True` runs AOTInductor packages: the model's forward over a static cache is
-exported once per column width (batch size and cache size stay dynamic), compiled ahead of time
-with frozen weights and autotuned GEMMs, and kept under $CLLM_HOME/compile/packages, keyed by a
-hash of the weights. The first process spends 2-3 minutes per width on the default model; every
-later one loads a width in about a second. Freezing is what makes the CPU step fast: the weights
+exported once per column width and batch kind (one row, or a dynamic number of rows; the cache's
+size is always dynamic), compiled ahead of time with frozen weights and autotuned GEMMs, and kept
+under $CLLM_HOME/compile/packages, keyed by a hash of the weights. The first process spends 2-3
+minutes per package on the default model; every later one loads a package in under a second. Freezing is what makes the CPU step fast: the weights
 become constants, prepacked for the matrix kernels, and each linear layer's kernel is picked by
 timing inductor's own C++ GEMM against oneDNN's for its shape (one column: a weight-streaming
 kernel several times faster than oneDNN's; 16 columns: oneDNN). inductor's in-process graph cache
