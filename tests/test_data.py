@@ -73,6 +73,14 @@ def test_jsonl_with_configurable_fields(tmp_path):
 def test_bad_sources_are_clear_errors(dataset, options, message, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    if dataset.startswith("hf:"):
+        # the hub libraries read the variables when first imported (an earlier test may have done it);
+        # online, a missing dataset costs five retries, 23 s
+        import datasets
+        import huggingface_hub
+
+        monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+        monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
     with pytest.raises(CllmError, match=message):
         load_prompts(dataset, options)
 
