@@ -75,7 +75,7 @@ def _new_forward(model: PreTrainedModel, backend: str, weights: int) -> Callable
     # frozen graphs hold packed copies of the weights, and inductor's graph cache keys them by shape
     # only: another model of the same shapes would be served these weights
     fingerprint = _weights_fingerprint(model) if frozen else ""
-    in_process = _CompiledForward(model, backend, weights, fingerprint)
+    in_process = _CompiledForward(model, backend, weights, fingerprint, CPU_INDUCTOR_OPTIONS if frozen else {})
     return _PackagedForward(model, weights, fingerprint, in_process) if frozen else in_process
 
 
@@ -83,13 +83,12 @@ class _CompiledForward:
     """torch.compile of the model's forward, which turns into the eager forward, with a message,
     if compiling fails."""
 
-    def __init__(self, model: PreTrainedModel, backend: str, weights: int, cache_tag: str) -> None:
-        on_cpu = next(model.parameters()).device.type == "cpu"
+    def __init__(self, model: PreTrainedModel, backend: str, weights: int, cache_tag: str, settings: dict) -> None:
         self.compiled = torch.compile(model.forward, backend=backend)
         self.model, self.weights, self.cache_tag, self.failed = model, weights, cache_tag, False
         # set while tracing as well as compiling (dynamo decides there whether weights are constants),
         # and only around these calls, not for the process's other compiled code
-        self.settings = CPU_INDUCTOR_OPTIONS if on_cpu and backend == "inductor" else {}
+        self.settings = settings
         self.attention = _compiled_attention(model)
 
     def __call__(self, **inputs):
