@@ -21,13 +21,12 @@ from cllm.data import PromptRecord
 from cllm.decoding import accepted_per_iteration, ar
 from cllm.errors import CllmError
 from cllm.models import load_model
+from cllm.metrics import is_degenerate, longest_repetition
 from cllm.trajectories import (
     CollectConfig,
     augment_states,
     collect,
-    is_degenerate,
     load_trajectories,
-    longest_repetition,
     read_entries,
 )
 

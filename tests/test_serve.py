@@ -22,11 +22,13 @@ import pytest
 import uvicorn
 from tiny_models import save_tiny_model
 
-from cllm.cli import SERVED_DECODERS, main
+from cllm.cli import build_parser, main
 from cllm.decoding import DecoderSpec
+from cllm.decoding.spec import SERVABLE
+from cllm.errors import CllmError
 from cllm.models import ModelConfig, load_model
 from cllm.serving.api import ServeSettings, create_app
-from cllm.serving.engine import SERVABLE, Engine
+from cllm.serving.engine import Engine
 from cllm.serving.load import free_port
 from cllm.serving.schemas import ChatCompletionRequest, parse
 from cllm.serving.text import TextAssembler
@@ -298,7 +300,11 @@ def test_requests_are_validated_strictly():
 
 
 def test_the_cli_lists_the_decoders_the_engine_serves():
-    assert SERVED_DECODERS == SERVABLE
+    serve = build_parser()._subparsers._group_actions[0].choices["serve"]
+    choices = next(a.choices for a in serve._actions if "--decoder" in a.option_strings)
+    assert tuple(choices) == SERVABLE == ("ar", "jacobi", "lookahead")
+    with pytest.raises(CllmError, match="cannot serve"):
+        Engine(None, DecoderSpec.parse("hf"))
 
 
 @pytest.mark.parametrize("grace", ["0", "30"])

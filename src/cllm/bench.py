@@ -18,12 +18,13 @@ from pathlib import Path
 
 import torch
 
-from cllm.decoding import DECODERS, GREEDY, DecodeOutput, DecoderSpec, Sampling
+from cllm.decoding import GREEDY, DecodeOutput, DecoderSpec, Sampling, decode
 from cllm.errors import CllmError
+from cllm.fidelity import check_same_tokenizer, summarize_positions, teacher_forced_positions
 from cllm.files import write_atomically
 from cllm.llamacpp import LlamaCpp
+from cllm.metrics import common_prefix, is_degenerate
 from cllm.models import LoadedModel
-from cllm.trajectories import is_degenerate
 
 DEGENERATE_SPAN = 32  # a repeated span this long marks an output as degenerate (as in collection)
 
@@ -58,17 +59,10 @@ def decode_once(
         output = llamacpp.generate(prompt_ids, max_new_tokens, loaded.eos_token_ids)
         return output, time.perf_counter() - start
     device = loaded.model.device
-    input_ids = torch.tensor([prompt_ids], device=device)
-    kwargs = dict(max_new_tokens=max_new_tokens, eos_token_id=loaded.eos_token_ids, pad_token_id=loaded.pad_token_id,
-                  sampling=sampling, seed=seed)
-    kwargs |= spec.decoder_kwargs() | loaded.decoder_kwargs(spec.kind)
-    if spec.kind == "hf-assisted":
-        if draft is None:
-            raise CllmError("hf-assisted needs a draft model: --draft-model")
-        kwargs["draft_model"] = draft.model
     _synchronize(device)
     start = time.perf_counter()
-    output = DECODERS[spec.kind](loaded.model, input_ids, **kwargs)
+    output = decode(loaded, spec, [prompt_ids], max_new_tokens=max_new_tokens, sampling=sampling, seed=seed,
+                    draft_model=draft.model if draft is not None and spec.kind == "hf-assisted" else None)
     _synchronize(device)
     return output, time.perf_counter() - start
 
@@ -164,11 +158,6 @@ def _quantile(values: list[float], q: float) -> float:
     return statistics.quantiles(values, n=4, method="inclusive")[int(q * 4) - 1] if len(values) > 1 else values[0]
 
 
-def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
-    """Tokens before the first difference."""
-    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
-
-
 def _paired_median_speedup(runs: Sequence[RunRecord], reference: dict) -> float | None:
     pairs = [(r, reference.get((r.prompt_index, r.repeat))) for r in runs]
     if not pairs or any(ref is None for _, ref in pairs):
@@ -189,8 +178,6 @@ def target_runs(records: Sequence[RunRecord]) -> dict[tuple[int, int], RunRecord
 def teacher_forced_fidelity(models: Sequence[BenchModel], records: Sequence[RunRecord]) -> dict[str, dict]:
     """Per model after the first: same top-1 and mean KL(target || model) teacher-forced on the
     target's outputs of this run (first repeat); models with another tokenizer are left out."""
-    from cllm.fidelity import check_same_tokenizer, summarize_positions, teacher_forced_positions
-
     reference = target_runs(records)
     target = models[0]
     result = {}

@@ -17,6 +17,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from cllm.distill import command_line
+from cllm.decoding.spec import INIT_STRATEGIES, SERVABLE
 from cllm.errors import CllmError
 from cllm.files import check_output_dir, check_output_file, read_text, write_atomically
 
@@ -102,8 +103,6 @@ def _add_model_args(parser: argparse.ArgumentParser, several: bool = False, raw:
                            "torch.compile in each process; eager when unavailable")
 
 
-# decoding.INIT_STRATEGIES, spelled out so that --help does not import torch (a test keeps them equal)
-JACOBI_INITS = ("prompt", "repeat", "pad", "lookup")
 
 
 def _add_decoding_args(parser: argparse.ArgumentParser, max_new_tokens: int,
@@ -125,7 +124,7 @@ def _add_decoding_args(parser: argparse.ArgumentParser, max_new_tokens: int,
                            help="D: lookahead also verifies up to D tokens that followed the latest earlier "
                            "occurrence of the context's last 1-3 tokens (prompt lookup) (default: 0, none)")
     parser.add_argument(
-        "--init", choices=JACOBI_INITS, default="prompt",
+        "--init", choices=INIT_STRATEGIES, default="prompt",
         help="Jacobi initial guess of a block: tokens drawn from the prompt (the paper's), the last token "
         "repeated, padding, or lookup: what followed the latest earlier occurrence of the context's last "
         "1-3 tokens, also refreshed mid-block (not for collect). The output is the greedy one whatever "
@@ -386,7 +385,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-SERVED_DECODERS = ("ar", "jacobi", "lookahead")  # cllm.serving.engine.SERVABLE (a test keeps them equal)
 
 
 def _add_serving_commands(commands) -> None:
@@ -400,7 +398,7 @@ def _add_serving_commands(commands) -> None:
         "top_k gets this server's --temperature, --top-p, --top-k; one without max_tokens gets --max-new-tokens. "
         "The first Ctrl-C / SIGTERM lets running requests finish (up to --shutdown-grace), a second stops at once.",
     )
-    serve.add_argument("--decoder", choices=SERVED_DECODERS, default="jacobi",
+    serve.add_argument("--decoder", choices=SERVABLE, default="jacobi",
                        help="the decoder every request goes through (default: %(default)s)")
     _add_decoding_args(serve, max_new_tokens=256, max_new_tokens_help="max_tokens of a request that sets none")
     _add_sampling_args(serve, seed=False, about="Defaults for requests that set none (a request's `seed` fixes "
@@ -429,7 +427,7 @@ def _add_serving_commands(commands) -> None:
         "in one forward is highlighted. /reset forgets the conversation, /stats shows tokens per forward, "
         "Ctrl-C stops a reply (not the program), Ctrl-D or /quit leaves.",
     )
-    chat.add_argument("--decoder", choices=SERVED_DECODERS, default="jacobi", help="(default: %(default)s)")
+    chat.add_argument("--decoder", choices=SERVABLE, default="jacobi", help="(default: %(default)s)")
     chat.add_argument("--system", help="a system message that starts every conversation")
     _add_decoding_args(chat, max_new_tokens=512)
     _add_sampling_args(chat)
@@ -549,21 +547,12 @@ def _decode_batch(loaded, decoder: str, batch: list[list[int]], first: int, args
     """Decode prompts number first, first + 1, ... of the input."""
     import torch
 
-    from cllm.decoding import DECODERS, left_pad
+    from cllm.decoding import decode
 
-    input_ids, attention_mask = left_pad(batch, loaded.pad_token_id)
     device = loaded.model.device
-    kwargs = dict(
-        max_new_tokens=args.max_new_tokens,
-        eos_token_id=loaded.eos_token_ids,
-        pad_token_id=loaded.pad_token_id,
-        on_tokens=on_tokens,
-    )
-    kwargs |= _spec(args, decoder).decoder_kwargs() | loaded.decoder_kwargs(decoder)
-    seeds = [args.seed + first + row for row in range(len(batch))]
-    kwargs |= {"sampling": _sampling(args), "seed": seeds[0] if decoder.startswith("hf") else seeds}
     start = time.perf_counter()
-    output = DECODERS[decoder](loaded.model, input_ids.to(device), attention_mask.to(device), **kwargs)
+    output = decode(loaded, _spec(args, decoder), batch, max_new_tokens=args.max_new_tokens, on_tokens=on_tokens,
+                    sampling=_sampling(args), seed=args.seed + first)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     return output, time.perf_counter() - start
@@ -1189,8 +1178,8 @@ def cmd_serve_bench(args: argparse.Namespace) -> None:
     else:
         specs = [DecoderSpec.parse(part.strip()) for part in args.decoders.split(",") if part.strip()]
         for spec in specs:
-            if spec.kind not in SERVED_DECODERS:
-                raise CllmError(f"cannot serve with {spec.label}: use {', '.join(SERVED_DECODERS)}")
+            if spec.kind not in SERVABLE:
+                raise CllmError(f"cannot serve with {spec.label}: use {', '.join(SERVABLE)}")
         for spec in specs:
             server = ServerProcess(_serve_args(args, spec))
             with stderr.status(f"starting cllm serve with {spec.label} ..."):

@@ -20,7 +20,8 @@ from pathlib import Path
 import torch
 
 from cllm.data import PromptRecord, humaneval_prompt
-from cllm.decoding import DECODERS, GREEDY, DecoderSpec, Sampling, left_pad
+from cllm.decoding import GREEDY, DecoderSpec, Sampling, decode
+from cllm.decoding.spec import DECODER_NAMES
 from cllm.errors import CllmError
 from cllm.files import write_atomically
 from cllm.models import LoadedModel
@@ -52,20 +53,15 @@ def generate_all(
     loaded: LoadedModel, prompts: Sequence[str], settings: DecodeSettings, on_batch: Callable[[int], None] | None = None
 ) -> list[dict]:
     """Decode every prompt; one dict per prompt: text, token ids, seconds (of its batch), stats."""
-    if settings.decoder not in DECODERS:
-        raise CllmError(f"unknown decoder {settings.decoder!r}; use one of {', '.join(DECODERS)}")
+    if settings.decoder not in DECODER_NAMES:
+        raise CllmError(f"unknown decoder {settings.decoder!r}; use one of {', '.join(DECODER_NAMES)}")
     encoded = [loaded.encode_prompt(p, raw=settings.template == "raw") for p in prompts]
-    device = loaded.model.device
     results = []
     for first in range(0, len(encoded), settings.batch_size):
         batch = encoded[first : first + settings.batch_size]
-        input_ids, attention_mask = left_pad(batch, loaded.pad_token_id)
-        kwargs = dict(max_new_tokens=settings.max_new_tokens, eos_token_id=loaded.eos_token_ids, pad_token_id=loaded.pad_token_id)
-        kwargs |= settings.spec.decoder_kwargs() | loaded.decoder_kwargs(settings.decoder)
-        seeds = [settings.seed + first + row for row in range(len(batch))]
-        kwargs |= {"sampling": settings.sampling, "seed": seeds[0] if settings.decoder.startswith("hf") else seeds}
         start = time.perf_counter()
-        output = DECODERS[settings.decoder](loaded.model, input_ids.to(device), attention_mask.to(device), **kwargs)
+        output = decode(loaded, settings.spec, batch, max_new_tokens=settings.max_new_tokens,
+                        sampling=settings.sampling, seed=settings.seed + first)
         seconds = time.perf_counter() - start
         for tokens, stats in zip(output.token_ids, output.stats):
             results.append({

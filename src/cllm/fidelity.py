@@ -23,12 +23,12 @@ from pathlib import Path
 
 import torch
 
-from cllm.bench import common_prefix
 from cllm.data import PromptRecord
 from cllm.errors import CllmError
 from cllm.evaluation import DecodeSettings, generate_all, perplexity
 from cllm.files import read_text, write_atomically
 from cllm.losses import token_distance
+from cllm.metrics import common_prefix
 from cllm.models import LoadedModel
 
 

@@ -54,11 +54,6 @@ class LoadedModel:
     source: str
     compile: bool = False
 
-    def decoder_kwargs(self, kind: str) -> dict:
-        """What every call of decoder `kind` on this model adds: the compiled path where asked for
-        and the decoder has one (transformers' own decoders stay the eager baseline)."""
-        return {"compile": True} if self.compile and kind in ("ar", "jacobi", "lookahead") else {}
-
     @property
     def eos_token_ids(self) -> list[int]:
         """Every id that ends a response: the generation config's list, else the tokenizer's EOS."""

@@ -28,9 +28,10 @@ import pyarrow.parquet as pq
 import torch
 
 from cllm.data import PromptRecord
-from cllm.decoding import INIT_STRATEGIES, DecodeOutput, jacobi, jacobi_no_cache, left_pad
+from cllm.decoding import INIT_STRATEGIES, DecodeOutput, DecoderSpec, accepted_per_iteration, decode, jacobi_no_cache
 from cllm.errors import CllmError
 from cllm.files import write_atomically
+from cllm.metrics import is_degenerate
 from cllm.models import LoadedModel
 
 FORMAT = "cllm-trajectories"
@@ -131,22 +132,6 @@ class CollectSummary:
             "mean_iterations_per_block": round(self.mean_iterations_per_block, 3),
             "blocks": len(self.block_iterations),
         }
-
-
-def longest_repetition(tokens: Sequence[int], max_period: int = 8) -> int:
-    """Length of the longest stretch that repeats one n-gram (n <= max_period) back to back."""
-    array = np.asarray(tokens)
-    best = 0
-    for period in range(1, min(max_period, len(array) - 1) + 1):
-        same = np.concatenate([[False], array[period:] == array[:-period], [False]])
-        edges = np.flatnonzero(np.diff(same.astype(np.int8)))
-        if len(edges):
-            best = max(best, int((edges[1::2] - edges[::2]).max()) + period)
-    return best
-
-
-def is_degenerate(tokens: Sequence[int], span: int) -> bool:
-    return longest_repetition(tokens) >= span
 
 
 def augment_states(states: list[list[int]], fixed_point: list[int], rng: random.Random) -> list[list[int]]:
@@ -265,19 +250,13 @@ class CollectionDir:
 
 
 def _decode_batch(loaded: LoadedModel, config: CollectConfig, prompts: list[list[int]], seeds: list[int]) -> DecodeOutput:
-    device = loaded.model.device
-    common = dict(
-        block_size=config.block_size,
-        max_new_tokens=config.max_new_tokens,
-        eos_token_id=loaded.eos_token_ids,
-        pad_token_id=loaded.pad_token_id,
-        init=config.init,
-        return_trajectory=True,
-    )
-    if config.engine == "nokv":
-        return jacobi_no_cache(loaded.model, torch.tensor(prompts, device=device), seed=seeds, **common)
-    input_ids, attention_mask = left_pad(prompts, loaded.pad_token_id)
-    return jacobi(loaded.model, input_ids.to(device), attention_mask.to(device), seed=seeds, **common)
+    if config.engine == "nokv":  # the original code's reference loop, one prompt per batch
+        return jacobi_no_cache(loaded.model, torch.tensor(prompts, device=loaded.model.device), seed=seeds,
+                               block_size=config.block_size, max_new_tokens=config.max_new_tokens,
+                               eos_token_id=loaded.eos_token_ids, pad_token_id=loaded.pad_token_id, init=config.init,
+                               return_trajectory=True)
+    spec = DecoderSpec("jacobi", block_size=config.block_size, init=config.init)
+    return decode(loaded, spec, prompts, max_new_tokens=config.max_new_tokens, seed=seeds, return_trajectory=True)
 
 
 def shard_prompts(count: int, shard_index: int, num_shards: int) -> list[int]:
@@ -426,7 +405,6 @@ def load_trajectories(root: str | Path):
 
 def inspect_collection(root: Path, histogram_max: int = 16) -> dict:
     """Counts and distributions of a collection, for `cllm data inspect`."""
-    from cllm.decoding import accepted_per_iteration
 
     table = read_entries(root)
     manifest = read_manifest(root)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from cllm.decoding import accepted_per_iteration, jacobi, stationary_mask
+from cllm.decoding import DecoderSpec, accepted_per_iteration, decode, stationary_mask
 from cllm.files import write_atomically
 from cllm.models import LoadedModel
 
@@ -26,9 +26,8 @@ class BlockView:
 
 def trajectory_views(loaded: LoadedModel, prompt: str, block_size: int, blocks: int, raw: bool = False) -> list[BlockView]:
     ids = loaded.encode_prompt(prompt, raw=raw)
-    output = jacobi(loaded.model, torch.tensor([ids], device=loaded.model.device), block_size=block_size,
-                    max_new_tokens=1 + block_size * blocks, eos_token_id=loaded.eos_token_ids,
-                    pad_token_id=loaded.pad_token_id, return_trajectory=True)
+    output = decode(loaded, DecoderSpec("jacobi", block_size=block_size), [ids], max_new_tokens=1 + block_size * blocks,
+                    return_trajectory=True)
     return [_view(loaded, states) for states in output.trajectories[0][:blocks]]
 
 

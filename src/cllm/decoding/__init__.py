@@ -1,33 +1,46 @@
 """Decoders over any Hugging Face causal LM, one module each: `ar` (autoregressive, the
 reference), `jacobi` (and `jacobi_no_cache`), `lookahead`, and transformers' own `hf_generate`,
-`hf_pld` (prompt lookup) and `hf_assisted` (a draft model); `DecoderSpec` names one with its settings.
+`hf_pld` (prompt lookup) and `hf_assisted` (a draft model). `DecoderSpec` names one with its
+settings (`spec`, which registers every kind once and imports no torch) and `decode` runs it.
 Greedy by default; `Sampling` (temperature, top-k, top-p) samples, and ar, jacobi and lookahead give
 the same sample for the same seed (`sampling`).
 
-All are plain functions of (model, left-padded input ids) that use only the public forward and
-cache API, so every architecture with a standard cache works; the cached ones run a batch of
-prompts of different lengths, and rows leave the batch as soon as they finish. The shared
-machinery and the KV-cache layout are in `core`.
+The cached decoders run a batch of prompts of different lengths through the public forward and
+cache API (the compiled path adds a static cache: `kv`, `compiled`), and rows leave the batch as
+soon as they finish. The shared machinery and the KV-cache layout are in `core`.
+
+Names are imported on first use, so `cllm.decoding.spec` stays importable without torch.
 """
 
-from cllm.decoding.ar import ar
-from cllm.decoding.core import DecodeOutput, DecodeStats, TokenCallback, left_pad
-from cllm.decoding.hf import hf_assisted, hf_generate, hf_pld
-from cllm.decoding.jacobi import (
-    accepted_per_iteration,
-    count_stationary,
-    jacobi,
-    jacobi_no_cache,
-    lookup_continuation,
-    stationary_mask,
-)
-from cllm.decoding.lookahead import lookahead
-from cllm.decoding.sampling import GREEDY, Sampling
-from cllm.decoding.spec import INIT_STRATEGIES, DecoderSpec
+from __future__ import annotations
 
-DECODERS = {"ar": ar, "jacobi": jacobi, "hf": hf_generate, "lookahead": lookahead, "hf-pld": hf_pld, "hf-assisted": hf_assisted}
+import importlib
+import sys
+import types
 
-__all__ = [
-    "DECODERS", "GREEDY", "INIT_STRATEGIES", "Sampling", "DecodeOutput", "DecoderSpec", "hf_assisted", "hf_pld", "lookahead", "DecodeStats", "TokenCallback", "accepted_per_iteration", "ar",
-    "count_stationary", "hf_generate", "jacobi", "jacobi_no_cache", "left_pad", "lookup_continuation", "stationary_mask",
-]
+_EXPORTS = {
+    "decode": "api", "ar": "ar", "DecodeOutput": "core", "DecodeStats": "core", "TokenCallback": "core",
+    "left_pad": "core", "hf_assisted": "hf", "hf_generate": "hf", "hf_pld": "hf", "accepted_per_iteration": "jacobi",
+    "count_stationary": "jacobi", "jacobi": "jacobi", "jacobi_no_cache": "jacobi", "lookup_continuation": "jacobi",
+    "stationary_mask": "jacobi", "lookahead": "lookahead", "GREEDY": "sampling", "Sampling": "sampling",
+    "INIT_STRATEGIES": "spec", "DecoderSpec": "spec",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
+
+
+class _Package(types.ModuleType):
+    def __setattr__(self, name: str, value: object) -> None:
+        # Importing the submodule `jacobi` sets the package's attribute `jacobi`; the package
+        # exports the decoder function of that name, so keep the function there.
+        if isinstance(value, types.ModuleType) and _EXPORTS.get(name) == name:
+            value = getattr(value, name)
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package

@@ -18,13 +18,12 @@ from dataclasses import dataclass, field
 
 import torch
 
-from cllm.decoding import DECODERS, DecoderSpec, DecodeStats, left_pad
+from cllm.decoding import DecoderSpec, DecodeStats, decode
 from cllm.decoding.core import Admission
 from cllm.decoding.sampling import Sampling
+from cllm.decoding.spec import SERVABLE
 from cllm.errors import CllmError
 from cllm.models import LoadedModel
-
-SERVABLE = ("ar", "jacobi", "lookahead")  # the decoders that let rows join and leave
 
 
 class QueueFull(Exception):
@@ -231,17 +230,10 @@ class Engine:
     def _decode(self, requests: list[Request]) -> None:
         """One decoder call: these requests start it, later ones join through `admit`."""
         first = self._admission(requests)
-        input_ids, attention_mask = left_pad(first.prompts, self.loaded.pad_token_id)
-        device = self.loaded.model.device
         self.counters.decoder_calls += 1
         try:
-            DECODERS[self.spec.kind](
-                self.loaded.model, input_ids.to(device), attention_mask.to(device),
-                max_new_tokens=first.max_new_tokens, sampling=first.samplings, seed=first.seeds,
-                eos_token_id=self.loaded.eos_token_ids, pad_token_id=self.loaded.pad_token_id,
-                on_tokens=self._on_tokens, control=self, **self.spec.decoder_kwargs(),
-                **self.loaded.decoder_kwargs(self.spec.kind),
-            )
+            decode(self.loaded, self.spec, first.prompts, max_new_tokens=first.max_new_tokens,
+                   sampling=first.samplings, seed=first.seeds, on_tokens=self._on_tokens, control=self)
         except Exception as exc:  # noqa: BLE001 -- one failed batch must not take the server down
             message = f"decoding failed: {type(exc).__name__}: {exc}"
             with self._wake:
