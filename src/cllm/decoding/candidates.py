@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from cllm.decoding.core import KVStore, _keep_pending_and_accepted, _Rows
+from cllm.decoding.core import KVStore, _keep_pending_and_accepted, _Rows, accepted_prefix, verify_candidates
 
 
 @dataclass
@@ -69,12 +69,10 @@ def candidate_step(
 
     # the block: position fixed + c is predicted at column c (`pending`, then the guesses)
     predictions = prediction[:, :fed]
-    same = (predictions == guesses) & (columns[None, :] < width[:, None])
-    by_block = torch.minimum(same.long().cumprod(1).sum(1) + 1, width)
+    by_block = torch.minimum(accepted_prefix(predictions, guesses, columns[None, :] < width[:, None]) + 1, width)
     # the candidates: token k must equal the prediction before it
     candidate_predictions = prediction[:, fed:].view(batch, groups, length)
-    before = torch.cat([predictions[:, None, :1].expand(-1, groups, -1), candidate_predictions[:, :, :-1]], dim=2)
-    matched = ((proposals == before) & present[:, :, None]).long().cumprod(2).sum(2)
+    matched = verify_candidates(proposals, present, predictions[:, :1], candidate_predictions)
     by_candidate = torch.minimum(matched + 1, width[:, None]) if groups else torch.ones((batch, 0), dtype=torch.long, device=device)
     best = by_candidate.argmax(1) if groups else torch.zeros(batch, dtype=torch.long, device=device)
     best_count = by_candidate.gather(1, best[:, None]).squeeze(1) if groups else torch.zeros_like(by_block)

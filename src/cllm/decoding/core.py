@@ -81,13 +81,45 @@ def left_pad(prompts: Sequence[Sequence[int]], pad_token_id: int) -> tuple[torch
     """Stack prompts of different lengths, padded on the left: (input_ids, attention_mask), both (B, P)."""
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token")
-    width = max(len(p) for p in prompts)
-    input_ids = torch.full((len(prompts), width), pad_token_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(prompts), width), dtype=torch.long)
-    for row, prompt in enumerate(prompts):
-        input_ids[row, width - len(prompt) :] = torch.as_tensor(list(prompt), dtype=torch.long)
-        attention_mask[row, width - len(prompt) :] = 1
-    return input_ids, attention_mask
+    input_ids, present = ragged(prompts, pad_token_id, left=True)
+    return input_ids, present.long()
+
+
+def ragged(sequences: Sequence[Sequence[int]], fill: int, *, left: bool = False,
+           device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """Token lists of different lengths as one (B, L) tensor padded with `fill` (on the right, or
+    the left), and (B, L) True where a token is real. L is the longest length, 0 when all are empty."""
+    width = max(map(len, sequences), default=0)
+    tokens = torch.full((len(sequences), width), fill, dtype=torch.long)
+    present = torch.zeros((len(sequences), width), dtype=torch.bool)
+    for row, sequence in enumerate(sequences):
+        if len(sequence):
+            span = slice(width - len(sequence), width) if left else slice(0, len(sequence))
+            tokens[row, span] = torch.as_tensor(list(sequence), dtype=torch.long)
+            present[row, span] = True
+    return tokens.to(device), present.to(device)
+
+
+def accepted_prefix(proposed: torch.Tensor, predicted: torch.Tensor, real: torch.Tensor | None = None) -> torch.Tensor:
+    """The acceptance rule: how many leading entries (last dim) of `proposed` equal `predicted`,
+    stopping at the first difference or the first entry that is not `real`. (..., L) -> (...)."""
+    same = proposed == predicted
+    if real is not None:
+        same = same & real
+    return same.long().cumprod(-1).sum(-1)
+
+
+def verify_candidates(proposals: torch.Tensor, present: torch.Tensor, next_token: torch.Tensor,
+                      predictions: torch.Tensor) -> torch.Tensor:
+    """Right tokens of each candidate n-gram fed after `pending` (B,) -> (B, G).
+
+    proposals (B, G, L): the candidates' tokens; present (B, G): which exist; next_token (B, 1):
+    the prediction at `pending`; predictions (B, G, L): the prediction at each candidate token.
+    Token k of a candidate is right when it equals the prediction at the column before it.
+    """
+    groups = proposals.shape[1]
+    before = torch.cat([next_token[:, None, :].expand(-1, groups, -1), predictions[:, :, :-1]], dim=2)
+    return accepted_prefix(proposals, before, present[:, :, None])
 
 
 @dataclass

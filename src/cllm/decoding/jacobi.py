@@ -39,6 +39,7 @@ from cllm.decoding.core import (
     _Rows,
     _truncate_at_eos,
     _validate,
+    accepted_prefix,
 )
 from cllm.decoding.ngrams import NgramPool, offered_candidates, remember_iterate
 from cllm.decoding.sampling import GREEDY, Sampling, row_seeds
@@ -151,7 +152,7 @@ def accepted_per_iteration(states: torch.Tensor) -> list[int]:
     length = states.shape[1]
     fixed, accepted = 0, []
     for before, after in zip(states[:-1], states[1:]):
-        matched = int((after[fixed:] == before[fixed:]).long().cumprod(0).sum())
+        matched = int(accepted_prefix(after[fixed:], before[fixed:]))
         accepted.append(min(matched + 1, length - fixed))
         fixed += accepted[-1]
     return accepted
@@ -251,8 +252,7 @@ def jacobi(
             prediction = _forward(cache, rows, tokens, real)  # (B, m)
 
             # 3. accept the longest prefix whose inputs were right, plus the token after it
-            same = (prediction == guesses) & real
-            accepted = torch.minimum(same.long().cumprod(1).sum(1) + 1, width)  # (B,) >= 1
+            accepted = torch.minimum(accepted_prefix(prediction, guesses, real) + 1, width)  # (B,) >= 1
             _keep_real_slots(cache, rows, accepted)
             emitted = prediction
         else:  # 2-3 with candidates verified alongside; the cache is committed inside
@@ -375,7 +375,7 @@ def jacobi_no_cache(
         states, fixed = [block], 0
         while fixed < length:
             prediction = greedy(torch.cat([sequence, block[:-1]]))[len(sequence) - 1 :]  # (length,) f(block)
-            matched = int((prediction[fixed:] == block[fixed:]).long().cumprod(0).sum())
+            matched = int(accepted_prefix(prediction[fixed:], block[fixed:]))
             accepted = min(matched + 1, length - fixed)
             block = torch.cat([block[:fixed], prediction[fixed:]])
             new = block[fixed : fixed + accepted]

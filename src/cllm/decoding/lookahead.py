@@ -56,6 +56,9 @@ from cllm.decoding.core import (
     _Rows,
     _truncate_at_eos,
     _validate,
+    accepted_prefix,
+    ragged,
+    verify_candidates,
 )
 from cllm.decoding.jacobi import _GuessMaker, lookup_continuation
 from cllm.decoding.ngrams import NgramPool, offered_candidates
@@ -183,8 +186,7 @@ def lookahead(
         after_pending = prediction[:, :1]  # (B, 1) the next token, as AR
         proposed_end = 1 + window + groups * levels
         proposed_predictions = prediction[:, 1 + window : proposed_end].view(len(rows.index), groups, levels)
-        before = torch.cat([after_pending[:, None, :].expand(-1, groups, -1), proposed_predictions[:, :, :-1]], dim=2)
-        matched = ((proposals == before) & present[:, :, None]).long().cumprod(2).sum(2)  # (B, G)
+        matched = verify_candidates(proposals, present, after_pending, proposed_predictions)  # (B, G)
         best = matched.argmax(dim=1) if groups else torch.zeros(len(rows.index), dtype=torch.long, device=device)
         length = matched.gather(1, best[:, None]).squeeze(1) if groups else torch.zeros_like(best)
         chosen = proposed_predictions[torch.arange(len(rows.index), device=device), best] if groups else \
@@ -192,8 +194,7 @@ def lookahead(
         winner = first_candidate + best * levels  # the fed column where the winning tokens start
         if drafts.shape[1]:  # the draft wins where it matched more than the best candidate
             draft_predictions = prediction[:, proposed_end:]
-            before = torch.cat([after_pending, draft_predictions[:, :-1]], dim=1)
-            draft_length = ((drafts == before) & drafted).long().cumprod(1).sum(1)
+            draft_length = accepted_prefix(drafts, torch.cat([after_pending, draft_predictions[:, :-1]], dim=1), drafted)
             longest = max(levels, drafts.shape[1])
             by_draft = draft_length > length
             chosen = torch.where(by_draft[:, None], _pad(draft_predictions, longest, 1, left=False),
@@ -226,13 +227,5 @@ def lookahead(
 def _context_drafts(rows: _Rows, length: int, pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(B, D) each row's prompt-lookup draft of `length` tokens and (B, D) which exist: D is 0 where
     no row's context has a recurring suffix, so no column is fed for nothing."""
-    found = [lookup_continuation(_context(rows, i), length) for i in range(len(rows.index))] if length else []
-    longest = max(map(len, found), default=0)
-    device = rows.pending.device
-    drafts = torch.full((len(rows.index), longest), pad_token_id, dtype=torch.long, device=device)
-    drafted = torch.zeros((len(rows.index), longest), dtype=torch.bool, device=device)
-    for i, tokens in enumerate(found):
-        if tokens:
-            drafts[i, : len(tokens)] = torch.tensor(tokens, dtype=torch.long, device=device)
-            drafted[i, : len(tokens)] = True
-    return drafts, drafted
+    found = [lookup_continuation(_context(rows, i), length) if length else [] for i in range(len(rows.index))]
+    return ragged(found, pad_token_id, device=rows.pending.device)

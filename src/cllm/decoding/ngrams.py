@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 import torch
 
-from cllm.decoding.core import _Rows
+from cllm.decoding.core import _Rows, ragged
 
 
 class NgramPool:
@@ -41,15 +41,9 @@ class NgramPool:
 def offered_candidates(pools: list[NgramPool], rows: _Rows, ngram: int, pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(B, G, N-1) proposals for each row's last token and (B, G) which exist."""
     offered = [pools[int(r)].candidates(int(t)) for r, t in zip(rows.index, rows.pending)]
-    groups = max((len(c) for c in offered), default=0)
-    device = rows.pending.device
-    proposals = torch.full((len(offered), groups, ngram - 1), pad_token_id, dtype=torch.long, device=device)
-    present = torch.zeros((len(offered), groups), dtype=torch.bool, device=device)
-    for i, grams in enumerate(offered):
-        if grams:
-            proposals[i, : len(grams)] = torch.tensor(grams, dtype=torch.long, device=device)
-            present[i, : len(grams)] = True
-    return proposals, present
+    flat, present = ragged([[token for gram in grams for token in gram] for grams in offered], pad_token_id,
+                           device=rows.pending.device)  # (B, G * (N-1))
+    return flat.view(len(offered), flat.shape[1] // (ngram - 1), ngram - 1), present[:, :: ngram - 1]
 
 
 def remember_iterate(pool: NgramPool, pending: int, unfixed: list[int]) -> None:
