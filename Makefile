@@ -1,5 +1,6 @@
 # The two commands README.md gives a new user; both set up .venv first (fast when already done).
-.PHONY: setup demo test
+# test-fast is the quick loop: the logic without the real model and the heavy tests.
+.PHONY: setup demo test test-fast
 
 setup:
 	@bash scripts/setup.sh
@@ -9,3 +10,6 @@ demo: setup
 
 test: setup
 	.venv/bin/python -m pytest -q
+
+test-fast: setup
+	.venv/bin/python -m pytest -q -m "not slow and not heavy"

@@ -140,6 +140,7 @@ def run_collect(model_dir: Path, prompts: Path, out: Path) -> subprocess.Popen:
     return subprocess.Popen(CLLM + args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
 
 
+@pytest.mark.heavy
 def test_sigkill_then_rerun_gives_exactly_the_uninterrupted_entries(model_dir, tmp_path):
     prompts = prompts_file(tmp_path / "prompts.jsonl", 400)
     reference = run_collect(model_dir, prompts, tmp_path / "reference")

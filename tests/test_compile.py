@@ -16,7 +16,7 @@ import torch
 from test_continuous_batching import DECODERS as JOINING_DECODERS
 from test_continuous_batching import decode_scripted, random_requests
 from test_lookahead import random_case
-from tiny_models import VOCAB, save_tiny_model, tiny_model
+from tiny_models import ARCHS, VOCAB, save_tiny_model, tiny_model
 from torch._inductor.runtime.cache_dir_utils import default_cache_dir
 
 from cllm.cli import main
@@ -26,7 +26,8 @@ from cllm.decoding import kv as kv_module
 from cllm.decoding.compiled import package_directory
 from cllm.decoding.kv import DynamicKV, StaticKV, new_store
 
-ARCHS = ["llama", "qwen2", "gpt2"]
+pytestmark = pytest.mark.heavy  # compiles with inductor
+
 
 
 @pytest.fixture(scope="module")

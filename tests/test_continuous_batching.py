@@ -8,12 +8,11 @@ from dataclasses import dataclass
 
 import pytest
 import torch
-from tiny_models import VOCAB, tiny_model
+from tiny_models import ARCHS, VOCAB, tiny_model
 
 from cllm.decoding import Sampling, ar, jacobi, left_pad, lookahead
 from cllm.decoding.core import Admission, DecodeStats
 
-ARCHS = ["llama", "qwen2", "gpt2"]
 CASES_PER_ARCH = 25  # x 4 decoders x 3 architectures = 300 cases
 
 

@@ -6,7 +6,7 @@ import random
 
 import pytest
 import torch
-from tiny_models import VOCAB, tiny_model
+from tiny_models import ARCHS, VOCAB, tiny_model
 
 from cllm.decoding import (
     INIT_STRATEGIES,
@@ -22,7 +22,6 @@ from cllm.decoding import (
 from cllm.decoding.core import _Rows
 from cllm.decoding.jacobi import _GuessMaker
 
-ARCHS = ["llama", "qwen2", "gpt2"]
 BLOCK_SIZES = [1, 2, 3, 8, 16]
 SEEDS = range(6)
 

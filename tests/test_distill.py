@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 import yaml
 from tiny_models import save_tiny_model
 
@@ -13,6 +14,7 @@ from cllm.cli import main
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 
 
+@pytest.mark.heavy
 def test_tiny_recipe_end_to_end_then_skipped(tmp_path, capsys):
     data = tmp_path / "gsm8k.jsonl"
     rows = [{"question": f"Tom has {a} apples and buys {a}. How many?", "answer": f"{a} + {a} = {2 * a}\n#### {2 * a}"}

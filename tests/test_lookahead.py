@@ -7,14 +7,13 @@ import random
 
 import pytest
 import torch
-from tiny_models import VOCAB, tiny_model
+from tiny_models import ARCHS, VOCAB, tiny_model
 
 from cllm.decoding import ar, hf_assisted, hf_pld, jacobi, left_pad, lookahead
 from cllm.decoding.kv import DynamicKV
 from cllm.decoding.lookahead import _step_mask
 from cllm.decoding.ngrams import NgramPool
 
-ARCHS = ["llama", "qwen2", "gpt2"]
 CASES_PER_ARCH = 170  # 510 randomized cases in all
 
 

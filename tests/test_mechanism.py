@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import random
 
+import pytest
 import torch
 from datasets import Dataset
 from transformers import LlamaConfig, LlamaForCausalLM, TrainingArguments
@@ -18,6 +19,8 @@ from cllm.decoding import ar, jacobi, left_pad
 from cllm.trajectories import CollectConfig, build_entries
 from cllm.data import PromptRecord
 from cllm.training import CllmTrainer, TrajectoryCollator
+
+pytestmark = pytest.mark.heavy  # pretrains and trains a small model twice
 
 PAD, BOS, EOS = 0, 1, 2
 TOPICS = list(range(3, 11))

@@ -8,14 +8,13 @@ import random
 
 import pytest
 import torch
-from tiny_models import VOCAB, tiny_model
+from tiny_models import ARCHS, VOCAB, tiny_model
 from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
 from cllm.decoding import ar, hf_generate, jacobi, left_pad, lookahead
 from cllm.decoding.sampling import Sampling, filtered_probabilities, row_seeds, sample, uniforms
 from cllm.errors import CllmError
 
-ARCHS = ["llama", "qwen2", "gpt2"]
 CASES_PER_ARCH = 110  # 330 randomized cases, each checked for Jacobi, lookahead and multi-candidate Jacobi
 
 

@@ -307,6 +307,7 @@ def test_the_cli_lists_the_decoders_the_engine_serves():
         Engine(None, DecoderSpec.parse("hf"))
 
 
+@pytest.mark.heavy
 @pytest.mark.parametrize("grace", ["0", "30"])
 def test_serve_shuts_down_gracefully_and_ends_running_streams(endless_dir, grace):
     port = free_port()
@@ -346,6 +347,7 @@ def test_serve_shuts_down_gracefully_and_ends_running_streams(endless_dir, grace
         assert last["choices"][0]["finish_reason"] == "length"  # it was let finish
 
 
+@pytest.mark.heavy
 def test_chat_streams_replies_keeps_history_and_survives_ctrl_c(model_dir, endless_dir, capsys):
     expected, = generated(capsys, model_dir, ["hello"], "--decoder", "jacobi", "--max-new-tokens", "30")
     process = subprocess.Popen([*CLLM, "chat", "--model", model_dir, "--max-new-tokens", "30"],
@@ -370,6 +372,7 @@ def test_chat_streams_replies_keeps_history_and_survives_ctrl_c(model_dir, endle
     assert "(stopped)" in out and "last reply:" in out  # the reply stopped and the chat went on
 
 
+@pytest.mark.heavy
 def test_serve_bench_reports_every_decoder_and_level(model_dir, tmp_path):
     out = tmp_path / "load"
     result = subprocess.run([*CLLM, "serve-bench", "--model", model_dir, "--decoders", "ar,jacobi:4",
@@ -382,6 +385,7 @@ def test_serve_bench_reports_every_decoder_and_level(model_dir, tmp_path):
     assert "| jacobi:4 | 3 |" in (out / "serve-bench.md").read_text()
 
 
+@pytest.mark.heavy
 @pytest.mark.skipif(shutil.which("chromium") is None, reason="no chromium installed")
 def test_live_page_chats_in_a_real_browser_and_colours_fast_forwarded_text(loaded, model_dir, capsys):
     sync_api = pytest.importorskip("playwright.sync_api", reason="playwright not installed")

@@ -53,6 +53,7 @@ def test_train_saves_a_model_every_command_loads(collection, tmp_path, capsys, e
     assert any(not torch.equal(trained[name], base[name]) for name in base), "training changed no weight"
 
 
+@pytest.mark.heavy
 def test_resume_after_sigkill_continues_from_the_last_checkpoint(collection, tmp_path):
     model, trajectories = collection
     out = tmp_path / "cllm"
@@ -95,6 +96,7 @@ def test_train_bad_input(collection, tmp_path):
                  "--pack", "none", "--states-per-block", "2"]) == 2
 
 
+@pytest.mark.heavy
 def test_two_process_cpu_training_with_torchrun(collection, tmp_path, capsys):
     model, trajectories = collection
     out = tmp_path / "cllm"

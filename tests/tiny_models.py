@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig, PreTrainedModel, Qwen2Config
 
+ARCHS = ["llama", "qwen2", "gpt2"]  # the architectures every decoder is tested on
+
 VOCAB = 96
 
 

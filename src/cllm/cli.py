@@ -1,4 +1,6 @@
-"""The `cllm` command: argument parsing and printing only; the work lives in the library modules."""
+"""The `cllm` command: argument parsing and printing. Decoding goes through `cllm.decoding.decode`;
+some orchestration (eval runs, bench metadata, rank handling) still lives here and is to move into
+the library modules it belongs to."""
 
 from __future__ import annotations
 

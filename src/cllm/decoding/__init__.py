@@ -6,8 +6,8 @@ Greedy by default; `Sampling` (temperature, top-k, top-p) samples, and ar, jacob
 the same sample for the same seed (`sampling`).
 
 The cached decoders run a batch of prompts of different lengths through the public forward and
-cache API (the compiled path adds a static cache: `kv`, `compiled`), and rows leave the batch as
-soon as they finish. The shared machinery and the KV-cache layout are in `core`.
+cache API, and rows leave the batch as soon as they finish; the compiled path (`kv`, `compiled`)
+adds a static cache and the few non-public internals gathered in `internals`. The shared machinery and the KV-cache layout are in `core`.
 
 Names are imported on first use, so `cllm.decoding.spec` stays importable without torch.
 """

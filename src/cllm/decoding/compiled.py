@@ -28,8 +28,7 @@ import shutil
 import sys
 import warnings
 import weakref
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -37,6 +36,8 @@ import torch
 import transformers
 from transformers import PreTrainedModel, StaticCache
 from transformers.cache_utils import StaticLayer
+
+from cllm.decoding.internals import attention_implementation, configure_inductor
 
 _COMPILED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
@@ -94,7 +95,7 @@ class _CompiledForward:
     def __call__(self, **inputs):
         if not self.failed:
             try:
-                with (_attention(self.model, self.attention), torch._inductor.config.patch(self.settings),
+                with (attention_implementation(self.model.config, self.attention), torch._inductor.config.patch(self.settings),
                       torch.compiler.config.patch(cache_key_tag=self.cache_tag)):
                     return self.compiled(**inputs)
             except Exception as error:  # noqa: BLE001 - any backend failure means: run eagerly
@@ -146,7 +147,7 @@ class _PackagedForward:
 
     def _build(self, width: int, single: bool, path: Path) -> None:
         rows, capacity = {} if single else {0: torch.export.Dim("batch")}, torch.export.Dim("capacity")
-        with (torch.inference_mode(False), torch.no_grad(), _attention(self.model, self.attention),
+        with (torch.inference_mode(False), torch.no_grad(), attention_implementation(self.model.config, self.attention),
               warnings.catch_warnings()):
             warnings.filterwarnings("ignore", "TypedStorage is deprecated")  # inductor's GEMM autotuning, every time
             examples = _example_inputs(self.model, width, single)
@@ -223,21 +224,6 @@ def _compiled_attention(model: PreTrainedModel) -> str | None:
 
 def _first_line(error: Exception) -> str:
     return f"{type(error).__name__}: {str(error).splitlines()[0][:200] if str(error) else ''}"
-@contextmanager
-def _attention(model: PreTrainedModel, implementation: str | None) -> Iterator[None]:
-    """The model's attention implementation switched for one call (transformers reads it from the
-    config at every forward), so the compiled graphs get theirs while eager forwards keep the model's."""
-    before = model.config._attn_implementation
-    if implementation is None or implementation == before:
-        yield
-        return
-    model.config._attn_implementation = implementation
-    try:
-        yield
-    finally:
-        model.config._attn_implementation = before
-
-
 def _weights_state(model: PreTrainedModel) -> int:
     """Changes when a parameter or buffer (int8 weights are buffers) is replaced or modified in
     place: its storage or its version counter."""
@@ -266,15 +252,6 @@ def _cannot_compile(model: PreTrainedModel, backend: str) -> str | None:
 
 
 def _configure_inductor() -> None:
-    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
-
     from cllm.models import cllm_home
 
-    # a second process reuses the compiled kernels instead of building them again; torch writes its
-    # default (a temporary directory) into the variable when it first looks, so that one is replaced
-    current = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
-    if current is None or os.path.abspath(current) == os.path.abspath(default_cache_dir()):
-        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(cllm_home() / "compile")
-    # a decode compiles a few widths and batch sizes, per model: more than dynamo's default allows
-    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-
+    configure_inductor(str(cllm_home() / "compile"))

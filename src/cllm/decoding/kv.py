@@ -11,6 +11,8 @@ moves back instead of cropping, and columns padded to a few fixed widths (1, 4, 
 that one compiled forward per width (cllm.decoding.compiled) covers a whole decode. Padded columns
 see only themselves and are never kept, so they change nothing but cost. The mask is always
 built here as a 4D additive tensor over the whole cache (transformers uses a 4D mask as it is).
+The StaticCache internals this needs (moving the write position back, unmarking static addresses)
+are in cllm.decoding.internals.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import torch
 from transformers import DynamicCache, PreTrainedModel, StaticCache
 
 from cllm.decoding.compiled import compiled_forward
+from cllm.decoding.internals import set_write_position, unmark_static_addresses
 
 WIDTH_BUCKETS = (1, 4, 16, 64, 256, 1024)
 CAPACITY_STEP = 64  # static caches grow in steps of this many slots: attention reads every slot
@@ -101,7 +104,7 @@ class StaticKV:
         tokens = torch.nn.functional.pad(tokens, (0, width - fed))
         positions = torch.cat([positions, positions[:, -1:].expand(-1, width - fed)], dim=1)
         mask4d = additive(allowed, self.model.dtype)
-        torch._dynamo.maybe_mark_dynamic(mask4d, 3)  # the cache's size, like its keys' (_mark_capacity_dynamic)
+        torch._dynamo.maybe_mark_dynamic(mask4d, 3)  # the cache's size, like its keys' (unmark_static_addresses)
         # a graph per width: the best matrix kernel for one column is not the best for sixteen, and
         # dynamo would otherwise make the second width it meets dynamic (the batch size may become so)
         for tensor, dim in ((tokens, 1), (positions, 1), (mask4d, 2)):
@@ -110,7 +113,7 @@ class StaticKV:
                       use_cache=True)
         if prefill:
             logits = self.model(**inputs, logits_to_keep=logits_to_keep).logits
-            self._mark_capacity_dynamic()
+            unmark_static_addresses(self.cache)  # one graph for every cache and its size
         else:
             logits = _kept(self.compiled(**inputs).logits[:, :fed], logits_to_keep)
         self._start, self.length = self.length, self.length + width
@@ -126,7 +129,7 @@ class StaticKV:
         write position by every forward themselves; only a shorter keep moves it back."""
         if self._start + count != self.length:
             self.length = self._start + count
-            self._set_write_position(self.length)
+            set_write_position(self.cache, self.length)
 
     def keep_columns(self, columns: torch.Tensor) -> None:
         """Keep, per row, the KV of the last forward's columns `columns` (B, K), in that order: written
@@ -159,25 +162,7 @@ class StaticKV:
         for layer, (keys, values) in zip(self.cache.layers, contents):
             layer.update(keys.contiguous(), values.contiguous())
         self.length = self._start = contents[0][0].shape[-2] if contents else 0
-        self._mark_capacity_dynamic()
-
-    def _mark_capacity_dynamic(self) -> None:
-        """One graph for every cache and its size: without this, dynamo compiles a graph for the
-        first size and another, dynamic one when the cache first grows. transformers marks the
-        cache's tensors as static addresses (for CUDA graphs), which would make a frozen graph keep
-        the first cache's tensors as its own, unguarded, for every later cache: unmarked here."""
-        for layer in self.cache.layers:
-            if layer.is_initialized:
-                for tensor in (layer.keys, layer.values, layer.cumulative_length):
-                    if hasattr(tensor, "_dynamo_static_input_type"):
-                        del tensor._dynamo_static_input_type
-                torch._dynamo.maybe_mark_dynamic(layer.keys, 2)
-                torch._dynamo.maybe_mark_dynamic(layer.values, 2)
-
-    def _set_write_position(self, slot: int) -> None:
-        for layer in self.cache.layers:
-            if layer.is_initialized:
-                layer.cumulative_length.fill_(slot)
+        unmark_static_addresses(self.cache)  # one graph for every cache and its size
 
 
 def new_store(model: PreTrainedModel, capacity: int, compile: bool | str = False) -> DynamicKV | StaticKV:

@@ -1,4 +1,5 @@
-"""Lookahead decoding (Fu et al., 2024), greedy and exact, batched, in one forward per step.
+"""Lookahead decoding (Fu et al., 2024), exact (greedy, or sampled with the fixed per-position draws of
+cllm.decoding.sampling), batched, in one forward per step.
 
 Each step feeds one sequence per row through the public forward with a custom 4D attention mask
 (docs/decoding.md draws it):
