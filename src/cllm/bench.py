@@ -62,7 +62,7 @@ def decode_once(
     _synchronize(device)
     start = time.perf_counter()
     output = decode(loaded, spec, [prompt_ids], max_new_tokens=max_new_tokens, sampling=sampling, seed=seed,
-                    draft_model=draft.model if draft is not None and spec.kind == "hf-assisted" else None)
+                    draft_model=draft.model if draft is not None else None)
     _synchronize(device)
     return output, time.perf_counter() - start
 

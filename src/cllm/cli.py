@@ -19,7 +19,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from cllm.distill import command_line
-from cllm.decoding.spec import INIT_STRATEGIES, SERVABLE
+from cllm.decoding.spec import DECODER_NAMES, INIT_STRATEGIES, KINDS, SERVABLE
 from cllm.errors import CllmError
 from cllm.files import check_output_dir, check_output_file, read_text, write_atomically
 
@@ -107,6 +107,9 @@ def _add_model_args(parser: argparse.ArgumentParser, several: bool = False, raw:
 
 
 
+SINGLE_MODEL_DECODERS = [name for name in DECODER_NAMES if not KINDS[name].needs_draft]  # no --draft-model here
+
+
 def _add_decoding_args(parser: argparse.ArgumentParser, max_new_tokens: int,
                        max_new_tokens_help: str = "tokens to generate at most") -> None:
     parser.add_argument(
@@ -176,7 +179,7 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--file", type=Path, help='JSONL file with one {"prompt": ...} per line')
     generate.add_argument(
         "--decoder",
-        choices=["ar", "jacobi", "lookahead", "hf", "hf-pld"],
+        choices=SINGLE_MODEL_DECODERS,
         default="jacobi",
         help="ar: our KV-cache loop; jacobi: Jacobi decoding; lookahead: lookahead decoding (--window, "
         "--ngram, --candidates); hf: transformers generate; hf-pld: transformers' prompt lookup (batch size 1). "
@@ -324,7 +327,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--limit", type=_positive_int, help="evaluate the first N items only")
     evaluate.add_argument("--split", default="test", help="GSM8K split (default: %(default)s)")
     evaluate.add_argument("--path", help="GSM8K JSONL file instead of ../shared/datasets/gsm8k/<split>.jsonl")
-    evaluate.add_argument("--decoder", choices=["ar", "jacobi", "lookahead", "hf", "hf-pld"], default="jacobi",
+    evaluate.add_argument("--decoder", choices=SINGLE_MODEL_DECODERS, default="jacobi",
                           help="decoder; greedy, the score does not depend on it, nor does it when sampling with "
                           "the same --seed (hf aside) (default: %(default)s)")
     _add_decoding_args(evaluate, max_new_tokens=256)
@@ -1224,8 +1227,9 @@ COMMANDS = {
 def _check_arguments(args: argparse.Namespace) -> None:
     """What parsing alone cannot see, and every path the command will write: checked before any
     work (and before a model loads)."""
-    if getattr(args, "decoder", None) == "hf-pld" and getattr(args, "batch_size", 1) > 1:
-        raise CllmError("--decoder hf-pld decodes one prompt at a time (transformers' limit): use --batch-size 1")
+    decoder = KINDS.get(getattr(args, "decoder", None) or "")
+    if decoder is not None and not decoder.batched and getattr(args, "batch_size", 1) > 1:
+        raise CllmError(f"--decoder {decoder.name} decodes one prompt at a time (transformers' limit): use --batch-size 1")
     if args.command == "eval" and args.task in ("fidelity", "perplexity") and args.temperature > 0:
         raise CllmError(f"eval {args.task} measures the greedy model: drop --temperature")
     if args.command in ("bench", "collect", "train", "viz", "serve-bench"):

@@ -36,8 +36,8 @@ def decode(
 
     `model` is a model or a `LoadedModel` (then EOS, padding and the compiled path come from it
     unless given). `seed` is one int (row r seeds with seed + r) or one per row; decoders that take
-    one seed for the batch (transformers') get the first row's. `control` (continuous batching)
-    and `compile` only reach the decoders that support them.
+    one seed for the batch (transformers') get the first row's. `control` (continuous batching),
+    `compile` and `draft_model` only reach the decoders that take them.
     """
     spec = DecoderSpec.parse(spec) if isinstance(spec, str) else spec
     kind = spec.kind_info
@@ -52,7 +52,7 @@ def decode(
         kwargs["control"] = control
     if compile and kind.compilable:
         kwargs["compile"] = compile
-    if draft_model is not None:
+    if kind.needs_draft:
         kwargs["draft_model"] = draft_model
     if return_trajectory:
         kwargs["return_trajectory"] = True
@@ -80,9 +80,11 @@ def _check(kind: DecoderKind, spec: DecoderSpec, batch: int, control: BatchContr
     if control is not None and not kind.servable:
         raise CllmError(f"{kind.name} cannot let rows join and leave a running batch; use one of "
                         f"{', '.join(SERVABLE)}")
-    if kind.name == "hf-assisted" and draft_model is None:
-        raise CllmError("hf-assisted needs a draft model: --draft-model")
+    if kind.needs_draft and draft_model is None:
+        raise CllmError(f"{kind.name} needs a draft model: --draft-model")
     if return_trajectory and spec.kind != "jacobi":
         raise CllmError("trajectories are Jacobi iterates: decode them with jacobi")
     if batch < 1:
         raise CllmError("no prompts to decode")
+    if batch > 1 and not kind.batched:
+        raise CllmError(f"{kind.name} decodes one prompt at a time (transformers' limit); use batch size 1")

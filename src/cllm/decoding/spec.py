@@ -80,7 +80,8 @@ class DecoderKind:
         not a function of a torch model, such as llamacpp). per_row_seeds: the function takes one
         seed per row (cllm's decoders) rather than one for the batch (transformers' generate).
     servable: lets rows join and leave a running batch (a `BatchControl`). compilable: has the
-        compiled path. batched: decodes several prompts in one call.
+        compiled path. batched: decodes several prompts in one call. needs_draft: verifies the
+        drafts of a second model (`draft_model`).
     """
 
     name: str
@@ -90,6 +91,7 @@ class DecoderKind:
     servable: bool = False
     compilable: bool = False
     batched: bool = True
+    needs_draft: bool = False
 
 
 def _parse_plain(text: str, fields: list[str]) -> DecoderSpec:
@@ -139,12 +141,13 @@ def _number(text: str, spec: str, what: str) -> int:
 
 
 KINDS: dict[str, DecoderKind] = {kind.name: kind for kind in (
-    DecoderKind("hf", _parse_plain, "cllm.decoding.hf:hf_generate", per_row_seeds=False),
     DecoderKind("ar", _parse_plain, "cllm.decoding.ar:ar", servable=True, compilable=True),
     DecoderKind("jacobi", _parse_jacobi, "cllm.decoding.jacobi:jacobi", servable=True, compilable=True),
     DecoderKind("lookahead", _parse_lookahead, "cllm.decoding.lookahead:lookahead", servable=True, compilable=True),
+    DecoderKind("hf", _parse_plain, "cllm.decoding.hf:hf_generate", per_row_seeds=False),
     DecoderKind("hf-pld", _parse_pld, "cllm.decoding.hf:hf_pld", per_row_seeds=False, batched=False),
-    DecoderKind("hf-assisted", _parse_plain, "cllm.decoding.hf:hf_assisted", per_row_seeds=False, batched=False),
+    DecoderKind("hf-assisted", _parse_plain, "cllm.decoding.hf:hf_assisted", per_row_seeds=False, batched=False,
+                needs_draft=True),
     DecoderKind("llamacpp", _parse_plain, None, per_row_seeds=False, batched=False),
 )}
 DECODER_NAMES = tuple(name for name, kind in KINDS.items() if kind.function is not None)
