@@ -6,7 +6,6 @@ from __future__ import annotations
 import importlib
 from collections.abc import Callable, Sequence
 
-import torch
 from transformers import PreTrainedModel
 
 from cllm.decoding.core import BatchControl, DecodeOutput, TokenCallback, left_pad
