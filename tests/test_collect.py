@@ -20,8 +20,8 @@ from cllm.cli import main
 from cllm.data import PromptRecord
 from cllm.decoding import accepted_per_iteration, ar
 from cllm.errors import CllmError
-from cllm.models import load_model
 from cllm.metrics import is_degenerate, longest_repetition
+from cllm.models import load_model
 from cllm.trajectories import (
     CollectConfig,
     augment_states,

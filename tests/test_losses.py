@@ -5,8 +5,14 @@ import math
 import pytest
 import torch
 
-from cllm.losses import (after_eos_mask, ar_loss, consistency_loss, distillation_loss, from_first_difference_mask,
-                         token_distance)
+from cllm.losses import (
+    after_eos_mask,
+    ar_loss,
+    consistency_loss,
+    distillation_loss,
+    from_first_difference_mask,
+    token_distance,
+)
 
 
 def two_token_logits(p: float) -> torch.Tensor:

@@ -15,10 +15,10 @@ import torch
 from datasets import Dataset
 from transformers import LlamaConfig, LlamaForCausalLM, TrainingArguments
 
-from cllm.decoding import ar, jacobi, left_pad
-from cllm.trajectories import CollectConfig, build_entries
 from cllm.data import PromptRecord
+from cllm.decoding import ar, jacobi, left_pad
 from cllm.training import CllmTrainer, TrajectoryCollator
+from cllm.trajectories import CollectConfig, build_entries
 
 pytestmark = pytest.mark.heavy  # pretrains and trains a small model twice
 

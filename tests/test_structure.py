@@ -84,3 +84,11 @@ def test_no_source_file_grows_past_the_limit():
     sizes = {str(path.relative_to(SOURCE)): len(path.read_text().splitlines()) for path in SOURCE.rglob("*.py")}
     too_long = {name: size for name, size in sizes.items() if size > OVER_THE_LIMIT.get(name, MAX_LINES)}
     assert not too_long
+
+
+def test_imports_are_sorted_as_ruff_sorts_them():
+    # line length (120 in pyproject.toml) is not enforced yet: 233 lines are longer today
+    root = SOURCE.parent.parent
+    result = subprocess.run([sys.executable, "-m", "ruff", "check", "--select", "I", "src", "tests", "scripts"],
+                            capture_output=True, text=True, cwd=root)
+    assert result.returncode == 0, result.stdout + result.stderr

@@ -116,8 +116,8 @@ def test_gradient_accumulation_gives_the_gradient_of_one_big_batch(collection, t
     from transformers import TrainingArguments
 
     from cllm.models import load_model
-    from cllm.trajectories import load_trajectories
     from cllm.training import CllmTrainer, TrajectoryCollator
+    from cllm.trajectories import load_trajectories
 
     model_dir, trajectories = collection
     dataset = load_trajectories(trajectories).select(range(4))
@@ -155,8 +155,8 @@ def test_one_packed_forward_gives_the_loss_and_gradient_of_three_forwards(collec
     frozen teacher too: its targets and the distillation term)."""
     from transformers import TrainingArguments
 
-    from cllm.trajectories import load_trajectories
     from cllm.training import CllmTrainer, TrajectoryCollator
+    from cllm.trajectories import load_trajectories
 
     dataset = load_trajectories(collection[1])
     entries = [dataset[i] for i in range(0, len(dataset), max(1, len(dataset) // 5))]
@@ -188,8 +188,8 @@ def test_packing_a_prompt_s_blocks_into_one_row_gives_the_loss_and_gradient_of_o
     over one prompt the loss (the AR term is a per-token mean of the same output) and gradient equal."""
     from transformers import TrainingArguments
 
-    from cllm.trajectories import load_trajectories
     from cllm.training import CllmTrainer, PromptGroups, TrajectoryCollator
+    from cllm.trajectories import load_trajectories
 
     groups = PromptGroups(load_trajectories(collection[1]))
     sizes = [len(groups[i]) for i in range(len(groups))]
@@ -222,8 +222,8 @@ def test_several_states_of_a_block_in_one_row_each_get_the_logits_they_have_alon
     state's student logits equal those of a row holding that state alone."""
     from transformers import TrainingArguments
 
-    from cllm.trajectories import load_trajectories
     from cllm.training import CllmTrainer, PromptGroups, TrajectoryCollator
+    from cllm.trajectories import load_trajectories
 
     groups = PromptGroups(load_trajectories(collection[1]))
     group = max((groups[i] for i in range(len(groups))), key=len)
@@ -267,8 +267,8 @@ def test_the_log_shows_the_mean_loss_terms_since_the_last_log(tmp_path):
 
 
 def test_packing_keeps_the_block_when_the_sequence_is_cut_to_max_length(collection):
-    from cllm.trajectories import load_trajectories
     from cllm.training import IGNORE, TrajectoryCollator
+    from cllm.trajectories import load_trajectories
 
     dataset = load_trajectories(collection[1])
     entry = max((dataset[i] for i in range(len(dataset))), key=lambda e: len(e["prefix_ids"]))

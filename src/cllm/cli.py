@@ -18,8 +18,8 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from cllm.distill import command_line
 from cllm.decoding.spec import DECODER_NAMES, INIT_STRATEGIES, KINDS, SERVABLE
+from cllm.distill import command_line
 from cllm.errors import CllmError
 from cllm.files import check_output_dir, check_output_file, read_text, write_atomically
 
@@ -651,8 +651,15 @@ def _progress() -> Progress:
 def _bench(models: Sequence[tuple[str, object]], args, prompt_texts: Sequence[str], specs, out_dir: Path | None,
            repeats: int = 1, sampling=None, seed: int = 0) -> list:
     """`sampling` None: greedy (the demo); prompt i samples with seed + i."""
-    from cllm.bench import (BenchModel, machine_description, markdown_table, run_benchmark, summarize,
-                            teacher_forced_fidelity, write_report)
+    from cllm.bench import (
+        BenchModel,
+        machine_description,
+        markdown_table,
+        run_benchmark,
+        summarize,
+        teacher_forced_fidelity,
+        write_report,
+    )
     from cllm.decoding import GREEDY
 
     bench_models = [BenchModel(name, loaded, _encode_all(loaded, prompt_texts, args.raw, args.max_new_tokens))
@@ -968,7 +975,8 @@ def run_eval(args: argparse.Namespace) -> dict:
     """Runs one `cllm eval` task and writes its report; returns the report without the items."""
     from cllm import evaluation
     from cllm.data import SourceOptions, load_prompts
-    from cllm.sandbox import Limits, check_available as check_sandbox
+    from cllm.sandbox import Limits
+    from cllm.sandbox import check_available as check_sandbox
 
     out = args.out
     settings = evaluation.DecodeSettings(
