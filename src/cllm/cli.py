@@ -94,14 +94,14 @@ def _add_model_args(parser: argparse.ArgumentParser, several: bool = False, raw:
     if raw:
         group.add_argument("--raw", action="store_true", help="feed prompts as plain text, without the chat template")
     if engine_options:
-        group.add_argument("--quantize", choices=["int8"], help="int8 weights in every linear layer (CPU; one-token "
-                           "steps about 1.8x faster here). A different model: measure it with `cllm eval fidelity "
+        group.add_argument("--quantize", choices=["int8"], help="int8 weights in every linear layer (CPU; "
+                           "measured in docs/results.md). A different model: measure it with `cllm eval fidelity "
                            "--quantize int8 --target MODEL` (the target loads unquantized)")
         group.add_argument("--compile", action="store_true", help="run ar, jacobi and lookahead with a compiled "
                            "forward over a static KV cache. On a CPU: AOTInductor packages, built once per model, dtype, "
-                           "column width the decoder uses and batch kind (one row or several; 2-3 minutes each for the "
-                           "default model on 2 cores, about the model's size on disk each), kept under "
-                           "$CLLM_HOME/compile/packages and loaded in under a second by later processes; elsewhere "
+                           "column width the decoder uses and batch kind (one row or several; minutes each on a CPU, "
+                           "about the model's size on disk each: docs/results.md), kept under "
+                           "$CLLM_HOME/compile/packages and loaded by later processes; elsewhere "
                            "torch.compile in each process; eager when unavailable")
 
 
@@ -380,7 +380,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="a few prompts decoded with AR and Jacobi, then a small speed table (target vs CLLM when there is one)",
         description="The main job on the default model: shows that Jacobi decoding returns exactly the AR "
         "text, then times hf, ar and jacobi side by side. When the quick CLLM exists ($CLLM_HOME/quick/cllm, "
-        "made in about 7 minutes on 2 CPU cores by `cllm distill recipes/quick.yaml`), or --cllm names one, the target and the "
+        "made by `cllm distill recipes/quick.yaml`), or --cllm names one, the target and the "
         "CLLM are compared instead: tokens/forward, speedup over the target's AR, and fidelity to the target.",
     )
     _add_decoding_args(demo, max_new_tokens=64)
@@ -820,8 +820,8 @@ def cmd_demo(args: argparse.Namespace) -> None:
     _bench([("", loaded)], args, DEMO_PROMPTS, specs, out_dir=None)
     out.print(f"[dim]{torch.get_num_threads()} CPU threads; vanilla Jacobi gains little before consistency training.[/dim]")
     if args.model == "default":
-        out.print("No CLLM yet: `cllm distill recipes/quick.yaml` makes one of the default model in about 7 minutes "
-                  f"on 2 CPU cores (into {quick_cllm()}); `cllm demo` then compares it with the target.", highlight=False)
+        out.print("No CLLM yet: `cllm distill recipes/quick.yaml` makes one of the default model "
+                  f"(into {quick_cllm()}); `cllm demo` then compares it with the target.", highlight=False)
 
 
 def _demo_target_vs_cllm(args: argparse.Namespace, cllm: str) -> None:

@@ -1,6 +1,6 @@
 """Model loading: a local HF directory, a hub id, a .gguf file, or `default` (SmolLM2-135M-Instruct).
 
-GGUF files are dequantised by transformers on every load (~20-30 s), so they are converted once
+GGUF files are dequantised by transformers on every load (tens of seconds), so they are converted once
 into `$CLLM_HOME/models/<name>-<fingerprint>/` (safetensors + tokenizer) and loaded from there.
 """
 
