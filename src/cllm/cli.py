@@ -22,6 +22,7 @@ from cllm.decoding.spec import DECODER_NAMES, INIT_STRATEGIES, KINDS, SERVABLE
 from cllm.distill import command_line
 from cllm.errors import CllmError
 from cllm.files import check_output_dir, check_output_file, read_text, write_atomically
+from cllm.paths import quick_cllm
 
 stderr = Console(stderr=True)
 
@@ -781,13 +782,6 @@ def _short_names(models: Sequence[str]) -> list[str]:
         if len(set(labels)) == len(labels):
             return labels
     return list(models)
-
-
-def quick_cllm() -> Path:
-    """Where `cllm distill recipes/quick.yaml` puts its CLLM (the recipe's out is {cllm_home}/quick)."""
-    from cllm.models import cllm_home
-
-    return cllm_home() / "quick" / "cllm"
 
 
 def cmd_demo(args: argparse.Namespace) -> None:

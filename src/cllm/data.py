@@ -20,7 +20,7 @@ from pathlib import Path
 
 from cllm.errors import CllmError
 from cllm.files import read_bytes, read_text, write_atomically
-from cllm.models import cllm_home
+from cllm.paths import cllm_home
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 SHARED_DATASETS = Path("../shared/datasets")

@@ -36,7 +36,7 @@ def load_recipe(path: Path) -> dict:
         raise CllmError(f"{path}: not valid YAML{where} ({problem})") from None
     if not isinstance(recipe, dict) or "out" not in recipe:
         raise CllmError(f"{path}: a recipe is a mapping with at least 'out' (see recipes/)")
-    from cllm.models import cllm_home
+    from cllm.paths import cllm_home
 
     recipe["out"] = str(recipe["out"]).replace("{cllm_home}", str(cllm_home()))  # recipes/quick.yaml writes there
     unknown = set(recipe) - {"out", "model", "dtype", "device", "threads", "collect_more", *STAGES}

