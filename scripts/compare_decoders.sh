@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Decode the same prompts with every decoder configuration and write one JSONL per configuration
 # (seconds dropped), so two checkouts' outputs and statistics can be compared byte for byte:
-#   scripts/compare_decoders.sh PROMPTS.jsonl OUT_DIR && diff -r OUT_DIR_BEFORE OUT_DIR
+#   scripts/compare_decoders.sh scripts/compare_prompts.jsonl OUT_DIR && diff -r OUT_DIR_BEFORE OUT_DIR
+# (compare_prompts.jsonl: the first 14 GSM8K test questions and 6 general prompts)
 set -euo pipefail
 prompts=$1 out=$2
 mkdir -p "$out"
