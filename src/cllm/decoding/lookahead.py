@@ -228,5 +228,6 @@ def lookahead(
 def _context_drafts(rows: _Rows, length: int, pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(B, D) each row's prompt-lookup draft of `length` tokens and (B, D) which exist: D is 0 where
     no row's context has a recurring suffix, so no column is fed for nothing."""
-    found = [lookup_continuation(_context(rows, i), length) if length else [] for i in range(len(rows.index))]
+    found = [lookup_continuation(_context(rows, i), length) for i in range(len(rows.index))] if length else \
+        [[]] * len(rows.index)
     return ragged(found, pad_token_id, device=rows.pending.device)
