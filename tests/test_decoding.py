@@ -10,7 +10,6 @@ from tiny_models import ARCHS, VOCAB, tiny_model
 
 from cllm.decoding import (
     INIT_STRATEGIES,
-    Sampling,
     ar,
     count_stationary,
     hf_generate,
@@ -19,7 +18,6 @@ from cllm.decoding import (
     left_pad,
     lookup_continuation,
 )
-from cllm.decoding.core import _Rows
 from cllm.decoding.jacobi import _GuessMaker
 
 BLOCK_SIZES = [1, 2, 3, 8, 16]
@@ -51,8 +49,13 @@ def test_jacobi_equals_ar_equals_generate(arch, seed, batch):
     # An EOS id taken from inside the first row's output, so that row stops mid-block.
     eos = reference[0][rng.randrange(2, max_new_tokens - 1)]
     for eos_token_id in (None, eos):
-        expected = hf_generate(model, input_ids, attention_mask, max_new_tokens=max_new_tokens, eos_token_id=eos_token_id).token_ids
-        assert ar(model, input_ids, attention_mask, max_new_tokens=max_new_tokens, eos_token_id=eos_token_id).token_ids == expected
+        expected = hf_generate(
+            model, input_ids, attention_mask, max_new_tokens=max_new_tokens, eos_token_id=eos_token_id
+        ).token_ids
+        assert (
+            ar(model, input_ids, attention_mask, max_new_tokens=max_new_tokens, eos_token_id=eos_token_id).token_ids
+            == expected
+        )
         for step, n in enumerate(BLOCK_SIZES):
             init = INIT_STRATEGIES[(seed + step) % len(INIT_STRATEGIES)]  # every guess with every n across seeds
             out = jacobi(model, input_ids, attention_mask, block_size=n, max_new_tokens=max_new_tokens,
@@ -183,32 +186,27 @@ def test_lookup_guess_starts_every_block_from_the_context(arch_name):
     assert looked_up >= 2, "too few blocks started from a lookup: the test would prove little"
 
 
-def _one_row(prompt: list[int], out: list[int]) -> _Rows:
-    return _Rows(index=torch.tensor([0]), slot_mask=torch.ones(1, len(prompt)), n_real=torch.tensor([len(prompt)]),
-                 pending=torch.tensor(out[-1:]), out=torch.tensor([out + [0] * 8]), n_out=torch.tensor([len(out)]),
-                 prompt=torch.tensor([[0] + prompt]), prompt_len=torch.tensor([len(prompt)]),
-                 limit=torch.tensor([64]), draws=torch.empty((1, 0), dtype=torch.float64), samplings=[Sampling()])
-
-
 def test_lookup_refresh_rewrites_the_unfixed_part_only_on_a_disagreeing_two_token_match():
-    maker = _GuessMaker("lookup", seed=0, batch=1, pad_token_id=0)
-    rows = _one_row(prompt=[7, 1, 2, 3, 4], out=[9, 1, 2])  # context ends in [1, 2], seen before, then 3 4 9 1 2
+    maker = _GuessMaker("lookup", pad_token_id=0)
+    context = torch.tensor(
+        [7, 1, 2, 3, 4] + [9, 1, 2]
+    )  # prompt, then output: ends in [1, 2], seen before, then 3 4 9 1 2
     block = torch.tensor([[1, 2, 8, 8, 8, 8]])
-    maker.refresh(rows, block, fixed=torch.tensor([2]), block_len=torch.tensor([6]), done=torch.tensor([False]))
+    maker.refresh_row(context, block[0], start=2, length=6)
     assert block.tolist() == [[1, 2, 3, 4, 9, 1]]
 
     agreeing = torch.tensor([[1, 2, 3, 8, 8, 8]])  # the iterate already continues with 3: kept whole
-    maker.refresh(rows, agreeing, fixed=torch.tensor([2]), block_len=torch.tensor([6]), done=torch.tensor([False]))
+    maker.refresh_row(context, agreeing[0], start=2, length=6)
     assert agreeing.tolist() == [[1, 2, 3, 8, 8, 8]]
 
-    one_token_match = _one_row(prompt=[7, 2, 3, 4], out=[9, 1, 2])  # only [2] recurs
+    one_token_match = torch.tensor([7, 2, 3, 4] + [9, 1, 2])  # only [2] recurs
     block = torch.tensor([[1, 2, 8, 8, 8, 8]])
-    maker.refresh(one_token_match, block, fixed=torch.tensor([2]), block_len=torch.tensor([6]), done=torch.tensor([False]))
+    maker.refresh_row(one_token_match, block[0], start=2, length=6)
     assert block.tolist() == [[1, 2, 8, 8, 8, 8]]
 
     for strategy in ("prompt", "repeat", "pad"):  # the other guesses never touch the iterate
         block = torch.tensor([[1, 2, 8, 8, 8, 8]])
-        _GuessMaker(strategy, 0, 1, 0).refresh(rows, block, torch.tensor([2]), torch.tensor([6]), torch.tensor([False]))
+        _GuessMaker(strategy, 0).refresh_row(context, block[0], 2, 6)
         assert block.tolist() == [[1, 2, 8, 8, 8, 8]]
 
 

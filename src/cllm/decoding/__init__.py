@@ -7,7 +7,9 @@ the same sample for the same seed (`sampling`).
 
 The cached decoders run a batch of prompts of different lengths through the public forward and
 cache API, and rows leave the batch as soon as they finish; the compiled path (`kv`, `compiled`)
-adds a static cache and the few non-public internals gathered in `internals`. The shared machinery and the KV-cache layout are in `core`.
+adds a static cache and the few non-public internals gathered in `internals`. `batch` runs the
+rows (prefill, forward, emit, join and leave); `core` holds what the decoders share and the
+KV-cache layout.
 
 Names are imported on first use, so `cllm.decoding.spec` stays importable without torch.
 """

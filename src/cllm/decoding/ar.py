@@ -7,22 +7,8 @@ from collections.abc import Sequence
 import torch
 from transformers import PreTrainedModel
 
-from cllm.decoding.core import (
-    BatchControl,
-    DecodeOutput,
-    TokenCallback,
-    _as_batch,
-    _emit,
-    _emit_first_token,
-    _eos_tensor,
-    _forward,
-    _join,
-    _keep_real_slots,
-    _Outputs,
-    _prefill,
-    _truncate_at_eos,
-    _validate,
-)
+from cllm.decoding.batch import Batch
+from cllm.decoding.core import BatchControl, DecodeOutput, TokenCallback, _as_batch, _validate
 from cllm.decoding.sampling import GREEDY, Sampling
 
 
@@ -51,21 +37,13 @@ def ar(
     """
     input_ids, attention_mask = _as_batch(input_ids, attention_mask)
     _validate(input_ids, attention_mask, max_new_tokens, block_size=1)
-    eos = _eos_tensor(eos_token_id, input_ids.device)
-    outputs = _Outputs(input_ids.shape[0], on_tokens, control, one_per_token=True)
-    cache, rows = _prefill(model, input_ids, attention_mask, max_new_tokens, 1, sampling, seed, compile=compile)
-    _emit_first_token(rows, cache, eos, outputs)
-    while True:
-        admission = control.admit() if control is not None else None
-        if admission is not None:
-            cache, rows, _ = _join(model, cache, rows, admission, outputs, eos, 1, pad_token_id)
-        if not len(rows.index):
-            break
-        one = torch.ones((len(rows.index), 1), dtype=torch.bool, device=input_ids.device)
-        prediction = _forward(cache, rows, rows.pending[:, None], one)  # (B, 1)
-        _keep_real_slots(cache, rows, accepted=torch.ones_like(rows.n_out))
-        count, hit_eos = _truncate_at_eos(prediction, torch.ones_like(rows.n_out), eos)
-        _emit(rows, prediction, count, on_tokens)
-        rows.pending = prediction[:, 0]
-        outputs.retire(rows, cache, hit_eos | (rows.n_out >= rows.limit))
-    return outputs.output()
+    batch = Batch(model, input_ids, attention_mask, max_new_tokens=max_new_tokens, slack=1, eos_token_id=eos_token_id,
+                  pad_token_id=pad_token_id, sampling=sampling, seed=seed, on_tokens=on_tokens, control=control,
+                  compile=compile, one_per_token=True)
+    while batch.admit():
+        one = torch.ones_like(batch.rows.n_out)  # (B,) every step accepts its one token
+        prediction = batch.forward(batch.rows.pending[:, None])  # (B, 1)
+        batch.keep_columns(one)
+        _, done = batch.emit(prediction, one)
+        batch.retire(done)
+    return batch.output()

@@ -19,7 +19,8 @@ from dataclasses import dataclass
 
 import torch
 
-from cllm.decoding.core import KVStore, _keep_pending_and_accepted, _Rows, accepted_prefix, verify_candidates
+from cllm.decoding.batch import Batch
+from cllm.decoding.core import accepted_prefix, causal, fed_mask, verify_candidates
 
 
 @dataclass
@@ -32,31 +33,20 @@ class CandidateStep:
 def _mask(guess_real: torch.Tensor, present: torch.Tensor, length: int) -> torch.Tensor:
     """(B, Q, Q): pending | guesses | candidates, who may see whom among the fed columns."""
     device = present.device
-    batch, guesses, groups = present.shape[0], guess_real.shape[1], present.shape[1]
-    total = 1 + guesses + groups * length
-    mask = torch.zeros((batch, total, total), dtype=torch.bool, device=device)
-    mask[:, :, 0] = True
-    guess_causal = torch.ones((guesses, guesses), dtype=torch.bool, device=device).tril()
-    mask[:, 1 : 1 + guesses, 1 : 1 + guesses] = guess_causal[None] & guess_real[:, None, :]
-    own = torch.ones((length, length), dtype=torch.bool, device=device).tril()
-    for g in range(groups):
-        cols = slice(1 + guesses + g * length, 1 + guesses + (g + 1) * length)
-        mask[:, cols, cols] = own[None] & present[:, g, None, None]
-        mask[:, cols, 0] &= present[:, g, None]
-    return mask | torch.eye(total, dtype=torch.bool, device=device)[None]  # no column is all-masked
+    guesses = (causal(guess_real.shape[1], device), guess_real)
+    candidates = [(causal(length, device), present[:, g, None].expand(-1, length)) for g in range(present.shape[1])]
+    return fed_mask([guesses, *candidates])
 
 
-def candidate_step(
-    cache: KVStore, rows: _Rows, guesses: torch.Tensor, width: torch.Tensor, proposals: torch.Tensor,
-    present: torch.Tensor, pad_token_id: int,
-) -> CandidateStep:
+def candidate_step(batch: Batch, guesses: torch.Tensor, width: torch.Tensor, proposals: torch.Tensor,
+                   present: torch.Tensor) -> CandidateStep:
     """One forward of pending + block + candidates; verifies both and commits the kept KV to the cache."""
-    device = guesses.device
-    batch, fed = guesses.shape  # block positions predicted: the first from `pending`
+    cache, rows, device = batch.cache, batch.rows, guesses.device
+    size, fed = guesses.shape  # block positions predicted: the first from `pending`
     groups, length = proposals.shape[1], proposals.shape[2]
     columns = torch.arange(fed, device=device)
     guess_real = columns[1:] < width[:, None]  # the guess of position fixed + k is fed at column k + 1
-    tokens = torch.cat([rows.pending[:, None], guesses[:, :-1].masked_fill(~guess_real, pad_token_id),
+    tokens = torch.cat([rows.pending[:, None], guesses[:, :-1].masked_fill(~guess_real, batch.pad_token_id),
                         proposals.flatten(1)], dim=1)
     positions = torch.cat([
         rows.n_real[:, None] + columns,
@@ -71,22 +61,24 @@ def candidate_step(
     predictions = prediction[:, :fed]
     by_block = torch.minimum(accepted_prefix(predictions, guesses, columns[None, :] < width[:, None]) + 1, width)
     # the candidates: token k must equal the prediction before it
-    candidate_predictions = prediction[:, fed:].view(batch, groups, length)
+    candidate_predictions = prediction[:, fed:].view(size, groups, length)
     matched = verify_candidates(proposals, present, predictions[:, :1], candidate_predictions)
-    by_candidate = torch.minimum(matched + 1, width[:, None]) if groups else torch.ones((batch, 0), dtype=torch.long, device=device)
-    best = by_candidate.argmax(1) if groups else torch.zeros(batch, dtype=torch.long, device=device)
+    by_candidate = (
+        torch.minimum(matched + 1, width[:, None]) if groups else torch.ones((size, 0), dtype=torch.long, device=device)
+    )
+    best = by_candidate.argmax(1) if groups else torch.zeros(size, dtype=torch.long, device=device)
     best_count = by_candidate.gather(1, best[:, None]).squeeze(1) if groups else torch.zeros_like(by_block)
     use_candidate = best_count > by_block
     count = torch.where(use_candidate, best_count, by_block)
     span = max(fed, length + 1)
     from_block = torch.nn.functional.pad(predictions, (0, span - fed))
-    chosen = candidate_predictions[torch.arange(batch, device=device), best] if groups else \
-        torch.zeros((batch, length), dtype=torch.long, device=device)
+    chosen = candidate_predictions[torch.arange(size, device=device), best] if groups else \
+        torch.zeros((size, length), dtype=torch.long, device=device)
     from_candidate = torch.nn.functional.pad(torch.cat([predictions[:, :1], chosen], dim=1), (0, span - length - 1))
     emitted = torch.where(use_candidate[:, None], from_candidate, from_block)
 
     # the winner's first count - 1 tokens were fed after a right prefix: the block's guesses from
     # column 1, or the candidate's
     first = torch.where(use_candidate, fed + best * length, 1)
-    _keep_pending_and_accepted(cache, rows, first, count - 1)
+    batch.keep_pending_and(first, count - 1)
     return CandidateStep(predictions, emitted, count)

@@ -4,10 +4,11 @@ On a CPU, `compile=True` runs AOTInductor packages: the model's forward over a s
 exported once per column width and batch kind (one row, or a dynamic number of rows; the cache's
 size is always dynamic), compiled ahead of time with frozen weights and autotuned GEMMs, and kept
 under $CLLM_HOME/compile/packages, keyed by a hash of the weights. The first process spends
-minutes per package on a CPU; every later one loads it (times in docs/results.md). Freezing is what makes the CPU step fast: the weights
-become constants, prepacked for the matrix kernels, and each linear layer's kernel is picked by
-timing inductor's own C++ GEMM against oneDNN's for its shape (one column: a weight-streaming
-kernel several times faster than oneDNN's; 16 columns: oneDNN). inductor's in-process graph cache
+minutes per package on a CPU; every later one loads it (times in docs/results.md). Freezing is
+what makes the CPU step fast: the weights become constants, prepacked for the matrix kernels,
+and each linear layer's kernel is picked by timing inductor's own C++ GEMM against oneDNN's for
+its shape (one column: a weight-streaming kernel several times faster than oneDNN's; 16 columns:
+oneDNN). inductor's in-process graph cache
 never keeps such graphs (oneDNN-packed weights), so torch.compile alone would compile them again
 in every process. The attention runs as plain matmuls and softmax, which inductor fuses; the
 CPU's fused SDPA kernel has a high fixed cost per call for a handful of queries.
@@ -96,8 +97,11 @@ class _CompiledForward:
     def __call__(self, **inputs):
         if not self.failed:
             try:
-                with (attention_implementation(self.model.config, self.attention), torch._inductor.config.patch(self.settings),
-                      torch.compiler.config.patch(cache_key_tag=self.cache_tag)):
+                with (
+                    attention_implementation(self.model.config, self.attention),
+                    torch._inductor.config.patch(self.settings),
+                    torch.compiler.config.patch(cache_key_tag=self.cache_tag),
+                ):
                     return self.compiled(**inputs)
             except Exception as error:  # noqa: BLE001 - any backend failure means: run eagerly
                 self.failed = True

@@ -114,7 +114,9 @@ def _generate(model, input_ids, attention_mask, max_new_tokens, eos_token_id, pa
             on_tokens(len(token_ids) - 1, row[:end])
     if not (config_extra or generate_extra):
         return _one_token_per_forward(token_ids)
-    stats = [DecodeStats(forward_passes=forwards[0], new_tokens=len(t), fast_forward=len(t) - forwards[0]) for t in token_ids]
+    stats = [
+        DecodeStats(forward_passes=forwards[0], new_tokens=len(t), fast_forward=len(t) - forwards[0]) for t in token_ids
+    ]
     return DecodeOutput(token_ids=token_ids, stats=stats)
 
 

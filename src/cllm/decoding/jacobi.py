@@ -15,11 +15,11 @@ A Jacobi block of size 1 is exactly the AR loop.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, fields
 
 import torch
 from transformers import PreTrainedModel
 
+from cllm.decoding.batch import Batch
 from cllm.decoding.candidates import candidate_step
 from cllm.decoding.core import (
     BatchControl,
@@ -28,20 +28,12 @@ from cllm.decoding.core import (
     TokenCallback,
     _as_batch,
     _context,
-    _emit,
-    _emit_first_token,
     _eos_tensor,
-    _forward,
-    _join,
-    _keep_real_slots,
-    _Outputs,
-    _prefill,
     _Rows,
-    _truncate_at_eos,
     _validate,
     accepted_prefix,
 )
-from cllm.decoding.ngrams import NgramPool, offered_candidates, remember_iterate
+from cllm.decoding.ngrams import NgramPools
 from cllm.decoding.sampling import GREEDY, Sampling, row_seeds
 from cllm.decoding.spec import INIT_STRATEGIES
 
@@ -53,59 +45,61 @@ class _GuessMaker:
     """Initial guesses y(0) for a new block, per the chosen strategy.
 
     `prompt` (the paper's choice) draws n tokens uniformly from the row's own prompt; every row has
-    its own generator, seeded `seed + row` or by its entry of a per-row `seed` list, so a row's
-    guesses do not depend on its batch mates. `lookup` takes what followed the latest earlier
-    occurrence of the context's last tokens (see `lookup_continuation`), and draws like `prompt`
-    where no suffix recurs: answers repeat numbers and phrases of their question, and the
-    acceptance rule verifies every guess, so the output stays the greedy one whatever the guess.
+    its own generator, seeded with the row's seed (`seed + row`, or its entry of a per-row `seed`
+    list), so a row's guesses do not depend on its batch mates. `lookup` takes what followed the
+    latest earlier occurrence of the context's last tokens (see `lookup_continuation`), and draws
+    like `prompt` where no suffix recurs: answers repeat numbers and phrases of their question, and
+    the acceptance rule verifies every guess, so the output stays the greedy one whatever the guess.
     """
 
-    def __init__(self, strategy: str, seed: int | Sequence[int], batch: int, pad_token_id: int) -> None:
+    def __init__(self, strategy: str, pad_token_id: int) -> None:
         if strategy not in INIT_STRATEGIES:
             raise ValueError(f"unknown init strategy {strategy!r}; choose one of {', '.join(INIT_STRATEGIES)}")
         self.strategy = strategy
         self.pad_token_id = pad_token_id
-        self.generators = [torch.Generator().manual_seed(s) for s in row_seeds(seed, batch)]
-
-    def add_rows(self, seeds: Sequence[int], first_index: int) -> None:
-        """Generators for rows joining at indices first_index, first_index + 1, ..."""
-        assert first_index == len(self.generators), "rows join in index order"
-        self.generators += [torch.Generator().manual_seed(s) for s in seeds]
+        self.generators: dict[int, torch.Generator] = {}  # by the row's index in the caller's batch
 
     def __call__(self, rows: _Rows, which: torch.Tensor, n: int) -> torch.Tensor:
         """Guesses (len(which), n) for the rows at batch positions `which`."""
-        device = rows.pending.device
         if len(which) == 0:
-            return torch.empty((0, n), dtype=torch.long, device=device)
-        if self.strategy == "repeat":
-            return rows.pending[which, None].expand(-1, n).clone()
-        if self.strategy == "pad":
-            return torch.full((len(which), n), self.pad_token_id, dtype=torch.long, device=device)
-        draws = torch.stack(
-            [torch.rand(n, generator=self.generators[int(rows.index[i])]) for i in which.tolist()]
-        ).to(device)  # (len(which), n) in [0, 1)
-        prompt_len = rows.prompt_len[which, None]
-        width = rows.prompt.shape[1]
-        offsets = width - prompt_len + (draws * prompt_len).long()
-        guesses = rows.prompt[which].gather(1, offsets)
-        if self.strategy == "lookup":
-            for slot, i in enumerate(which.tolist()):
-                found = lookup_continuation(_context(rows, i), n)
-                guesses[slot, : len(found)] = torch.tensor(found, dtype=torch.long, device=device)
-        return guesses
+            return torch.empty((0, n), dtype=torch.long, device=rows.pending.device)
+        return torch.stack([self.guess(int(rows.index[i]), rows.seeds[i], _context(rows, i), int(rows.prompt_len[i]), n)
+                            for i in which.tolist()])
 
-    def refresh(self, rows: _Rows, block: torch.Tensor, fixed: torch.Tensor, block_len: torch.Tensor, done: torch.Tensor) -> None:
-        """`lookup` only, after an iteration: where the verified context's last 2-3 tokens recur
-        and what followed them disagrees with the iterate's first unfixed token, overwrite the
-        unfixed positions with it. The iterate there was computed from a rejected token, the
-        lookup from verified ones; the acceptance rule checks both alike."""
+    def guess(self, row: int, seed: int, context: torch.Tensor, prompt_len: int, n: int) -> torch.Tensor:
+        """(n,) row `row`'s guess for the block after `context` (its prompt, `prompt_len` tokens, then
+        its output so far, ending with `pending`)."""
+        if self.strategy == "repeat":
+            return context[-1:].expand(n).clone()
+        if self.strategy == "pad":
+            return torch.full((n,), self.pad_token_id, dtype=torch.long, device=context.device)
+        if row not in self.generators:
+            self.generators[row] = torch.Generator().manual_seed(seed)
+        draws = torch.rand(n, generator=self.generators[row]).to(context.device)  # (n,) in [0, 1)
+        guess = context[(draws * prompt_len).long()]
+        if self.strategy == "lookup":
+            found = lookup_continuation(context, n)
+            guess[: len(found)] = torch.tensor(found, dtype=torch.long, device=context.device)
+        return guess
+
+    def refresh(
+        self, rows: _Rows, block: torch.Tensor, fixed: torch.Tensor, block_len: torch.Tensor, done: torch.Tensor
+    ) -> None:
+        """`refresh_row` for every row whose block goes on."""
+        if self.strategy == "lookup":
+            for i in ((fixed < block_len) & ~done).nonzero().flatten().tolist():
+                self.refresh_row(_context(rows, i), block[i], int(fixed[i]), int(block_len[i]))
+
+    def refresh_row(self, context: torch.Tensor, block: torch.Tensor, start: int, length: int) -> None:
+        """`lookup` only, after an iteration: where the verified `context`'s last 2-3 tokens recur
+        and what followed them disagrees with the iterate's first unfixed token `block[start]`,
+        overwrite the unfixed positions with it. The iterate there was computed from a rejected
+        token, the lookup from verified ones; the acceptance rule checks both alike."""
         if self.strategy != "lookup":
             return
-        for i in ((fixed < block_len) & ~done).nonzero().flatten().tolist():
-            start = int(fixed[i])
-            found = lookup_continuation(_context(rows, i), int(block_len[i]) - start, min_ngram=LOOKUP_MIN_NGRAM_MID_BLOCK)
-            if found and found[0] != int(block[i, start]):
-                block[i, start : start + len(found)] = torch.tensor(found, dtype=torch.long, device=block.device)
+        found = lookup_continuation(context, length - start, min_ngram=LOOKUP_MIN_NGRAM_MID_BLOCK)
+        if found and found[0] != int(block[start]):
+            block[start : start + len(found)] = torch.tensor(found, dtype=torch.long, device=block.device)
 
 
 def lookup_continuation(
@@ -190,143 +184,138 @@ def jacobi(
     leave while decoding (continuous batching; cllm.decoding.core.BatchControl); `compile` runs the
     compiled path (cllm.decoding.kv).
     """
+    input_ids, attention_mask = _as_batch(input_ids, attention_mask)
+    _check_jacobi(input_ids, attention_mask, max_new_tokens, block_size, candidates, ngram, return_trajectory, control)
+    batch = Batch(model, input_ids, attention_mask, max_new_tokens=max_new_tokens, slack=max(block_size, ngram),
+                  eos_token_id=eos_token_id, pad_token_id=pad_token_id, sampling=sampling, seed=seed,
+                  on_tokens=on_tokens, control=control, compile=compile)
+    blocks = batch.attach(_Blocks(batch, block_size, _GuessMaker(init, pad_token_id), return_trajectory))
+    pools = NgramPools(ngram, candidates) if candidates else None
+    while batch.admit():
+        guesses, width, real = blocks.unfixed()  # 1. guess: (B, m) the iterate's unfixed part
+        if pools is None:
+            tokens = torch.cat([batch.rows.pending[:, None], guesses[:, :-1]], dim=1).masked_fill(~real, pad_token_id)
+            prediction = batch.forward(tokens, real)  # 2. forward: (B, m) the prediction after each fed token
+            # 3. accept the longest prefix whose inputs were right, plus the token after it
+            accepted = torch.minimum(accepted_prefix(prediction, guesses, real) + 1, width)  # (B,) >= 1
+            batch.keep_columns(accepted)
+            emitted = prediction
+        else:  # 2-3 with candidates verified alongside; the cache is committed inside
+            step = candidate_step(batch, guesses, width, *pools.offer(batch.rows, pad_token_id))
+            prediction, emitted, accepted = step.predictions, step.emitted, step.count
+        _, done = batch.emit(emitted, accepted)  # 4. commit: the output, the new iterate, new blocks
+        blocks.commit(prediction, emitted, accepted, done)
+        if pools is not None:  # the iterate's unfixed part: the model's own guesses of what follows
+            blocks.remember_unfixed(pools)
+        blocks.start_converged(done)
+        batch.retire(done)
+    return batch.output(blocks.trajectories() if return_trajectory else None)
+
+
+def _check_jacobi(input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int | Sequence[int],
+                  block_size: int, candidates: int, ngram: int, return_trajectory: bool,
+                  control: BatchControl | None) -> None:
     if candidates < 0 or ngram < 2:
         raise ValueError(f"candidates must be >= 0 and ngram >= 2, got {candidates} and {ngram}")
     if candidates and return_trajectory:
         raise ValueError("trajectories are pure Jacobi iterates: collect them without candidates")
-    input_ids, attention_mask = _as_batch(input_ids, attention_mask)
     _validate(input_ids, attention_mask, max_new_tokens, block_size)
     if return_trajectory and control is not None:
         raise ValueError("trajectories are collected for a fixed batch, without a control")
-    n, slack = block_size, max(block_size, ngram)
-    batch, device = input_ids.shape[0], input_ids.device
-    eos = _eos_tensor(eos_token_id, device)
-    outputs = _Outputs(batch, on_tokens, control)
-    stats = outputs.stats
-    cache, rows = _prefill(model, input_ids, attention_mask, max_new_tokens, slack, sampling, seed, compile=compile)
-    make_guess = _GuessMaker(init, seed, batch, pad_token_id)
-    trajectories: list[list[torch.Tensor]] = [[] for _ in range(batch)]
-    pools = [NgramPool(ngram, candidates) for _ in range(batch)] if candidates else None
-    _emit_first_token(rows, cache, eos, outputs)
-    iterates = _Iterates.start(rows, torch.arange(len(rows.index), device=device), make_guess, n)
-    # The current block's states y(0), y(1), ... per row. Entries are rows of `block` tensors that
-    # are never written in place after being appended, except rows of just-converged blocks.
-    states: dict[int, list[torch.Tensor]] = {row: [state] for row, state in zip(rows.index.tolist(), iterates.block)}
 
-    def finish_block(i: int, length: int) -> None:
-        row = int(rows.index[i])
-        trajectory = torch.stack(states[row])[:, :length]
-        stats[row].block_iterations.append(int(iterates.block_iters[i]))
-        stats[row].stationary += count_stationary(trajectory)
-        if return_trajectory:
-            trajectories[row].append(trajectory.cpu())
 
-    while True:
-        admission = control.admit() if control is not None else None
-        if admission is not None:
-            cache, rows, joined = _join(model, cache, rows, admission, outputs, eos, slack, pad_token_id)
-            new = torch.arange(len(rows.index) - joined, len(rows.index), device=device)
-            make_guess.add_rows(admission.seeds, first_index=len(trajectories))
-            trajectories += [[] for _ in admission.prompts]
-            if pools is not None:
-                pools += [NgramPool(ngram, candidates) for _ in admission.prompts]
-            joining = _Iterates.start(rows, new, make_guess, n)
-            iterates = iterates.extended(joining) if len(new) < len(rows.index) else joining
-            states |= {int(rows.index[i]): [state] for i, state in zip(new.tolist(), joining.block)}
-        if not len(rows.index):
-            break
-        block, fixed = iterates.block, iterates.fixed
-        block_len = (rows.limit - iterates.block_start).clamp(max=n)
-        width = block_len - fixed  # (B,) >= 1 unfixed positions
-        fed = int(width.max())
-        columns = torch.arange(fed, device=device)
-        real = columns < width[:, None]  # (B, m)
+class _Blocks:
+    """Per-row Jacobi state (a `RowState` of the batch): each row's current block, its iterate
+    and its states so far, and the trajectories of its finished blocks."""
 
-        # 1. guess: the unfixed part of the iterate, shifted one right behind `pending`
-        positions = (fixed[:, None] + columns).clamp(max=n - 1)  # (B, m) block positions predicted
-        guesses = block.gather(1, positions)
-        if pools is None:
-            tokens = torch.cat([rows.pending[:, None], guesses[:, :-1]], dim=1).masked_fill(~real, pad_token_id)
+    def __init__(self, batch: Batch, n: int, make_guess: _GuessMaker, keep_trajectories: bool) -> None:
+        self.batch, self.n, self.make_guess, self.keep_trajectories = batch, n, make_guess, keep_trajectories
+        device = batch.rows.pending.device
+        self.block = torch.zeros((0, n), dtype=torch.long, device=device)  # (B, n) the current iterate y(j)
+        self.fixed = torch.zeros(0, dtype=torch.long, device=device)  # (B,) leading positions known right
+        self.block_start = self.fixed.clone()  # (B,) n_out when the block began
+        self.iterations = self.fixed.clone()  # (B,) forwards spent on the block
+        # by row index: the block's states y(0), y(1), ... (rows of `block` tensors, never written
+        # in place once appended, except rows of just-converged blocks) and, when kept, the
+        # trajectories of finished blocks
+        self.states: dict[int, list[torch.Tensor]] = {}
+        self.finished: dict[int, list[torch.Tensor]] = {}
 
-            # 2. one parallel forward
-            prediction = _forward(cache, rows, tokens, real)  # (B, m)
+    def start(self, which: torch.Tensor) -> None:
+        rows = self.batch.rows
+        zeros = torch.zeros(len(which), dtype=torch.long, device=which.device)
+        guesses = self.make_guess(rows, which, self.n)
+        self.block = torch.cat([self.block, guesses])
+        self.fixed, self.iterations = torch.cat([self.fixed, zeros]), torch.cat([self.iterations, zeros])
+        self.block_start = torch.cat([self.block_start, rows.n_out[which]])
+        for i, state in zip(which.tolist(), guesses):
+            self.states[int(rows.index[i])] = [state]
 
-            # 3. accept the longest prefix whose inputs were right, plus the token after it
-            accepted = torch.minimum(accepted_prefix(prediction, guesses, real) + 1, width)  # (B,) >= 1
-            _keep_real_slots(cache, rows, accepted)
-            emitted = prediction
-        else:  # 2-3 with candidates verified alongside; the cache is committed inside
-            for i, row in enumerate(rows.index.tolist()):
-                pools[row].add_context(_context(rows, i))
-            proposals, present = offered_candidates(pools, rows, ngram, pad_token_id)
-            step = candidate_step(cache, rows, guesses, width, proposals, present, pad_token_id)
-            prediction, emitted, accepted = step.predictions, step.emitted, step.count
+    def keep(self, keep: torch.Tensor) -> None:
+        self.block, self.fixed = self.block[keep], self.fixed[keep]
+        self.block_start, self.iterations = self.block_start[keep], self.iterations[keep]
+        self.states = {row: self.states[row] for row in self.batch.rows.index.tolist()}
 
-        # 4. commit: new iterate (the accepted tokens where a candidate won), output
-        relative = torch.arange(n, device=device) - fixed[:, None]  # (B, n)
+    @property
+    def block_len(self) -> torch.Tensor:
+        """(B,) the block's length: n, or what is left before the row's limit."""
+        return (self.batch.rows.limit - self.block_start).clamp(max=self.n)
+
+    def unfixed(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(B, m) the guesses at the unfixed positions, (B,) how many there are (>= 1), (B, m) which are real."""
+        width = self.block_len - self.fixed
+        columns = torch.arange(int(width.max()), device=width.device)
+        positions = (self.fixed[:, None] + columns).clamp(max=self.n - 1)  # (B, m) block positions predicted
+        return self.block.gather(1, positions), width, columns < width[:, None]
+
+    def commit(
+        self, prediction: torch.Tensor, emitted: torch.Tensor, accepted: torch.Tensor, done: torch.Tensor
+    ) -> None:
+        """The new iterate: the predictions (B, m) at the unfixed positions, the emitted tokens
+        (B, E) at the `accepted` ones (where a candidate won, they differ)."""
+        block_len, n = self.block_len, self.n
+        width = block_len - self.fixed
+        relative = torch.arange(n, device=accepted.device) - self.fixed[:, None]  # (B, n)
         updated = (relative >= 0) & (relative < width[:, None])
-        block = torch.where(updated, prediction.gather(1, relative.clamp(0, fed - 1)), block)
+        block = torch.where(updated, prediction.gather(1, relative.clamp(0, prediction.shape[1] - 1)), self.block)
         settled = (relative >= 0) & (relative < accepted[:, None])
-        block = torch.where(settled, emitted.gather(1, relative.clamp(0, emitted.shape[1] - 1)), block)
-        rows.pending = emitted.gather(1, (accepted - 1)[:, None]).squeeze(1)
-        count, hit_eos = _truncate_at_eos(emitted, accepted, eos)
-        _emit(rows, emitted, count, on_tokens)
-        fixed = fixed + accepted
-        iterates.block, iterates.fixed = block, fixed
-        iterates.block_iters += 1
-        done = hit_eos | (rows.n_out >= rows.limit)
-        make_guess.refresh(rows, block, fixed, block_len, done)
-        if pools is not None:  # the iterate's unfixed part: the model's own guesses of what follows
-            for i, row in enumerate(rows.index.tolist()):
-                remember_iterate(pools[row], int(rows.pending[i]), block[i, int(fixed[i]) : int(block_len[i])].tolist())
-        for row, emitted_count, state in zip(rows.index.tolist(), count.tolist(), block):
-            stats[row].forward_passes += 1
-            stats[row].fast_forward += emitted_count - 1
-            states[row].append(state)
-
-        converged = (fixed >= block_len) | done
-        if bool((iterates.block_iters > block_len).any()):
+        self.block = torch.where(settled, emitted.gather(1, relative.clamp(0, emitted.shape[1] - 1)), block)
+        self.fixed = self.fixed + accepted
+        self.iterations += 1
+        self.make_guess.refresh(self.batch.rows, self.block, self.fixed, block_len, done)
+        for row, state in zip(self.batch.rows.index.tolist(), self.block):
+            self.states[row].append(state)
+        if bool((self.iterations > block_len).any()):
             raise RuntimeError("Jacobi block exceeded n iterations; acceptance must fix >= 1 token per forward")
-        if converged.any():
-            which = converged.nonzero().flatten()
-            for i in which.tolist():
-                finish_block(i, int(rows.n_out[i] - iterates.block_start[i]))
-            iterates.restart(rows, which, make_guess, n)
-            for i in which.tolist():
-                states[int(rows.index[i])] = [iterates.block[i]]
-        keep = outputs.retire(rows, cache, done)
-        if keep is not None:
-            iterates = iterates.selected(keep)
 
-    return outputs.output(trajectories if return_trajectory else None)
+    def remember_unfixed(self, pools: NgramPools) -> None:
+        rows, block_len = self.batch.rows, self.block_len
+        for i, row in enumerate(rows.index.tolist()):
+            unfixed = self.block[i, int(self.fixed[i]) : int(block_len[i])].tolist()
+            pools.remember_iterate(row, int(rows.pending[i]), unfixed)
 
-
-@dataclass
-class _Iterates:
-    """Per-row Jacobi state beside `_Rows` (batch dim 0)."""
-
-    block: torch.Tensor  # (B, n) the current iterate y(j)
-    fixed: torch.Tensor  # (B,) leading positions known right
-    block_start: torch.Tensor  # (B,) n_out when the block began
-    block_iters: torch.Tensor  # (B,)
-
-    @classmethod
-    def start(cls, rows: _Rows, which: torch.Tensor, make_guess: _GuessMaker, n: int) -> _Iterates:
-        zeros = torch.zeros(len(which), dtype=torch.long, device=rows.pending.device)
-        return cls(make_guess(rows, which, n), zeros, rows.n_out[which].clone(), zeros.clone())
-
-    def restart(self, rows: _Rows, which: torch.Tensor, make_guess: _GuessMaker, n: int) -> None:
-        """New blocks for the rows at `which` (their previous block converged)."""
-        self.block[which] = make_guess(rows, which, n)
+    def start_converged(self, done: torch.Tensor) -> None:
+        """Rows whose block converged (or that are done) record its trajectory and begin the next."""
+        rows = self.batch.rows
+        which = ((self.fixed >= self.block_len) | done).nonzero().flatten()
+        if not len(which):
+            return
+        for i in which.tolist():
+            row = int(rows.index[i])
+            trajectory = torch.stack(self.states[row])[:, : int(rows.n_out[i] - self.block_start[i])]
+            self.batch.stats[row].block_iterations.append(int(self.iterations[i]))
+            self.batch.stats[row].stationary += count_stationary(trajectory)
+            if self.keep_trajectories:
+                self.finished.setdefault(row, []).append(trajectory.cpu())
+        self.block[which] = self.make_guess(rows, which, self.n)
         self.fixed[which] = 0
-        self.block_iters[which] = 0
+        self.iterations[which] = 0
         self.block_start[which] = rows.n_out[which]
+        for i in which.tolist():
+            self.states[int(rows.index[i])] = [self.block[i]]
 
-    def selected(self, keep: torch.Tensor) -> _Iterates:
-        return _Iterates(*(getattr(self, f.name)[keep] for f in fields(self)))
-
-    def extended(self, other: _Iterates) -> _Iterates:
-        return _Iterates(*(torch.cat([getattr(self, f.name), getattr(other, f.name)]) for f in fields(self)))
+    def trajectories(self) -> list[list[torch.Tensor]]:
+        return [self.finished.get(row, []) for row in range(len(self.batch.stats))]
 
 
 @torch.inference_mode()
@@ -352,51 +341,36 @@ def jacobi_no_cache(
         raise ValueError("jacobi_no_cache decodes one prompt: input_ids must be (1, P)")
     _validate(input_ids, torch.ones_like(input_ids), max_new_tokens, block_size)
     eos = _eos_tensor(eos_token_id, input_ids.device)
+    make_guess, row_seed, prompt_len = _GuessMaker(init, pad_token_id), row_seeds(seed, 1)[0], input_ids.shape[1]
+
     def greedy(tokens: torch.Tensor) -> torch.Tensor:  # (T,) -> argmax after every position
         return model(input_ids=tokens[None], attention_mask=torch.ones_like(tokens)[None]).logits[0].argmax(-1)
 
-    first = greedy(input_ids[0])[-1]
-    sequence = torch.cat([input_ids[0], first[None]])  # prompt + output so far
-    stats = DecodeStats(forward_passes=1)
-    blocks: list[torch.Tensor] = []
-    rows = _Rows(  # only what the guess maker reads
-        index=torch.zeros(1, dtype=torch.long), slot_mask=input_ids, n_real=torch.zeros(1, dtype=torch.long),
-        pending=first[None], out=input_ids, n_out=torch.zeros(1, dtype=torch.long), prompt=input_ids,
-        prompt_len=torch.tensor([input_ids.shape[1]]), limit=torch.tensor([max_new_tokens]),
-        draws=torch.empty((1, 0), dtype=torch.float64), samplings=[GREEDY],
-    )
-    make_guess = _GuessMaker(init, seed, 1, pad_token_id)
-    produced, finished = 1, bool(torch.isin(first, eos))
-    while produced < max_new_tokens and not finished:
-        length = min(block_size, max_new_tokens - produced)
-        rows.pending = sequence[-1:]
-        rows.out, rows.n_out = sequence[None, input_ids.shape[1] :], torch.tensor([produced])
-        block = make_guess(rows, torch.zeros(1, dtype=torch.long), block_size)[0, :length]
+    sequence = torch.cat([input_ids[0], greedy(input_ids[0])[-1:]])  # prompt + output so far
+    stats, blocks = DecodeStats(forward_passes=1), []
+    finished = bool(torch.isin(sequence[-1], eos))
+    while len(sequence) - prompt_len < max_new_tokens and not finished:
+        length = min(block_size, max_new_tokens - (len(sequence) - prompt_len))
+        block = make_guess.guess(0, row_seed, sequence, prompt_len, block_size)[:length]
         states, fixed = [block], 0
-        while fixed < length:
+        while fixed < length and not finished:
             prediction = greedy(torch.cat([sequence, block[:-1]]))[len(sequence) - 1 :]  # (length,) f(block)
-            matched = int(accepted_prefix(prediction[fixed:], block[fixed:]))
-            accepted = min(matched + 1, length - fixed)
+            accepted = min(int(accepted_prefix(prediction[fixed:], block[fixed:])) + 1, length - fixed)
             block = torch.cat([block[:fixed], prediction[fixed:]])
-            new = block[fixed : fixed + accepted]
-            is_eos = torch.isin(new, eos)
-            if bool(is_eos.any()):
-                finished = True
+            is_eos = torch.isin(block[fixed : fixed + accepted], eos)
+            if finished := bool(is_eos.any()):
                 accepted = int(is_eos.long().argmax()) + 1
             fixed += accepted
             stats.forward_passes += 1
             stats.fast_forward += accepted - 1
-            rows.out, rows.n_out = torch.cat([sequence, block[:fixed]])[None, input_ids.shape[1] :], torch.tensor([produced + fixed])
-            make_guess.refresh(rows, block[None], torch.tensor([fixed]), torch.tensor([length]), torch.tensor([finished]))
+            if fixed < length and not finished:
+                make_guess.refresh_row(torch.cat([sequence, block[:fixed]]), block, fixed, length)
             states.append(block)
-            if finished:
-                break
         trajectory = torch.stack(states)[:, :fixed]
         stats.block_iterations.append(len(states) - 1)
         stats.stationary += count_stationary(trajectory)
         blocks.append(trajectory)
         sequence = torch.cat([sequence, block[:fixed]])
-        produced += fixed
-    tokens = sequence[input_ids.shape[1] :].tolist()
+    tokens = sequence[prompt_len:].tolist()
     stats.new_tokens = len(tokens)
     return DecodeOutput(token_ids=[tokens], stats=[stats], trajectories=[blocks] if return_trajectory else None)

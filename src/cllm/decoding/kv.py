@@ -191,7 +191,9 @@ def _as_3d(mask: Mask, batch: int, fed: int, cached: int, device: torch.device) 
 def additive(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """A boolean (B, Q, K) mask as the additive (B, 1, Q, K) float mask every attention accepts
     (transformers passes a 4D mask to the attention as it is)."""
-    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(~allowed, torch.finfo(dtype).min)[:, None]
+    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(~allowed, torch.finfo(dtype).min)[
+        :, None
+    ]
 
 
 def _kept(logits: torch.Tensor, logits_to_keep: int | torch.Tensor) -> torch.Tensor:

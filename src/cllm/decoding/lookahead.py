@@ -36,33 +36,29 @@ attentions (an additive float mask), not with flash-attention.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 from transformers import PreTrainedModel
 
+from cllm.decoding.batch import Batch
 from cllm.decoding.core import (
     BatchControl,
     DecodeOutput,
     TokenCallback,
     _as_batch,
     _context,
-    _emit,
-    _emit_first_token,
-    _eos_tensor,
-    _join,
-    _keep_pending_and_accepted,
-    _Outputs,
     _pad,
-    _prefill,
     _Rows,
-    _truncate_at_eos,
     _validate,
     accepted_prefix,
+    causal,
+    fed_mask,
     ragged,
     verify_candidates,
 )
 from cllm.decoding.jacobi import _GuessMaker, lookup_continuation
-from cllm.decoding.ngrams import NgramPool, offered_candidates
+from cllm.decoding.ngrams import NgramPools
 from cllm.decoding.sampling import GREEDY, Sampling
 
 
@@ -73,31 +69,15 @@ def _step_mask(levels: int, window: int, counts: torch.Tensor, ngram: int, draft
     candidates ((B, G) `counts`: which exist), then the draft ((B, D) `drafted`: which draft tokens exist)."""
     device = counts.device
     batch, span, groups = counts.shape[0], levels * window, counts.shape[1]
-    drafted = torch.zeros((batch, 0), dtype=torch.bool, device=device) if drafted is None else drafted
-    total = 1 + span + groups * (ngram - 1) + drafted.shape[1]
-    mask = torch.zeros((batch, total, total), dtype=torch.bool, device=device)
-    mask[:, :, 0] = True  # every column sees `pending`
-
     level = torch.arange(span, device=device) // window
     column = torch.arange(span, device=device) % window
     sees_level0 = (level[None, :] == 0) & (column[None, :] <= column[:, None])
     sees_diagonal = (level[None, :] >= 1) & (level[None, :] <= level[:, None]) & (column[None, :] == column[:, None])
-    mask[:, 1 : 1 + span, 1 : 1 + span] = (sees_level0 | sees_diagonal)[None]
-
-    own = torch.ones((ngram - 1, ngram - 1), dtype=torch.bool, device=device).tril()
-    eye = torch.eye(ngram - 1, dtype=torch.bool, device=device)
-    for g in range(groups):
-        cols = slice(1 + span + g * (ngram - 1), 1 + span + (g + 1) * (ngram - 1))
-        real = counts[:, g]  # (B,) whether this row has a g-th candidate
-        mask[:, cols, cols] = own[None] & real[:, None, None] | eye[None]
-        mask[:, cols, 0] &= real[:, None]  # an absent candidate sees only itself
-    if drafted.shape[1]:
-        cols = slice(total - drafted.shape[1], total)
-        own = torch.ones((drafted.shape[1],) * 2, dtype=torch.bool, device=device).tril()
-        eye = torch.eye(drafted.shape[1], dtype=torch.bool, device=device)
-        mask[:, cols, cols] = own[None] & drafted[:, None, :] & drafted[:, :, None] | eye[None]
-        mask[:, cols, 0] &= drafted  # a missing draft token sees only itself
-    return mask
+    segments = [(sees_level0 | sees_diagonal, torch.ones((batch, span), dtype=torch.bool, device=device))]
+    segments += [(causal(ngram - 1, device), counts[:, g, None].expand(-1, ngram - 1)) for g in range(groups)]
+    if drafted is not None and drafted.shape[1]:
+        segments.append((causal(drafted.shape[1], device), drafted))
+    return fed_mask(segments)
 
 
 @torch.inference_mode()
@@ -126,6 +106,27 @@ def lookahead(
     `control` lets rows join and leave (cllm.decoding.core.BatchControl); `compile` runs the
     compiled path (cllm.decoding.kv)."""
     input_ids, attention_mask = _as_batch(input_ids, attention_mask)
+    _check_lookahead(model, input_ids, attention_mask, max_new_tokens, window, ngram, candidates, draft)
+    batch = Batch(model, input_ids, attention_mask, max_new_tokens=max_new_tokens, slack=max(ngram, draft + 1),
+                  eos_token_id=eos_token_id, pad_token_id=pad_token_id, sampling=sampling, seed=seed,
+                  on_tokens=on_tokens, control=control, compile=compile)
+    trail = batch.attach(_Window(batch, ngram - 1, window))
+    pools = NgramPools(ngram, candidates)
+    while batch.admit():
+        candidates_and_draft = *pools.offer(batch.rows, pad_token_id), *_context_drafts(batch.rows, draft, pad_token_id)
+        step = _Step(batch, trail, *candidates_and_draft)
+        prediction = step.forward()  # (B, 1 + W + G(N-1) + D) at `pending`, the last level, candidates, draft
+        emitted, count, winner = step.verify(prediction)  # (B, E) right tokens first, (B,) how many, (B,) where fed
+        count, done = batch.emit(emitted, torch.minimum(count, batch.rows.limit - batch.rows.n_out))
+        # the winner's accepted tokens were fed after a right prefix: their KV is kept, the rest cropped
+        batch.keep_pending_and(winner, count - 1)
+        trail.advance(pools, prediction[:, 1 : 1 + window])
+        batch.retire(done)
+    return batch.output()
+
+
+def _check_lookahead(model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                     max_new_tokens: int | Sequence[int], window: int, ngram: int, candidates: int, draft: int) -> None:
     _validate(input_ids, attention_mask, max_new_tokens, block_size=1)
     if window < 1 or ngram < 2 or candidates < 1 or draft < 0:
         raise ValueError("lookahead needs window >= 1, ngram >= 2, candidates >= 1 and draft >= 0; "
@@ -133,96 +134,92 @@ def lookahead(
     if str(getattr(model.config, "_attn_implementation", "")).startswith("flash"):
         raise ValueError("lookahead needs a custom attention mask, which flash-attention does not take: load the model "
                          "with attn_implementation='sdpa' or 'eager'")
-    batch, device = input_ids.shape[0], input_ids.device
-    levels = ngram - 1
-    eos = _eos_tensor(eos_token_id, device)
-    outputs = _Outputs(batch, on_tokens, control)
-    stats = outputs.stats
-    slack = max(ngram, draft + 1)  # the most tokens a step can accept
-    cache, rows = _prefill(model, input_ids, attention_mask, max_new_tokens, slack, sampling, seed, compile=compile)
-    pools = [NgramPool(ngram, candidates) for _ in range(batch)]
-    make_guess = _GuessMaker("prompt", seed, batch, pad_token_id)  # the window starts as Jacobi's `prompt` guess
-    _emit_first_token(rows, cache, eos, outputs)
 
-    def start_trail(which: torch.Tensor) -> torch.Tensor:
-        """(b, N-1, W) the window of rows starting their first step."""
-        return make_guess(rows, which, levels * window).view(-1, levels, window)
 
-    trail = start_trail(torch.arange(len(rows.index), device=device))
-    span = torch.arange(levels * window, device=device)
-    first_candidate = 1 + levels * window  # fed column of the first candidate's first token
+class _Window:
+    """Per-row lookahead window (a `RowState` of the batch): (B, N-1, W) the last N-1 levels of
+    Jacobi guesses, started as Jacobi's `prompt` guess."""
 
-    while True:
-        admission = control.admit() if control is not None else None
-        if admission is not None:
-            cache, rows, joined = _join(model, cache, rows, admission, outputs, eos, slack, pad_token_id)
-            make_guess.add_rows(admission.seeds, first_index=len(pools))
-            pools += [NgramPool(ngram, candidates) for _ in admission.prompts]
-            joining = torch.arange(len(rows.index) - joined, len(rows.index), device=device)
-            trail = torch.cat([trail, start_trail(joining)])
-        if not len(rows.index):
-            break
-        for i in range(len(rows.index)):
-            pools[int(rows.index[i])].add_context(_context(rows, i))
-        proposals, present = offered_candidates(pools, rows, ngram, pad_token_id)
-        groups = proposals.shape[1]
-        drafts, drafted = _context_drafts(rows, draft, pad_token_id)
+    def __init__(self, batch: Batch, levels: int, window: int) -> None:
+        self.batch, self.levels, self.window = batch, levels, window
+        self.make_guess = _GuessMaker("prompt", batch.pad_token_id)
+        self.trail = torch.zeros((0, levels, window), dtype=torch.long, device=batch.rows.pending.device)
 
+    def start(self, which: torch.Tensor) -> None:
+        started = self.make_guess(self.batch.rows, which, self.levels * self.window).view(-1, self.levels, self.window)
+        self.trail = torch.cat([self.trail, started])
+
+    def keep(self, keep: torch.Tensor) -> None:
+        self.trail = self.trail[keep]
+
+    def advance(self, pools: NgramPools, newest: torch.Tensor) -> None:
+        """The last level's predictions (B, W) become the newest level; every column read down
+        the levels and that prediction is an n-gram for the row's pool."""
+        for i, row in enumerate(self.batch.rows.index.tolist()):
+            for gram in torch.cat([self.trail[i], newest[i][None]], dim=0).T.tolist():
+                pools[row].add(gram)
+        self.trail = torch.cat([self.trail[:, 1:], newest[:, None]], dim=1)
+
+
+@dataclass
+class _Step:
+    """One step's fed columns: `pending` | the window | G candidates of N-1 tokens | the draft."""
+
+    batch: Batch
+    window: _Window
+    proposals: torch.Tensor  # (B, G, N-1)
+    present: torch.Tensor  # (B, G) which candidates exist
+    drafts: torch.Tensor  # (B, D)
+    drafted: torch.Tensor  # (B, D) which draft tokens exist
+
+    def forward(self) -> torch.Tensor:
+        """The prediction after `pending`, the window's last level, the candidates and the draft."""
+        rows, levels, width = self.batch.rows, self.window.levels, self.window.window
+        device, groups = rows.pending.device, self.proposals.shape[1]
         last = rows.n_real  # position of `pending`
-        window_positions = last[:, None] + 1 + span % window + span // window
-        proposal_positions = last[:, None] + 1 + torch.arange(levels, device=device).repeat(groups)
-        draft_positions = last[:, None] + 1 + torch.arange(drafts.shape[1], device=device)
-        tokens = torch.cat([rows.pending[:, None], trail.flatten(1), proposals.flatten(1), drafts], dim=1)
-        positions = torch.cat([last[:, None], window_positions, proposal_positions, draft_positions], dim=1)
-        fed = _step_mask(levels, window, present, ngram, drafted)
+        span = torch.arange(levels * width, device=device)
+        positions = torch.cat([last[:, None], last[:, None] + 1 + span % width + span // width,
+                               last[:, None] + 1 + torch.arange(levels, device=device).repeat(groups),
+                               last[:, None] + 1 + torch.arange(self.drafts.shape[1], device=device)], dim=1)
+        tokens = torch.cat([rows.pending[:, None], self.window.trail.flatten(1), self.proposals.flatten(1),
+                            self.drafts], dim=1)
+        fed = _step_mask(levels, width, self.present, levels + 1, self.drafted)
         allowed = torch.cat([rows.slot_mask.bool()[:, None, :].expand(-1, fed.shape[1], -1), fed], dim=2)
         # only `pending`, the window's last level, the candidates and the draft are read: the LM head skips the rest
-        last_level = 1 + (levels - 1) * window
+        last_level = 1 + (levels - 1) * width
         read = torch.cat([torch.zeros(1, dtype=torch.long), torch.arange(last_level, tokens.shape[1])]).to(device)
-        logits = cache.forward(tokens, positions, allowed, logits_to_keep=read)
+        logits = self.batch.cache.forward(tokens, positions, allowed, logits_to_keep=read)
         # the column at position q predicts output index n_out + q - last (`pending`, at `last`, is n_out - 1)
-        prediction = rows.pick(logits, positions[:, read] - last[:, None] + rows.n_out[:, None])  # (B, 1+W+G(N-1)+D)
+        return rows.pick(logits, positions[:, read] - last[:, None] + rows.n_out[:, None])
 
-        # verification: candidate g holds while each token equals the prediction before it
+    def verify(self, prediction: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(B, E) the tokens to emit, right ones first, (B,) how many are right (>= 1: the
+        prediction after `pending`), (B,) the fed column where the winner's tokens start.
+        A candidate holds while each token equals the prediction before it; the draft wins where
+        it matched more than the best candidate."""
+        levels, width, groups = self.window.levels, self.window.window, self.proposals.shape[1]
+        size, device = prediction.shape[0], prediction.device
+        first_candidate = 1 + levels * width  # fed column of the first candidate's first token
         after_pending = prediction[:, :1]  # (B, 1) the next token, as AR
-        proposed_end = 1 + window + groups * levels
-        proposed_predictions = prediction[:, 1 + window : proposed_end].view(len(rows.index), groups, levels)
-        matched = verify_candidates(proposals, present, after_pending, proposed_predictions)  # (B, G)
-        best = matched.argmax(dim=1) if groups else torch.zeros(len(rows.index), dtype=torch.long, device=device)
+        proposed_end = 1 + width + groups * levels
+        proposed_predictions = prediction[:, 1 + width : proposed_end].view(size, groups, levels)
+        matched = verify_candidates(self.proposals, self.present, after_pending, proposed_predictions)  # (B, G)
+        best = matched.argmax(dim=1) if groups else torch.zeros(size, dtype=torch.long, device=device)
         length = matched.gather(1, best[:, None]).squeeze(1) if groups else torch.zeros_like(best)
-        chosen = proposed_predictions[torch.arange(len(rows.index), device=device), best] if groups else \
-            torch.zeros((len(rows.index), levels), dtype=torch.long, device=device)
-        winner = first_candidate + best * levels  # the fed column where the winning tokens start
-        if drafts.shape[1]:  # the draft wins where it matched more than the best candidate
+        chosen = proposed_predictions[torch.arange(size, device=device), best] if groups else \
+            torch.zeros((size, levels), dtype=torch.long, device=device)
+        winner = first_candidate + best * levels
+        if self.drafts.shape[1]:
             draft_predictions = prediction[:, proposed_end:]
-            draft_length = accepted_prefix(drafts, torch.cat([after_pending, draft_predictions[:, :-1]], dim=1), drafted)
-            longest = max(levels, drafts.shape[1])
+            draft_length = accepted_prefix(self.drafts, torch.cat([after_pending, draft_predictions[:, :-1]], dim=1),
+                                           self.drafted)
+            longest = max(levels, self.drafts.shape[1])
             by_draft = draft_length > length
             chosen = torch.where(by_draft[:, None], _pad(draft_predictions, longest, 1, left=False),
                                  _pad(chosen, longest, 1, left=False))
             winner = torch.where(by_draft, first_candidate + groups * levels, winner)
             length = torch.maximum(length, draft_length)
-        emitted = torch.cat([after_pending, chosen], dim=1)  # the first 1 + length are right
-        count = torch.minimum(length + 1, rows.limit - rows.n_out)
-        count, hit_eos = _truncate_at_eos(emitted, count, eos)
-
-        # the winner's accepted tokens were fed after a right prefix: their KV is kept, the rest cropped
-        _keep_pending_and_accepted(cache, rows, winner, count - 1)
-        _emit(rows, emitted, count, on_tokens)
-        for row, emitted_count in zip(rows.index.tolist(), count.tolist()):
-            stats[int(row)].forward_passes += 1
-            stats[int(row)].fast_forward += emitted_count - 1
-        newest = prediction[:, 1 : 1 + window]  # (B, W) last level's predictions
-        for i, row in enumerate(rows.index.tolist()):
-            columns = torch.cat([trail[i], newest[i][None]], dim=0).T.tolist()  # W n-grams, one per column
-            for gram in columns:
-                pools[row].add(gram)
-        trail = torch.cat([trail[:, 1:], newest[:, None]], dim=1)
-        rows.pending = emitted.gather(1, (count - 1)[:, None]).squeeze(1)
-        keep = outputs.retire(rows, cache, hit_eos | (rows.n_out >= rows.limit))
-        if keep is not None:
-            trail = trail[keep]
-    return outputs.output()
+        return torch.cat([after_pending, chosen], dim=1), length + 1, winner
 
 
 def _context_drafts(rows: _Rows, length: int, pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:

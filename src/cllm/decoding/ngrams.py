@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 import torch
 
-from cllm.decoding.core import _Rows, ragged
+from cllm.decoding.core import _context, _Rows, ragged
 
 
 class NgramPool:
@@ -38,16 +38,30 @@ class NgramPool:
         return self.table.get(token, [])
 
 
-def offered_candidates(pools: list[NgramPool], rows: _Rows, ngram: int, pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(B, G, N-1) proposals for each row's last token and (B, G) which exist."""
-    offered = [pools[int(r)].candidates(int(t)) for r, t in zip(rows.index, rows.pending)]
-    flat, present = ragged([[token for gram in grams for token in gram] for grams in offered], pad_token_id,
-                           device=rows.pending.device)  # (B, G * (N-1))
-    return flat.view(len(offered), flat.shape[1] // (ngram - 1), ngram - 1), present[:, :: ngram - 1]
+class NgramPools:
+    """Every row's pool, by the row's index in the caller's batch, made when the row first asks."""
 
+    def __init__(self, ngram: int, size: int) -> None:
+        self.ngram, self.size = ngram, size
+        self.pools: dict[int, NgramPool] = {}
 
-def remember_iterate(pool: NgramPool, pending: int, unfixed: list[int]) -> None:
-    """The n-grams of the last accepted token followed by the iterate's unfixed guesses."""
-    sequence = [pending, *unfixed]
-    for start in range(len(sequence) - pool.ngram + 1):
-        pool.add(sequence[start : start + pool.ngram])
+    def __getitem__(self, row: int) -> NgramPool:
+        if row not in self.pools:
+            self.pools[row] = NgramPool(self.ngram, self.size)
+        return self.pools[row]
+
+    def offer(self, rows: _Rows, pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, G, N-1) the candidates for each row's `pending` and (B, G) which exist, after the
+        n-grams its context gained since the last step joined its pool."""
+        for i, row in enumerate(rows.index.tolist()):
+            self[row].add_context(_context(rows, i))
+        offered = [self[int(r)].candidates(int(t)) for r, t in zip(rows.index, rows.pending)]
+        flat, present = ragged([[token for gram in grams for token in gram] for grams in offered], pad_token_id,
+                               device=rows.pending.device)  # (B, G * (N-1))
+        return flat.view(len(offered), flat.shape[1] // (self.ngram - 1), self.ngram - 1), present[:, :: self.ngram - 1]
+
+    def remember_iterate(self, row: int, pending: int, unfixed: list[int]) -> None:
+        """The n-grams of the last accepted token followed by the iterate's unfixed guesses."""
+        sequence = [pending, *unfixed]
+        for start in range(len(sequence) - self.ngram + 1):
+            self[row].add(sequence[start : start + self.ngram])
