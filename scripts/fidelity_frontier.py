@@ -42,8 +42,18 @@ def target_point(run: Path, itself: Path | None) -> dict:
         domains = json.loads(itself.read_text())["domains"]
         others = [row for name, row in list(domains.items())[1:]]
         out_speed = sum(row["model_tokens_per_forward"] for row in others) / len(others)
-    return {"out_lookup_tpf": out_speed, "run": "target", "paper": rows.get("jacobi:16"), "lookup": rows.get("jacobi:16:lookup"), "in_top1": 1.0,
-            "in_kl": 0.0, "identical": 1.0, "out_top1": 1.0, "out_kl": 0.0, "ppl_ratio": 1.0}
+    return {
+        "out_lookup_tpf": out_speed,
+        "run": "target",
+        "paper": rows.get("jacobi:16"),
+        "lookup": rows.get("jacobi:16:lookup"),
+        "in_top1": 1.0,
+        "in_kl": 0.0,
+        "identical": 1.0,
+        "out_top1": 1.0,
+        "out_kl": 0.0,
+        "ppl_ratio": 1.0,
+    }
 
 
 def table(rows: list[dict]) -> str:
@@ -53,7 +63,10 @@ def table(rows: list[dict]) -> str:
     for r in rows:
         def speed(guess: str) -> str:
             row = r[guess]
-            return "- | -" if row is None else f"{row['tokens_per_forward']:.2f} | {row['speedup_vs_reference_ar']:.2f}x"
+            return (
+                "- | -" if row is None else f"{row['tokens_per_forward']:.2f} | {row['speedup_vs_reference_ar']:.2f}x"
+            )
+
         lines.append(f"| {r['run']} | {speed('paper')} | {speed('lookup')} | {r['in_top1']:.1%} | {r['in_kl']:.3f} "
                      f"| {r['out_top1']:.1%} | {r['out_kl']:.3f} | {r['identical']:.0%} | {r['ppl_ratio']:.2f} |")
     return "\n".join(lines)
@@ -61,15 +74,20 @@ def table(rows: list[dict]) -> str:
 
 def domain_table(runs: list[Path]) -> str:
     """Every run's `cllm eval fidelity` rows, domain by domain."""
-    lines = ["| run | domain | same top-1 | KL mean | KL p90 | KL p99 | identical outputs | common prefix "
-             "| perplexity ratio | CLLM tokens/forward (lookup, float32) |", "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| run | domain | same top-1 | KL mean | KL p90 | KL p99 | identical outputs | common prefix "
+        "| perplexity ratio | CLLM tokens/forward (lookup, float32) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for run in runs:
         fidelity = json.loads((run / "eval" / "fidelity.json").read_text())
         for name, row in fidelity["domains"].items():
             ratio = "-" if row.get("perplexity_ratio") is None else f"{row['perplexity_ratio']:.2f}"
-            lines.append(f"| {run.name} | {name} | {row['same_top1']:.1%} | {row['kl_mean']:.3f} | {row['kl_p90']:.3f} "
-                         f"| {row['kl_p99']:.3f} | {row['identical']:.0%} | {row['common_prefix_fraction']:.0%} | {ratio} "
-                         f"| {row['model_tokens_per_forward']:.2f} |")
+            lines.append(
+                f"| {run.name} | {name} | {row['same_top1']:.1%} | {row['kl_mean']:.3f} | {row['kl_p90']:.3f} "
+                f"| {row['kl_p99']:.3f} | {row['identical']:.0%} | {row['common_prefix_fraction']:.0%} | {ratio} "
+                f"| {row['model_tokens_per_forward']:.2f} |"
+            )
     return "\n".join(lines)
 
 
@@ -80,12 +98,26 @@ def plot(rows: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     series = [  # (label, marker, colour, x domain, speed of a row)
-        ("GSM8K, paper guess (bf16 bench)", "o", "tab:blue", "in", lambda r: r["paper"] and r["paper"]["tokens_per_forward"]),
-        ("GSM8K, lookup guess (bf16 bench)", "o", "tab:orange", "in", lambda r: r["lookup"] and r["lookup"]["tokens_per_forward"]),
+        (
+            "GSM8K, paper guess (bf16 bench)",
+            "o",
+            "tab:blue",
+            "in",
+            lambda r: r["paper"] and r["paper"]["tokens_per_forward"],
+        ),
+        (
+            "GSM8K, lookup guess (bf16 bench)",
+            "o",
+            "tab:orange",
+            "in",
+            lambda r: r["lookup"] and r["lookup"]["tokens_per_forward"],
+        ),
         ("MT-bench + HumanEval, lookup guess (float32)", "s", "tab:green", "out", lambda r: r["out_lookup_tpf"]),
     ]
     figure, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-    for axis, (metric, label) in zip(axes, (("top1", "same top-1 as the target"), ("kl", "KL(target || CLLM), nats/token"))):
+    for axis, (metric, label) in zip(
+        axes, (("top1", "same top-1 as the target"), ("kl", "KL(target || CLLM), nats/token"))
+    ):
         for name, marker, colour, domain, speed in series:
             points = [(r[f"{domain}_{metric}"], speed(r), r["run"]) for r in rows if speed(r)]
             axis.scatter([x for x, _, _ in points], [y for _, y, _ in points], marker=marker, color=colour, label=name)

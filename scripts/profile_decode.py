@@ -64,8 +64,11 @@ def profile(model_name: str, decoder: str) -> None:
     run()
     total = time.perf_counter() - start
     outside = total - inside[0]
-    print(f"{decoder}: {total:.2f} s, {inside[1]} forwards taking {inside[0]:.2f} s ({inside[0] / total:.0%}), "
-          f"{inside[0] / inside[1] * 1000:.1f} ms each; the loop around them {outside / inside[1] * 1000:.2f} ms per forward")
+    print(
+        f"{decoder}: {total:.2f} s, {inside[1]} forwards taking {inside[0]:.2f} s ({inside[0] / total:.0%}), "
+        f"{inside[0] / inside[1] * 1000:.1f} ms each; "
+        f"the loop around them {outside / inside[1] * 1000:.2f} ms per forward"
+    )
     profiler = cProfile.Profile()
     profiler.enable()
     run()
@@ -99,8 +102,11 @@ def compiled(model_name: str = "default", dtype: str = "bfloat16", quantize: str
             outputs[name].append(out.token_ids[0])
         seconds = time.perf_counter() - start
         same = sum(a == b for a, b in zip(outputs[name], outputs["ar"])) if "ar" in outputs else "-"
-        print(f"{name}: {tokens / seconds:.1f} tokens/s, {seconds / forwards * 1000:.1f} ms per forward, "
-              f"{tokens / forwards:.2f} tokens/forward, warm-up {warm_up:.0f} s, outputs equal to ar: {same}/4", flush=True)
+        print(
+            f"{name}: {tokens / seconds:.1f} tokens/s, {seconds / forwards * 1000:.1f} ms per forward, "
+            f"{tokens / forwards:.2f} tokens/forward, warm-up {warm_up:.0f} s, outputs equal to ar: {same}/4",
+            flush=True,
+        )
     step_costs(model, prompts[0])
 
 

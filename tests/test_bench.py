@@ -41,16 +41,41 @@ def test_decoder_spec_parsing():
     assert INIT_STRATEGIES == ("prompt", "repeat", "pad", "lookup")
     assert DecoderSpec.parse("lookahead").decoder_kwargs() == {"window": 5, "ngram": 4, "candidates": 5, "draft": 0}
     assert DecoderSpec.parse("jacobi:16").decoder_kwargs() == {"block_size": 16, "init": "prompt"}
-    assert DecoderSpec.parse("jacobi:16:lookup:3").decoder_kwargs() == {"block_size": 16, "init": "lookup", "candidates": 3, "ngram": 4}
+    assert DecoderSpec.parse("jacobi:16:lookup:3").decoder_kwargs() == {
+        "block_size": 16,
+        "init": "lookup",
+        "candidates": 3,
+        "ngram": 4,
+    }
     assert DecoderSpec.parse("jacobi:16:prompt:3").label == "jacobi:16:prompt:3"
-    assert DecoderSpec.parse("lookahead:7:3:2").decoder_kwargs() == {"window": 7, "ngram": 3, "candidates": 2, "draft": 0}
+    assert DecoderSpec.parse("lookahead:7:3:2").decoder_kwargs() == {
+        "window": 7,
+        "ngram": 3,
+        "candidates": 2,
+        "draft": 0,
+    }
     assert DecoderSpec.parse("lookahead:7:3:2").label == "lookahead:7:3:2"
     assert DecoderSpec.parse("lookahead:7:3:2:9").decoder_kwargs()["draft"] == 9
     assert DecoderSpec.parse("lookahead:7:3:2:9").label == "lookahead:7:3:2:9"
     assert DecoderSpec.parse("hf-pld").label == "hf-pld:10" and DecoderSpec.parse("hf-pld:4").lookup_tokens == 4
     assert DecoderSpec.parse("hf-assisted").decoder_kwargs() == {}
-    for bad in ("jacobi:0", "jacobi:x", "ar:2", "beam", "jacobi:8:zeros", "jacobi:8:lookup:1:2", "jacobi:8:lookup:0", "lookahead:5",
-                "lookahead:5:1:5", "lookahead:5:4:5:0", "lookahead:5:4:5:1:2", "lookahead:0:4:5", "hf-pld:0", "hf-pld:1:2", "hf-assisted:3"):
+    for bad in (
+        "jacobi:0",
+        "jacobi:x",
+        "ar:2",
+        "beam",
+        "jacobi:8:zeros",
+        "jacobi:8:lookup:1:2",
+        "jacobi:8:lookup:0",
+        "lookahead:5",
+        "lookahead:5:1:5",
+        "lookahead:5:4:5:0",
+        "lookahead:5:4:5:1:2",
+        "lookahead:0:4:5",
+        "hf-pld:0",
+        "hf-pld:1:2",
+        "hf-assisted:3",
+    ):
         with pytest.raises(CllmError):
             DecoderSpec.parse(bad)
 

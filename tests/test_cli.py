@@ -35,7 +35,13 @@ def test_generate_json_jacobi_equals_ar(model_dir, capsys):
     hf_record, = run_json(capsys, *common, "--decoder", "hf")
     assert hf_record["token_ids"] == ar_record["token_ids"]
     assert len(ar_record["token_ids"]) == 23
-    assert set(ar_record["stats"]) >= {"forward_passes", "new_tokens", "tokens_per_forward", "fast_forward", "stationary"}
+    assert set(ar_record["stats"]) >= {
+        "forward_passes",
+        "new_tokens",
+        "tokens_per_forward",
+        "fast_forward",
+        "stationary",
+    }
 
 
 def test_generate_file_batched_matches_single(model_dir, tmp_path, capsys):
@@ -54,7 +60,11 @@ def test_generate_samples_the_same_text_with_every_decoder_and_batch_size(model_
     common = ["--file", str(prompts), "--model", model_dir, "--max-new-tokens", "17", "--temperature", "0.9",
               "--top-p", "0.95", "--top-k", "40", "--seed", "11"]
     expected = [r["token_ids"] for r in run_json(capsys, *common, "--decoder", "ar")]
-    for decoder in (["jacobi", "--batch-size", "3"], ["jacobi", "--candidates", "2"], ["lookahead", "--batch-size", "2"]):
+    for decoder in (
+        ["jacobi", "--batch-size", "3"],
+        ["jacobi", "--candidates", "2"],
+        ["lookahead", "--batch-size", "2"],
+    ):
         records = run_json(capsys, *common, "--decoder", *decoder)
         assert [r["token_ids"] for r in records] == expected, decoder
     assert [r["seed"] for r in records] == [11, 12, 13, 14] and records[0]["sampling"] == "T=0.9 top-k 40 top-p 0.95"
@@ -62,8 +72,12 @@ def test_generate_samples_the_same_text_with_every_decoder_and_batch_size(model_
     assert greedy != expected
     rest = tmp_path / "rest.jsonl"
     rest.write_text("\n".join(prompts.read_text().splitlines()[1:]) + "\n")
-    shifted = [r["token_ids"] for r in run_json(capsys, "--file", str(rest), *common[2:-1], "12", "--decoder", "lookahead")]
-    assert shifted == expected[1:]  # prompt i samples with seed + i: the same prompts one place earlier, seed one higher
+    shifted = [
+        r["token_ids"] for r in run_json(capsys, "--file", str(rest), *common[2:-1], "12", "--decoder", "lookahead")
+    ]
+    assert (
+        shifted == expected[1:]
+    )  # prompt i samples with seed + i: the same prompts one place earlier, seed one higher
 
 
 def test_generate_streams_text_and_reads_stdin(model_dir):
@@ -149,6 +163,8 @@ def test_bad_model_files_are_clear_errors(model_dir, tmp_path):
 
 def test_hub_id_offline_is_a_clear_error():
     env = os.environ | {"HF_HUB_OFFLINE": "1"}
-    result = subprocess.run(CLLM + ["generate", "hi", "--model", "someone/some-model"], capture_output=True, text=True, env=env)
+    result = subprocess.run(
+        CLLM + ["generate", "hi", "--model", "someone/some-model"], capture_output=True, text=True, env=env
+    )
     assert result.returncode == 2
     assert "offline" in result.stderr and "Traceback" not in result.stderr

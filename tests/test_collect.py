@@ -209,7 +209,9 @@ def test_collect_and_inspect_cli(model_dir, tmp_path, capsys):
     assert main(["data", "inspect", str(out), "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["prompts"] == 5 and report["entries"] == len(read_entries(out))
-    assert sum(report["tokens_gained_per_iteration"].values()) == sum(e["iterations"] for e in read_entries(out).to_pylist())
+    assert sum(report["tokens_gained_per_iteration"].values()) == sum(
+        e["iterations"] for e in read_entries(out).to_pylist()
+    )
     assert main(["data", "inspect", str(out)]) == 0
     assert "sample entry" in capsys.readouterr().out
     assert main(["data", "inspect", str(tmp_path)]) == 2

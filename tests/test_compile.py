@@ -42,7 +42,11 @@ def random_decoder(rng: random.Random):
     if kind == "ar":
         return kind, ar, {}
     if kind == "lookahead":
-        return kind, lookahead, {"window": rng.randint(1, 5), "ngram": rng.randint(2, 5), "candidates": rng.randint(1, 5)}
+        return (
+            kind,
+            lookahead,
+            {"window": rng.randint(1, 5), "ngram": rng.randint(2, 5), "candidates": rng.randint(1, 5)},
+        )
     settings = {"block_size": rng.choice([1, 2, 4, 8, 16]), "init": rng.choice(["prompt", "repeat", "lookup"])}
     if kind == "jacobi+candidates":
         settings |= {"candidates": rng.randint(1, 4), "ngram": rng.randint(2, 5)}

@@ -70,11 +70,18 @@ def random_requests(rng: random.Random) -> list[Request]:
 
 DECODERS = {
     "ar": lambda model, rng: (ar, {}),
-    "jacobi": lambda model, rng: (jacobi, {"block_size": rng.choice([2, 4, 8]), "init": rng.choice(["prompt", "lookup"])}),
-    "jacobi+candidates": lambda model, rng: (jacobi, {"block_size": rng.choice([2, 4, 8]), "candidates": rng.randint(1, 3),
-                                                      "ngram": rng.randint(2, 4)}),
-    "lookahead": lambda model, rng: (lookahead, {"window": rng.randint(1, 4), "ngram": rng.randint(2, 4),
-                                                 "candidates": rng.randint(1, 3)}),
+    "jacobi": lambda model, rng: (
+        jacobi,
+        {"block_size": rng.choice([2, 4, 8]), "init": rng.choice(["prompt", "lookup"])},
+    ),
+    "jacobi+candidates": lambda model, rng: (
+        jacobi,
+        {"block_size": rng.choice([2, 4, 8]), "candidates": rng.randint(1, 3), "ngram": rng.randint(2, 4)},
+    ),
+    "lookahead": lambda model, rng: (
+        lookahead,
+        {"window": rng.randint(1, 4), "ngram": rng.randint(2, 4), "candidates": rng.randint(1, 3)},
+    ),
 }
 
 

@@ -49,7 +49,10 @@ def test_sharegpt_first_human_turn(tmp_path):
         {"id": "c", "conversations": [{"from": "gpt", "value": "only a reply"}]},
     ]))
     prompts = load_prompts("sharegpt", SourceOptions(path=str(path)))
-    assert [(p.id, p.text, p.label) for p in prompts] == [("sharegpt-a", "Hi there", "Hello!"), ("sharegpt-b", "Q?", None)]
+    assert [(p.id, p.text, p.label) for p in prompts] == [
+        ("sharegpt-a", "Hi there", "Hello!"),
+        ("sharegpt-b", "Q?", None),
+    ]
 
 
 def test_jsonl_with_configurable_fields(tmp_path):

@@ -108,7 +108,9 @@ def test_sampled_jacobi_and_lookahead_equal_sampled_ar_on_ten_prompts(loaded, gr
             assert distance < 1e-5, f"{name}, row {row}: a real difference, the draw is {distance:.2e} from the edge"
 
 
-def _draw_distance_to_edge(model, prompt: list[int], reference: list[int], got: list[int], sampling: Sampling, seed: int) -> float:
+def _draw_distance_to_edge(
+    model, prompt: list[int], reference: list[int], got: list[int], sampling: Sampling, seed: int
+) -> float:
     """At the first position where `got` leaves `reference`: how far the draw lies from the nearest
     edge of the reference token's cdf interval, with the logits of a plain forward."""
     t = next(i for i, (a, b) in enumerate(zip(reference, got)) if a != b)

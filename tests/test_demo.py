@@ -12,7 +12,9 @@ def test_demo_compares_a_cllm_with_its_target(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("COLUMNS", "250")  # the whole table, not rich's squeezed one
     target = save_tiny_model(tmp_path / "target", seed=2, context=4096)
     cllm = save_tiny_model(tmp_path / "cllm", seed=3, context=4096)  # same tokenizer, other weights
-    assert main(["demo", "--model", str(target), "--cllm", str(cllm), "--max-new-tokens", "8", "--block-size", "4"]) == 0
+    assert (
+        main(["demo", "--model", str(target), "--cllm", str(cllm), "--max-new-tokens", "8", "--block-size", "4"]) == 0
+    )
     out = " ".join(capsys.readouterr().out.split())
     assert "Fidelity of the CLLM" in out and "same top token" in out and "KL" in out
     assert "jacobi:4:lookup" in out and "same top-1 as target" in out
@@ -34,7 +36,7 @@ def test_demo_finds_the_quick_cllm_in_cllm_home(tmp_path, monkeypatch, capsys):
     quick = tmp_path / "home" / "quick" / "cllm"
     quick.parent.mkdir(parents=True)
     quick.symlink_to(converted_gguf_dir(default_gguf_path()))  # the target itself stands in for a CLLM
-    monkeypatch.setattr("cllm.cli.quick_cllm", lambda: quick)  # $CLLM_HOME (the model cache) stays as it is
+    monkeypatch.setattr("cllm.cli.recipe.quick_cllm", lambda: quick)  # $CLLM_HOME (the model cache) stays as it is
     assert main(["demo", "--max-new-tokens", "8"]) == 0
     out = " ".join(capsys.readouterr().out.split())
     assert "same top token 100.0%, KL 0.000" in out

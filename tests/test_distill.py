@@ -23,7 +23,12 @@ def test_tiny_recipe_end_to_end_then_skipped(tmp_path, capsys):
     recipe = yaml.safe_load((RECIPES / "tiny.yaml").read_text())
     recipe["model"] = str(save_tiny_model(tmp_path / "target", eos_token_id=None, context=2048))
     recipe["out"] = str(tmp_path / "run")
-    for options in [recipe["collect"], *recipe["collect_more"].values(), recipe["bench"]["gsm8k"], *recipe["eval"].values()]:
+    for options in [
+        recipe["collect"],
+        *recipe["collect_more"].values(),
+        recipe["bench"]["gsm8k"],
+        *recipe["eval"].values(),
+    ]:
         options["path"] = str(data)
     path = tmp_path / "tiny.yaml"
     path.write_text(yaml.safe_dump(recipe))
@@ -106,7 +111,11 @@ def test_a_bench_or_eval_runs_again_when_the_recipe_changes_its_command(tmp_path
             report = target / "bench.json" if argv[0] == "bench" else target
             report.parent.mkdir(parents=True, exist_ok=True)
             command = command_line(argv)  # what the real commands record in their reports
-            report.write_text(json.dumps({"summary": [], "meta": {"command": command}} if argv[0] == "bench" else {"command": command}))
+            report.write_text(
+                json.dumps(
+                    {"summary": [], "meta": {"command": command}} if argv[0] == "bench" else {"command": command}
+                )
+            )
 
     def stages(recipe: dict) -> list[str]:
         calls.clear()

@@ -53,7 +53,9 @@ def test_canonical_humaneval_solutions_pass_and_wrong_ones_fail():
     for problem in problems:
         def check(completion: str) -> bool:
             program = extract_code(completion, problem["prompt"], problem["entry_point"])
-            return run_untrusted(f"{program}\n\n{problem['test']}\n\ncheck({problem['entry_point']})\n", Limits(seconds=10)).passed
+            return run_untrusted(
+                f"{program}\n\n{problem['test']}\n\ncheck({problem['entry_point']})\n", Limits(seconds=10)
+            ).passed
 
         body = problem["canonical_solution"]
         assert check(body), problem["task_id"]  # raw continuation of the prompt
@@ -100,7 +102,9 @@ def test_eval_gsm8k_same_score_with_jacobi_and_ar(model_dir, tmp_path, capsys):
 def test_eval_perplexity_and_humaneval_cli(model_dir, tmp_path, capsys):
     text = tmp_path / "text.txt"
     text.write_text("the quick brown fox jumps over the lazy dog. " * 10)
-    assert main(["eval", "perplexity", "--text", str(text), "--model", model_dir, "--out", str(tmp_path / "p.json")]) == 0
+    assert (
+        main(["eval", "perplexity", "--text", str(text), "--model", model_dir, "--out", str(tmp_path / "p.json")]) == 0
+    )
     report = json.loads((tmp_path / "p.json").read_text())
     assert report["tokens"] == len(text.read_text()) - 1 and report["perplexity"] > 1
     assert main(["eval", "humaneval", "--limit", "2", "--max-new-tokens", "8", "--model", model_dir,

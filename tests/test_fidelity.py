@@ -54,8 +54,29 @@ def models(tmp_path_factory):
 
 
 def run_fidelity(model, target, out, *extra) -> dict:
-    code = main(["eval", "fidelity", "--model", str(model), "--target", str(target), "--dataset", "gsm8k,humaneval",
-                 "--limit", "2", "--max-new-tokens", "12", "--block-size", "4", "--init", "lookup", "--out", str(out), *extra])
+    code = main(
+        [
+            "eval",
+            "fidelity",
+            "--model",
+            str(model),
+            "--target",
+            str(target),
+            "--dataset",
+            "gsm8k,humaneval",
+            "--limit",
+            "2",
+            "--max-new-tokens",
+            "12",
+            "--block-size",
+            "4",
+            "--init",
+            "lookup",
+            "--out",
+            str(out),
+            *extra,
+        ]
+    )
     assert code == 0
     return json.loads(out.read_text())
 
@@ -93,7 +114,12 @@ def test_eval_fidelity_bad_input_exits_2_with_one_line(models, tmp_path, capsys)
     ]
     for case, expected in cases:
         capsys.readouterr()
-        assert main(["eval", "fidelity", "--limit", "1", "--max-new-tokens", "4", "--out", str(tmp_path / "x.json"), *case]) == 2
+        assert (
+            main(
+                ["eval", "fidelity", "--limit", "1", "--max-new-tokens", "4", "--out", str(tmp_path / "x.json"), *case]
+            )
+            == 2
+        )
         err = " ".join(capsys.readouterr().err.split())  # rich wraps long lines
         assert err.startswith("error:") and "Traceback" not in err and expected in err, case
     assert not (tmp_path / "x.json").exists()

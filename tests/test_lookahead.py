@@ -44,7 +44,9 @@ def test_lookahead_equals_ar_on_randomized_cases(arch):
         out = lookahead(model, input_ids, attention_mask, window=window, ngram=ngram, candidates=candidates,
                         draft=draft, max_new_tokens=max_new_tokens, eos_token_id=eos, seed=case,
                         on_tokens=lambda row, tokens: streamed.setdefault(row, []).extend(tokens))
-        assert out.token_ids == expected, f"case {case}: W={window} N={ngram} G={candidates} D={draft} B={batch} eos={eos}"
+        assert out.token_ids == expected, (
+            f"case {case}: W={window} N={ngram} G={candidates} D={draft} B={batch} eos={eos}"
+        )
         assert [streamed.get(row, []) for row in range(batch)] == expected
         for stats, tokens in zip(out.stats, expected):
             assert stats.new_tokens == len(tokens) and stats.fast_forward == len(tokens) - stats.forward_passes
@@ -64,7 +66,9 @@ def test_multi_candidate_jacobi_equals_ar_on_randomized_cases(arch):
         init = rng.choice(["prompt", "repeat", "lookup"])
         common = dict(block_size=block_size, max_new_tokens=max_new_tokens, eos_token_id=eos, init=init, seed=case)
         out = jacobi(model, input_ids, attention_mask, candidates=candidates, ngram=ngram, **common)
-        assert out.token_ids == expected, f"case {case}: n={block_size} G={candidates} N={ngram} B={batch} {init} eos={eos}"
+        assert out.token_ids == expected, (
+            f"case {case}: n={block_size} G={candidates} N={ngram} B={batch} {init} eos={eos}"
+        )
         if case % 10 == 0:  # the same without candidates, for what they add
             plain = jacobi(model, input_ids, attention_mask, **common)
             gained_by_candidates += sum(s.fast_forward for s in out.stats) - sum(s.fast_forward for s in plain.stats)

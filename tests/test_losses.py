@@ -103,5 +103,10 @@ def test_distillation_loss_is_the_mean_kl_from_teacher_to_student_over_the_count
     loss.backward()
     assert student.grad[0, 2].abs().max() == 0 and student.grad[0, 0].abs().max() > 0
     # the whole distribution counts, not only the top token: same argmax, different loss
-    assert distillation_loss(two_token_logits(0.7)[None, None], teacher[:, :1], torch.ones(1, 1, dtype=torch.bool)).item() > 0
-    assert distillation_loss(teacher, teacher, torch.ones(1, 3, dtype=torch.bool)).item() == pytest.approx(0.0, abs=1e-7)
+    assert (
+        distillation_loss(two_token_logits(0.7)[None, None], teacher[:, :1], torch.ones(1, 1, dtype=torch.bool)).item()
+        > 0
+    )
+    assert distillation_loss(teacher, teacher, torch.ones(1, 3, dtype=torch.bool)).item() == pytest.approx(
+        0.0, abs=1e-7
+    )

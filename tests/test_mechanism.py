@@ -15,9 +15,10 @@ import torch
 from datasets import Dataset
 from transformers import LlamaConfig, LlamaForCausalLM, TrainingArguments
 
+from cllm.collate import TrajectoryCollator
 from cllm.data import PromptRecord
 from cllm.decoding import ar, jacobi, left_pad
-from cllm.training import CllmTrainer, TrajectoryCollator
+from cllm.training import CllmTrainer
 from cllm.trajectories import CollectConfig, build_entries
 
 pytestmark = pytest.mark.heavy  # pretrains and trains a small model twice
@@ -93,7 +94,9 @@ def test_consistency_training_raises_tokens_per_forward(tmp_path):
     print(f"tokens per forward: {before:.2f} -> {after:.2f}")
     assert after >= 1.5 * before
 
-    trained_ar = ar(model, input_ids, mask, max_new_tokens=PHRASE_LENGTH + 1, eos_token_id=EOS, pad_token_id=PAD).token_ids
+    trained_ar = ar(
+        model, input_ids, mask, max_new_tokens=PHRASE_LENGTH + 1, eos_token_id=EOS, pad_token_id=PAD
+    ).token_ids
     trained_jacobi = jacobi(model, input_ids, mask, block_size=BLOCK, max_new_tokens=PHRASE_LENGTH + 1,
                             eos_token_id=EOS, pad_token_id=PAD).token_ids
     assert trained_jacobi == trained_ar
@@ -115,8 +118,10 @@ def test_a_frozen_teacher_keeps_the_model_faithful_where_self_targets_let_it_dri
     in_domain = [([BOS, t] + phrases[t] + [EOS], 2) for t in TOPICS]
     rng = random.Random(0)
     prompts = [[BOS] + [rng.randrange(3, 40) for _ in range(rng.randrange(1, 5))] for _ in range(32)]
-    elsewhere = [(p + ar(target, torch.tensor([p]), max_new_tokens=16, eos_token_id=EOS, pad_token_id=PAD).token_ids[0], len(p))
-                 for p in prompts]  # the target's own continuations of prompts it was never trained on
+    elsewhere = [
+        (p + ar(target, torch.tensor([p]), max_new_tokens=16, eos_token_id=EOS, pad_token_id=PAD).token_ids[0], len(p))
+        for p in prompts
+    ]  # the target's own continuations of prompts it was never trained on
     before = tokens_per_forward(target)
     results = {}
     for name, extra in (("self", {}), ("teacher", {"teacher": copy.deepcopy(target), "distill_weight": 1.0})):

@@ -177,13 +177,17 @@ def test_parallel_decoders_reproduce_ar_sampling(arch):
                                candidates=rng.randint(1, 4), ngram=rng.randint(2, 5), **common)
         assert by_candidates.token_ids == expected, f"multi-candidate jacobi n={block_size}, {label}"
         window, ngram, candidates = rng.randint(1, 4), rng.randint(2, 5), rng.randint(1, 4)
-        by_lookahead = lookahead(model, input_ids, attention_mask, window=window, ngram=ngram, candidates=candidates, **common)
+        by_lookahead = lookahead(
+            model, input_ids, attention_mask, window=window, ngram=ngram, candidates=candidates, **common
+        )
         assert by_lookahead.token_ids == expected, f"lookahead {window}:{ngram}:{candidates}, {label}"
 
         greedy = ar(model, input_ids, attention_mask, max_new_tokens=max_new_tokens, eos_token_id=eos).token_ids
         differs_from_greedy += expected != greedy
         fast_forwarded += sum(s.fast_forward for s in by_jacobi.stats + by_lookahead.stats)
-    assert differs_from_greedy > CASES_PER_ARCH // 2, "the samples are mostly the greedy output: the test would prove little"
+    assert differs_from_greedy > CASES_PER_ARCH // 2, (
+        "the samples are mostly the greedy output: the test would prove little"
+    )
     assert fast_forwarded > 50
 
 

@@ -96,64 +96,75 @@ def _processes_mentioning(token: str) -> list[int]:
 # Each program is formatted with: hidden, visible (the directories), victim (a precious file in
 # each, as a Python list), token, home (the home secret), sleeper (its pid).
 DESTRUCTIVE = {
-    "posix.system": "import posix\nfor d in {dirs}:\n    posix.system(f'touch {{d}}/pwned; rm -f {{d}}/precious.txt')\n",
-    "posix.fork": "import posix\nif posix.fork() == 0:\n    for d in {dirs}:\n        try:\n            open(d + '/forked', 'w')\n"
-        "        except OSError:\n            pass\n    posix.execv('/bin/sleep', ['sleep', '600', '{token}'])\n",
+    "posix.system": "import posix\nfor d in {dirs}:\n"
+    "    posix.system(f'touch {{d}}/pwned; rm -f {{d}}/precious.txt')\n",
+    "posix.fork": "import posix\nif posix.fork() == 0:\n    for d in {dirs}:\n        try:\n"
+    "            open(d + '/forked', 'w')\n"
+    "        except OSError:\n            pass\n    posix.execv('/bin/sleep', ['sleep', '600', '{token}'])\n",
     "posix.unlink": "import posix\nfor v in {victims}:\n    posix.unlink(v)\n",
     "io.FileIO": "import io\nfor d in {dirs}:\n    io.FileIO(d + '/new', 'w').write(b'x')\n",
     "open for writing": "for v in {victims}:\n    open(v, 'w').write('gone')\n",
-    "pathlib": "import pathlib\nfor v in {victims}:\n    pathlib.Path(v).write_text('gone')\n    pathlib.Path(v).unlink()\n",
+    "pathlib": "import pathlib\nfor v in {victims}:\n    pathlib.Path(v).write_text('gone')\n"
+    "    pathlib.Path(v).unlink()\n",
     "shutil.rmtree": "import shutil\nfor d in {dirs}:\n    shutil.rmtree(d)\n",
-    "os.remove after deleting sys.modules['os']":
-        "import sys\ndel sys.modules['os']\nimport os\nfor v in {victims}:\n    os.remove(v)\n",
+    "os.remove after deleting sys.modules['os']": "import sys\ndel sys.modules['os']\nimport os\nfor v in {victims}:\n"
+    "    os.remove(v)\n",
     "importlib.reload(os)": "import importlib, os\nos = importlib.reload(os)\nfor v in {victims}:\n    os.remove(v)\n",
-    "sys.modules posix alias": "import sys\nposix = sys.modules['posix']\nfor v in {victims}:\n    posix.rename(v, v + '.moved')\n",
-    "ctypes unlink": "import ctypes\nlibc = ctypes.CDLL(None)\nfor v in {victims}:\n    assert libc.unlink(v.encode()) == 0\n",
+    "sys.modules posix alias": "import sys\nposix = sys.modules['posix']\nfor v in {victims}:\n"
+    "    posix.rename(v, v + '.moved')\n",
+    "ctypes unlink": "import ctypes\nlibc = ctypes.CDLL(None)\nfor v in {victims}:\n"
+    "    assert libc.unlink(v.encode()) == 0\n",
     "ctypes system": "import ctypes\nctypes.CDLL(None).system(b'rm -r ' + ' '.join({dirs}).encode())\n",
-    "ctypes remount read-write":
-        "import ctypes\nlibc = ctypes.CDLL(None)\nfor d in {dirs}:\n    libc.mount(None, b'/', None, 0x20 | 0x1000, None)\n"
-        "    libc.mount(None, d.encode(), None, 0x20 | 0x1000, None)\n    open(d + '/precious.txt', 'w').write('gone')\n",
-    "ctypes unshare then write": "import ctypes\nlibc = ctypes.CDLL(None)\nassert libc.unshare(0x10000000 | 0x20000) == 0\n"
-        "for v in {victims}:\n    open(v, 'w').write('gone')\n",
-    "chroot escape": "import os\nos.mkdir('jail')\nos.chroot('jail')\nfor _ in range(20):\n    os.chdir('..')\nos.chroot('.')\n"
-        "for v in {victims}:\n    os.remove(v)\n",
+    "ctypes remount read-write": "import ctypes\nlibc = ctypes.CDLL(None)\nfor d in {dirs}:\n"
+    "    libc.mount(None, b'/', None, 0x20 | 0x1000, None)\n"
+    "    libc.mount(None, d.encode(), None, 0x20 | 0x1000, None)\n    open(d + '/precious.txt', 'w').write('gone')\n",
+    "ctypes unshare then write": "import ctypes\nlibc = ctypes.CDLL(None)\n"
+    "assert libc.unshare(0x10000000 | 0x20000) == 0\n"
+    "for v in {victims}:\n    open(v, 'w').write('gone')\n",
+    "chroot escape": "import os\nos.mkdir('jail')\nos.chroot('jail')\nfor _ in range(20):\n    os.chdir('..')\n"
+    "os.chroot('.')\n"
+    "for v in {victims}:\n    os.remove(v)\n",
     "setuid root": "import os\nos.setuid(0)\nfor v in {victims}:\n    os.remove(v)\n",
     "symlink in /tmp": "import os\nfor i, v in enumerate({victims}):\n    os.symlink(v, f'link{{i}}')\n"
-        "    open(f'link{{i}}', 'w').write('gone')\n",
+    "    open(f'link{{i}}', 'w').write('gone')\n",
     "hard link": "import os\nfor i, v in enumerate({victims}):\n    os.link(v, f'hard{{i}}')\n"
-        "    open(f'hard{{i}}', 'w').write('gone')\n",
+    "    open(f'hard{{i}}', 'w').write('gone')\n",
     "/proc/self/root": "for v in {victims}:\n    open('/proc/self/root' + v, 'w').write('gone')\n",
     "/proc/PID/root and /proc/PID/cwd": "import os\nfor pid in ('1', str(os.getppid()), 'self'):\n"
-        "    for v in {victims}:\n        for way in ('/root' + v, '/cwd/../../../..' + v):\n            try:\n"
-        "                open('/proc/' + pid + way, 'w').write('gone')\n            except OSError:\n                pass\n",
+    "    for v in {victims}:\n        for way in ('/root' + v, '/cwd/../../../..' + v):\n            try:\n"
+    "                open('/proc/' + pid + way, 'w').write('gone')\n            except OSError:\n"
+    "                pass\n",
     "/proc/self/fd": "import os\nfor fd in os.listdir('/proc/self/fd'):\n    try:\n"
-        "        open('/proc/self/fd/' + fd, 'a').write('x')\n    except OSError:\n        pass\n"
-        "fds = [os.open(v, os.O_RDONLY) for v in {victims}]\nfor fd in fds:\n"
-        "    open(f'/proc/self/fd/{{fd}}', 'w').write('gone')\n",
-    "subprocess shell": "import subprocess\nfor v in {victims}:\n    subprocess.run(['sh', '-c', f'echo gone > {{v}}'], check=True)\n",
-    "posix_spawn rm": "import os\nfor v in {victims}:\n    os.waitpid(os.posix_spawn('/bin/rm', ['rm', '-f', v], {{}}), 0)\nassert False\n",
+    "        open('/proc/self/fd/' + fd, 'a').write('x')\n    except OSError:\n        pass\n"
+    "fds = [os.open(v, os.O_RDONLY) for v in {victims}]\nfor fd in fds:\n"
+    "    open(f'/proc/self/fd/{{fd}}', 'w').write('gone')\n",
+    "subprocess shell": "import subprocess\nfor v in {victims}:\n"
+    "    subprocess.run(['sh', '-c', f'echo gone > {{v}}'], check=True)\n",
+    "posix_spawn rm": "import os\nfor v in {victims}:\n"
+    "    os.waitpid(os.posix_spawn('/bin/rm', ['rm', '-f', v], {{}}), 0)\nassert False\n",
     "execv sh": "import os\nos.execv('/bin/sh', ['sh', '-c', 'rm -rf ' + ' '.join({dirs})])\n",
     "chmod and chown": "import os\nfor v in {victims}:\n    os.chmod(v, 0)\n    os.chown(v, 65534, 65534)\n",
     "kill every process": "import os, signal\nos.kill({sleeper}, signal.SIGKILL)\nos.kill(-1, signal.SIGKILL)\n",
     "fork bomb": "import os\nwhile True:\n    os.fork()\n",
-    "detached process that outlives the run":
-        "import subprocess\nsubprocess.Popen(['sh', '-c', 'sleep 3; touch ' + ' '.join(d + '/late' for d in {dirs})],"
-        " start_new_session=True)\nsubprocess.Popen(['sleep', '600', '{token}'], start_new_session=True)\n",
-    "double fork daemon":
-        "import os, time\nif os.fork() == 0:\n    os.setsid()\n    if os.fork() == 0:\n"
-        "        os.execv('/bin/sleep', ['sleep', '600', '{token}'])\n    os._exit(0)\ntime.sleep(0.5)\n",
+    "detached process that outlives the run": "import subprocess\n"
+    "subprocess.Popen(['sh', '-c', 'sleep 3; touch ' + ' '.join(d + '/late' for d in {dirs})],"
+    " start_new_session=True)\nsubprocess.Popen(['sleep', '600', '{token}'], start_new_session=True)\n",
+    "double fork daemon": "import os, time\nif os.fork() == 0:\n    os.setsid()\n    if os.fork() == 0:\n"
+    "        os.execv('/bin/sleep', ['sleep', '600', '{token}'])\n    os._exit(0)\ntime.sleep(0.5)\n",
 }
 
 # The program passes (exit 0) only if it got the secret; it also prints it, to test that channel.
 SECRETS = {
-    "/etc/shadow": "import sys\ndata = open('/etc/shadow').read()\nprint(data, file=sys.stderr)\nassert 'root:' in data\n",
-    "the invoking user's home": "import sys\ndata = open('{home}').read()\nprint(data, file=sys.stderr)\nassert '{token}' in data\n",
-    "the environment": "import os, sys\nprint(dict(os.environ), file=sys.stderr)\nassert '{token}' in str(os.environ)\n",
-    "other processes' environments":
-        "import os, sys\nfound = []\nfor pid in os.listdir('/proc'):\n    try:\n"
-        "        found.append(open(f'/proc/{{pid}}/environ', 'rb').read())\n    except Exception:\n        pass\n"
-        "found.append(open('/proc/{sleeper}/environ', 'rb').read())\nfound = [e for e in found if b'{token}' in e]\n"
-        "print(found, file=sys.stderr)\nassert found\n",
+    "/etc/shadow": "import sys\ndata = open('/etc/shadow').read()\nprint(data, file=sys.stderr)\n"
+    "assert 'root:' in data\n",
+    "the invoking user's home": "import sys\ndata = open('{home}').read()\nprint(data, file=sys.stderr)\n"
+    "assert '{token}' in data\n",
+    "the environment": "import os, sys\nprint(dict(os.environ), file=sys.stderr)\n"
+    "assert '{token}' in str(os.environ)\n",
+    "other processes' environments": "import os, sys\nfound = []\nfor pid in os.listdir('/proc'):\n    try:\n"
+    "        found.append(open(f'/proc/{{pid}}/environ', 'rb').read())\n    except Exception:\n        pass\n"
+    "found.append(open('/proc/{sleeper}/environ', 'rb').read())\nfound = [e for e in found if b'{token}' in e]\n"
+    "print(found, file=sys.stderr)\nassert found\n",
 }
 
 
@@ -216,8 +227,11 @@ def test_no_connection_reaches_a_host_listener(python_guard, tmp_path):
     programs = [
         f"import socket\nsocket.create_connection(('127.0.0.1', {port}), timeout=2).sendall(b'leak')\n",
         f"import urllib.request\nurllib.request.urlopen('http://127.0.0.1:{port}/', timeout=2)\n",
-        (f"import socket\ns = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\ns.sendto(b'leak', ('127.0.0.1', {udp_port}))\n"
-         "s.sendto(b'leak', ('10.0.0.1', 53))\n"),
+        (
+            f"import socket\ns = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n"
+            f"s.sendto(b'leak', ('127.0.0.1', {udp_port}))\n"
+            "s.sendto(b'leak', ('10.0.0.1', 53))\n"
+        ),
         f"import socket\ns = socket.socket(socket.AF_UNIX)\ns.connect({unix_path!r})\n",
         f"import socket\ns = socket.socket(socket.AF_UNIX)\ns.connect({abstract_name!r})\n",
         "import socket\nsocket.getaddrinfo('pypi.org', 443)\n",
@@ -250,8 +264,11 @@ def test_resource_bombs_fail_and_leave_nothing(python_guard):
     before = _process_count()
     memory = run_untrusted("x = bytearray(8 * 1024 ** 3)\n", FAST, python_guard=python_guard)
     assert memory.status == "failed" and "MemoryError" in memory.detail
-    disk = run_untrusted("with open('/tmp/big', 'wb') as f:\n    for _ in range(1024):\n        f.write(bytes(2**20))\n",
-                         FAST, python_guard=python_guard)
+    disk = run_untrusted(
+        "with open('/tmp/big', 'wb') as f:\n    for _ in range(1024):\n        f.write(bytes(2**20))\n",
+        FAST,
+        python_guard=python_guard,
+    )
     assert disk.status == "failed" and ("No space left" in disk.detail or "File too large" in disk.detail
                                         or "SIGXFSZ" in disk.detail or disk.detail == "")
     spinner = run_untrusted("import subprocess, sys\nwhile True:\n    subprocess.Popen(['sleep', '60'])\n", FAST,
@@ -272,7 +289,8 @@ def test_correct_and_wrong_programs_and_the_time_limit():
     start = time.monotonic()
     assert run_untrusted("while True:\n    pass\n", FAST).status == "timeout"
     assert time.monotonic() - start < FAST.seconds + 5
-    scratch = "import os\nopen('scratch.txt', 'w').write('x')\nassert os.getcwd() == '/tmp' and os.path.exists('scratch.txt')\n"
+    scratch = ("import os\nopen('scratch.txt', 'w').write('x')\n"
+               "assert os.getcwd() == '/tmp' and os.path.exists('scratch.txt')\n")
     assert run_untrusted(scratch, FAST).passed
     assert [p for p in os.listdir(tempfile.gettempdir()) if p.startswith("cllm-sandbox-")] == []
 

@@ -77,7 +77,9 @@ def running_server(loaded, decoder: str = "jacobi:8", max_batch: int = 8, max_qu
         time.sleep(0.02)
     url = f"http://127.0.0.1:{port}"
     try:
-        yield SimpleNamespace(url=url, engine=engine, client=openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0))
+        yield SimpleNamespace(
+            url=url, engine=engine, client=openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0)
+        )
     finally:
         server.should_exit = True
         thread.join(30)
@@ -102,11 +104,17 @@ def streamed(client, prompt: str, **kwargs) -> tuple[str, list]:
     return text, chunks
 
 
-@pytest.mark.parametrize("decoder, generate_flags", [
-    ("ar", ["--decoder", "ar"]),
-    ("jacobi:8", ["--decoder", "jacobi", "--block-size", "8"]),
-    ("lookahead:3:3:3:6", ["--decoder", "lookahead", "--window", "3", "--ngram", "3", "--candidates", "3", "--draft", "6"]),
-])
+@pytest.mark.parametrize(
+    "decoder, generate_flags",
+    [
+        ("ar", ["--decoder", "ar"]),
+        ("jacobi:8", ["--decoder", "jacobi", "--block-size", "8"]),
+        (
+            "lookahead:3:3:3:6",
+            ["--decoder", "lookahead", "--window", "3", "--ngram", "3", "--candidates", "3", "--draft", "6"],
+        ),
+    ],
+)
 def test_chat_and_completions_equal_generate(loaded, model_dir, capsys, decoder, generate_flags):
     spec = DecoderSpec.parse(decoder)
     flags = [*generate_flags, "--max-new-tokens", "40"]
@@ -128,7 +136,9 @@ def test_chat_and_completions_equal_generate(loaded, model_dir, capsys, decoder,
         for prompt, record in zip(PROMPTS, raw):
             completion = server.client.completions.create(model=NAME, prompt=prompt, max_tokens=40, temperature=0)
             assert completion.choices[0].text == record["text"]
-            pieces = server.client.completions.create(model=NAME, prompt=prompt, max_tokens=40, temperature=0, stream=True)
+            pieces = server.client.completions.create(
+                model=NAME, prompt=prompt, max_tokens=40, temperature=0, stream=True
+            )
             assert "".join(p.choices[0].text for p in pieces) == record["text"]
         for prompt, record in zip(PROMPTS, sampled):
             response = chat(server.client, prompt, max_tokens=40, temperature=0.8, top_p=0.9, seed=7)
@@ -295,7 +305,9 @@ def test_text_assembler_holds_back_what_could_become_a_stop_string(loaded):
 
 
 def test_requests_are_validated_strictly():
-    good = parse(ChatCompletionRequest, b'{"model": "m", "messages": [{"role": "user", "content": "x"}], "temperature": 1}')
+    good = parse(
+        ChatCompletionRequest, b'{"model": "m", "messages": [{"role": "user", "content": "x"}], "temperature": 1}'
+    )
     assert good.temperature == 1.0 and good.token_limit is None
 
 

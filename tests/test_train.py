@@ -34,14 +34,25 @@ def collection(tmp_path_factory) -> tuple[Path, Path]:
 
 def generate_ids(model: Path, decoder: str, capsys) -> list[int]:
     capsys.readouterr()  # drop what training printed
-    assert main(["generate", "hello", "--model", str(model), "--decoder", decoder, "--json", "--max-new-tokens", "20"]) == 0
+    assert (
+        main(["generate", "hello", "--model", str(model), "--decoder", decoder, "--json", "--max-new-tokens", "20"])
+        == 0
+    )
     return json.loads(capsys.readouterr().out)["token_ids"]
 
 
-@pytest.mark.parametrize("extra", [
-    [], ["--pack", "entry"], ["--teacher", "--distill-weight", "1", "--pack", "none"], ["--states-per-block", "3", "--warmup-steps", "0.5", "--distance", "argmax_ce"], ["--lora", "--lora-rank", "4", "--teacher", "--distill-weight", "0.5"], ["--loss", "lc", "--distance", "jsd"],
-    ["--bf16", "--gradient-checkpointing"],
-])
+@pytest.mark.parametrize(
+    "extra",
+    [
+        [],
+        ["--pack", "entry"],
+        ["--teacher", "--distill-weight", "1", "--pack", "none"],
+        ["--states-per-block", "3", "--warmup-steps", "0.5", "--distance", "argmax_ce"],
+        ["--lora", "--lora-rank", "4", "--teacher", "--distill-weight", "0.5"],
+        ["--loss", "lc", "--distance", "jsd"],
+        ["--bf16", "--gradient-checkpointing"],
+    ],
+)
 def test_train_saves_a_model_every_command_loads(collection, tmp_path, capsys, extra):
     model, trajectories = collection
     out = tmp_path / "cllm"
@@ -89,7 +100,10 @@ def _complete(checkpoint) -> bool:
 
 def test_train_bad_input(collection, tmp_path):
     model, trajectories = collection
-    assert main(["train", "--model", str(model), "--trajectories", str(tmp_path / "none"), "--out", str(tmp_path / "o")]) == 2
+    assert (
+        main(["train", "--model", str(model), "--trajectories", str(tmp_path / "none"), "--out", str(tmp_path / "o")])
+        == 2
+    )
     assert main(["train", "--model", str(model), "--trajectories", str(trajectories), "--out", str(tmp_path / "o"),
                  "--beta", "1.5"]) == 2
     assert main(["train", "--model", str(model), "--trajectories", str(trajectories), "--out", str(tmp_path / "o"),
@@ -115,8 +129,9 @@ def test_gradient_accumulation_gives_the_gradient_of_one_big_batch(collection, t
     """One SGD step on 4 entries: batch 4 == 2 micro-batches of 2 (losses use the window's counts)."""
     from transformers import TrainingArguments
 
+    from cllm.collate import TrajectoryCollator
     from cllm.models import load_model
-    from cllm.training import CllmTrainer, TrajectoryCollator
+    from cllm.training import CllmTrainer
     from cllm.trajectories import load_trajectories
 
     model_dir, trajectories = collection
@@ -132,7 +147,9 @@ def test_gradient_accumulation_gives_the_gradient_of_one_big_batch(collection, t
         collator = TrajectoryCollator(pad_token_id=loaded.pad_token_id, eos_token_ids=loaded.eos_token_ids, seed=0)
         CllmTrainer(model=loaded.model, args=args, train_dataset=dataset, data_collator=collator).train()
         weights.append(torch.cat([p.detach().flatten() for p in loaded.model.parameters()]))
-    assert not torch.allclose(weights[0], torch.cat([p.flatten() for p in load_model(str(model_dir)).model.parameters()]))
+    assert not torch.allclose(
+        weights[0], torch.cat([p.flatten() for p in load_model(str(model_dir)).model.parameters()])
+    )
     torch.testing.assert_close(weights[1], weights[0], rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(weights[2], weights[0], rtol=1e-4, atol=1e-5)
 
@@ -148,14 +165,16 @@ def loss_and_gradient(trainer, model, batch: dict, losses: list, gradients: list
 
 @pytest.mark.parametrize("arch,attention", [("llama", "sdpa"), ("qwen2", "eager"), ("gpt2", "sdpa"), ("gpt2", "eager")])
 @pytest.mark.parametrize("distance,with_teacher", [("forward_kl", False), ("jsd", False), ("forward_kl", True)])
-def test_one_packed_forward_gives_the_loss_and_gradient_of_three_forwards(collection, tmp_path, arch, attention, distance,
-                                                                          with_teacher):
+def test_one_packed_forward_gives_the_loss_and_gradient_of_three_forwards(
+    collection, tmp_path, arch, attention, distance, with_teacher
+):
     """Packing is a saving, not another objective: over a batch of entries of different lengths and
     blocks, the packed loss and every parameter's gradient equal those of the three forwards (with a
     frozen teacher too: its targets and the distillation term)."""
     from transformers import TrainingArguments
 
-    from cllm.training import CllmTrainer, TrajectoryCollator
+    from cllm.collate import TrajectoryCollator
+    from cllm.training import CllmTrainer
     from cllm.trajectories import load_trajectories
 
     dataset = load_trajectories(collection[1])
@@ -168,7 +187,9 @@ def test_one_packed_forward_gives_the_loss_and_gradient_of_three_forwards(collec
     if with_teacher:
         teacher = tiny_model(arch, seed=6)
         teacher.set_attn_implementation(attention)
-    trainer = CllmTrainer(model=model, args=args, distance=distance, teacher=teacher, distill_weight=0.5 if teacher else 0.0)
+    trainer = CllmTrainer(
+        model=model, args=args, distance=distance, teacher=teacher, distill_weight=0.5 if teacher else 0.0
+    )
     # HF's eager attention gives NaN on left-padded float64 batches (the three-forward side): one entry at a time
     for batch_entries in [entries] if attention == "sdpa" else [[entry] for entry in entries]:
         losses, gradients = [], []
@@ -183,12 +204,15 @@ def test_one_packed_forward_gives_the_loss_and_gradient_of_three_forwards(collec
 
 
 @pytest.mark.parametrize("arch,attention", [("llama", "sdpa"), ("gpt2", "eager")])
-def test_packing_a_prompt_s_blocks_into_one_row_gives_the_loss_and_gradient_of_one_row_per_block(collection, tmp_path, arch, attention):
+def test_packing_a_prompt_s_blocks_into_one_row_gives_the_loss_and_gradient_of_one_row_per_block(
+    collection, tmp_path, arch, attention
+):
     """--pack prompt: every block of a prompt in one row, each block the logits it has alone;
     over one prompt the loss (the AR term is a per-token mean of the same output) and gradient equal."""
     from transformers import TrainingArguments
 
-    from cllm.training import CllmTrainer, PromptGroups, TrajectoryCollator
+    from cllm.collate import PromptGroups, TrajectoryCollator
+    from cllm.training import CllmTrainer
     from cllm.trajectories import load_trajectories
 
     groups = PromptGroups(load_trajectories(collection[1]))
@@ -212,7 +236,9 @@ def test_packing_a_prompt_s_blocks_into_one_row_gives_the_loss_and_gradient_of_o
     with torch.no_grad():
         apart = trainer._packed_logits(model, TrajectoryCollator(pad_token_id=0, eos_token_ids=[1], seed=3, pack=True)(
             [entry for group in prompts for entry in group]))
-        together = trainer._packed_logits(model, TrajectoryCollator(pad_token_id=0, eos_token_ids=[1], seed=3, pack=True)(prompts))
+        together = trainer._packed_logits(
+            model, TrajectoryCollator(pad_token_id=0, eos_token_ids=[1], seed=3, pack=True)(prompts)
+        )
     torch.testing.assert_close(together[0], apart[0], **tolerance)
     torch.testing.assert_close(together[1], apart[1], **tolerance)
 
@@ -222,7 +248,8 @@ def test_several_states_of_a_block_in_one_row_each_get_the_logits_they_have_alon
     state's student logits equal those of a row holding that state alone."""
     from transformers import TrainingArguments
 
-    from cllm.training import CllmTrainer, PromptGroups, TrajectoryCollator
+    from cllm.collate import PromptGroups, TrajectoryCollator
+    from cllm.training import CllmTrainer
     from cllm.trajectories import load_trajectories
 
     groups = PromptGroups(load_trajectories(collection[1]))
@@ -255,9 +282,13 @@ def test_the_log_shows_the_mean_loss_terms_since_the_last_log(tmp_path):
 
     from cllm.training import CllmTrainer
 
-    trainer = CllmTrainer(model=tiny_model("llama", seed=5), args=TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True))
+    trainer = CllmTrainer(
+        model=tiny_model("llama", seed=5), args=TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True)
+    )
     for consistency, autoregressive, distill in ((1.0, 4.0, 0.5), (3.0, 2.0, 1.5)):
-        trainer._remember_terms(torch.tensor(consistency), torch.tensor(autoregressive), torch.tensor(distill), None, {})
+        trainer._remember_terms(
+            torch.tensor(consistency), torch.tensor(autoregressive), torch.tensor(distill), None, {}
+        )
     trainer.log({"loss": 5.0})
     trainer._remember_terms(torch.tensor(0.5), torch.tensor(0.25), None, None, {})  # no teacher: no distill term
     trainer.log({"loss": 0.75})
@@ -267,12 +298,14 @@ def test_the_log_shows_the_mean_loss_terms_since_the_last_log(tmp_path):
 
 
 def test_packing_keeps_the_block_when_the_sequence_is_cut_to_max_length(collection):
-    from cllm.training import IGNORE, TrajectoryCollator
+    from cllm.collate import IGNORE, TrajectoryCollator
     from cllm.trajectories import load_trajectories
 
     dataset = load_trajectories(collection[1])
     entry = max((dataset[i] for i in range(len(dataset))), key=lambda e: len(e["prefix_ids"]))
-    batch = TrajectoryCollator(pad_token_id=0, eos_token_ids=[1], max_length=len(entry["prefix_ids"]) - 2, pack=True)([entry])
+    batch = TrajectoryCollator(pad_token_id=0, eos_token_ids=[1], max_length=len(entry["prefix_ids"]) - 2, pack=True)(
+        [entry]
+    )
     n = len(entry["fixed_point"])
     target_tokens = batch["packed_ids"][0, batch["target_columns"][0] + 1][: n - 1]
     assert target_tokens.tolist() == entry["fixed_point"][: n - 1]

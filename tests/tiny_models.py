@@ -52,8 +52,15 @@ TINY_CHAT_TEMPLATE = (
 )
 
 
-def save_tiny_model(path, arch: str = "llama", seed: int = 0, eos_token_id: int | None = None, context: int | None = None,
-                    chat_template: bool = False, endless: bool = False):
+def save_tiny_model(
+    path,
+    arch: str = "llama",
+    seed: int = 0,
+    eos_token_id: int | None = None,
+    context: int | None = None,
+    chat_template: bool = False,
+    endless: bool = False,
+):
     """A tiny model + tokenizer directory that every cllm command can load with --model PATH.
 
     `context` raises the declared context length of llama/qwen2 (RoPE: the weights stay the same);

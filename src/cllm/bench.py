@@ -48,8 +48,14 @@ class RunRecord:
 
 
 def decode_once(
-    loaded: LoadedModel, spec: DecoderSpec, prompt_ids: list[int], max_new_tokens: int, draft: LoadedModel | None = None,
-    sampling: Sampling = GREEDY, seed: int = 0, llamacpp: LlamaCpp | None = None,
+    loaded: LoadedModel,
+    spec: DecoderSpec,
+    prompt_ids: list[int],
+    max_new_tokens: int,
+    draft: LoadedModel | None = None,
+    sampling: Sampling = GREEDY,
+    seed: int = 0,
+    llamacpp: LlamaCpp | None = None,
 ) -> tuple[DecodeOutput, float]:
     """Decode one prompt; return the output and the wall-clock seconds it took."""
     if spec.kind == "llamacpp":
@@ -133,7 +139,9 @@ class DecoderSummary:
     median_tokens_per_second: float
     p25_tokens_per_second: float
     p75_tokens_per_second: float
-    speedup_vs_ar: float | None  # median over runs of (this tokens/s) / (same model's ar tokens/s on the same prompt and repeat)
+    speedup_vs_ar: (
+        float | None
+    )  # median over runs of (this tokens/s) / (same model's ar tokens/s on the same prompt and repeat)
     tokens_per_forward: float  # all new tokens / all decode forwards
     agreement_with_ar: float | None  # fraction of runs whose token ids equal ar's exactly
     common_prefix_with_ar: float | None  # mean tokens before the first difference from ar
@@ -186,7 +194,11 @@ def teacher_forced_fidelity(models: Sequence[BenchModel], records: Sequence[RunR
             check_same_tokenizer(model.loaded, target.loaded)
         except CllmError:
             continue
-        sequences = [(target.prompts[i] + run.token_ids, len(target.prompts[i])) for (i, repeat), run in reference.items() if repeat == 0]
+        sequences = [
+            (target.prompts[i] + run.token_ids, len(target.prompts[i]))
+            for (i, repeat), run in reference.items()
+            if repeat == 0
+        ]
         summary = summarize_positions(*teacher_forced_positions(model.loaded.model, target.loaded.model, sequences))
         result[model.name] = {"same_top1": summary["same_top1"], "kl_mean": summary["kl_mean"]}
     return result
@@ -198,7 +210,11 @@ def summarize(records: Sequence[RunRecord], fidelity: dict[str, dict] | None = N
     groups: dict[tuple[str, str], list[RunRecord]] = {}
     for record in records:
         groups.setdefault((record.model, record.decoder), []).append(record)
-    ar_runs = {model: {(r.prompt_index, r.repeat): r for r in runs} for (model, decoder), runs in groups.items() if decoder == "ar"}
+    ar_runs = {
+        model: {(r.prompt_index, r.repeat): r for r in runs}
+        for (model, decoder), runs in groups.items()
+        if decoder == "ar"
+    }
     reference_model = records[0].model if records else ""
     reference_outputs = target_runs(records)
     fidelity = fidelity or {}
@@ -293,15 +309,20 @@ def plot_block_sizes(summaries: Sequence[DecoderSummary], path: Path) -> bool:
     parsed = [(DecoderSpec.parse(s.decoder), s) for s in jacobi]
     for model, init in dict.fromkeys((s.model, spec.init) for spec, s in parsed):
         points = sorted(
-            ((spec.block_size, s) for spec, s in parsed if (s.model, spec.init) == (model, init)), key=lambda point: point[0]
+            ((spec.block_size, s) for spec, s in parsed if (s.model, spec.init) == (model, init)),
+            key=lambda point: point[0],
         )
         sizes = [size for size, _ in points]
         label = (model or "model") + ("" if init == "prompt" else f" ({init} guess)")
         speed_axis.plot(sizes, [s.speedup_vs_reference_ar or 0 for _, s in points], marker="o", label=label)
         forward_axis.plot(sizes, [s.tokens_per_forward for _, s in points], marker="o", label=label)
     speed_axis.axhline(1.0, color="grey", linestyle=":", linewidth=1)
-    speed_axis.set(xlabel="Jacobi block size n", ylabel="speedup vs target AR (median, wall clock)", xscale="log", title="speed")
-    forward_axis.set(xlabel="Jacobi block size n", ylabel="tokens per forward", xscale="log", title="tokens per forward")
+    speed_axis.set(
+        xlabel="Jacobi block size n", ylabel="speedup vs target AR (median, wall clock)", xscale="log", title="speed"
+    )
+    forward_axis.set(
+        xlabel="Jacobi block size n", ylabel="tokens per forward", xscale="log", title="tokens per forward"
+    )
     for axis in (speed_axis, forward_axis):
         axis.set_xticks(sorted({spec.block_size for spec, _ in parsed}))
         axis.get_xaxis().set_major_formatter(matplotlib.ticker.ScalarFormatter())

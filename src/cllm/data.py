@@ -248,7 +248,9 @@ SOURCES = {
 }
 
 
-def load_prompts(dataset: str, options: SourceOptions = SourceOptions(), limit: int | None = None) -> list[PromptRecord]:
+def load_prompts(
+    dataset: str, options: SourceOptions = SourceOptions(), limit: int | None = None
+) -> list[PromptRecord]:
     """The first `limit` records of a source (`gsm8k`, ..., or `hf:NAME`), ids checked unique."""
     if dataset.startswith("hf:"):
         records = huggingface(dataset[3:], options)

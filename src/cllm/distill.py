@@ -83,7 +83,9 @@ def run_distill(recipe: dict, run: Callable[[list[str]], None], say: Callable[[s
         say(f"train: done ({cllm}), skipped")
     else:
         mix = [arg for directory in collections for arg in ("--trajectories", str(out / directory))]
-        run(["train", "--model", target, *mix, "--out", str(cllm), "--resume", *common, *flags(recipe.get("train", {}))])
+        run(
+            ["train", "--model", target, *mix, "--out", str(cllm), "--resume", *common, *flags(recipe.get("train", {}))]
+        )
 
     for name, options in (recipe.get("bench") or {}).items():
         report = out / "bench" / name / "bench.json"
@@ -93,7 +95,18 @@ def run_distill(recipe: dict, run: Callable[[list[str]], None], say: Callable[[s
     for task, options in (recipe.get("eval") or {}).items():
         if task == "fidelity":  # of the CLLM to the target
             report = out / "eval" / "fidelity.json"
-            argv = ["eval", "fidelity", "--model", str(cllm), "--target", target, "--out", str(report), *common, *flags(options)]
+            argv = [
+                "eval",
+                "fidelity",
+                "--model",
+                str(cllm),
+                "--target",
+                target,
+                "--out",
+                str(report),
+                *common,
+                *flags(options),
+            ]
             _run_unless_done("eval fidelity", report, argv, run, say)
             continue
         for label, model in (("target", target), ("cllm", str(cllm))):
@@ -108,7 +121,9 @@ def command_line(argv: list[str]) -> str:
     return "cllm " + " ".join(argv)
 
 
-def _run_unless_done(stage: str, report: Path, argv: list[str], run: Callable[[list[str]], None], say: Callable[[str], None]) -> None:
+def _run_unless_done(
+    stage: str, report: Path, argv: list[str], run: Callable[[list[str]], None], say: Callable[[str], None]
+) -> None:
     wanted = command_line(argv)
     if report.is_file():
         made_by = _recorded_command(report)
@@ -134,7 +149,9 @@ def _collection_complete(trajectories: Path) -> bool:
         return False
     shards = int(summaries[0].stem.split("of")[-1])
     done = [json.loads(p.read_text()) for p in summaries]
-    return len(done) == shards and all(d["prompts_collected"] + d["prompts_resumed"] == d["prompts_total"] for d in done)
+    return len(done) == shards and all(
+        d["prompts_collected"] + d["prompts_resumed"] == d["prompts_total"] for d in done
+    )
 
 
 def write_report(out: Path) -> dict:
@@ -145,14 +162,30 @@ def write_report(out: Path) -> dict:
     summary = out / "cllm" / "train_summary.json"
     if summary.is_file():
         train = json.loads(summary.read_text())
-        report["train"] = {k: train[k] for k in ("global_step", "seconds", "tokens_this_process", "train_loss") if k in train}
+        report["train"] = {
+            k: train[k] for k in ("global_step", "seconds", "tokens_this_process", "train_loss") if k in train
+        }
     report["bench"] = {}
     for path in sorted((out / "bench").glob("*/bench.json")):
         bench = json.loads(path.read_text())
         report["bench"][path.parent.name] = [
-            {k: row.get(k) for k in ("model", "decoder", "median_tokens_per_second", "speedup_vs_ar", "speedup_vs_reference_ar",
-                                     "tokens_per_forward", "identical_to_target", "same_top1_vs_target", "kl_vs_target",
-                                     "agreement_with_ar", "degenerate_runs", "runs")}
+            {
+                k: row.get(k)
+                for k in (
+                    "model",
+                    "decoder",
+                    "median_tokens_per_second",
+                    "speedup_vs_ar",
+                    "speedup_vs_reference_ar",
+                    "tokens_per_forward",
+                    "identical_to_target",
+                    "same_top1_vs_target",
+                    "kl_vs_target",
+                    "agreement_with_ar",
+                    "degenerate_runs",
+                    "runs",
+                )
+            }
             for row in bench["summary"]
         ]
     report["eval"] = {}
@@ -172,16 +205,25 @@ def write_report(out: Path) -> dict:
     if "train" in report:
         lines.append(f"Training: {report['train']}\n")
     for name, rows in report["bench"].items():
-        lines += [f"## bench {name}", "", "| model | decoder | median tok/s | vs own ar | vs target ar | tokens/forward "
-                  "| identical to target | same top-1 as target | KL to target | identical to ar | degenerate |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|"]
+        lines += [
+            f"## bench {name}",
+            "",
+            "| model | decoder | median tok/s | vs own ar | vs target ar | tokens/forward "
+            "| identical to target | same top-1 as target | KL to target | identical to ar | degenerate |",
+            "|---|---|---|---|---|---|---|---|---|---|---|",
+        ]
         for row in rows:
             def cell(key: str, form: str) -> str:
                 return "-" if row.get(key) is None else format(row[key], form)
-            lines.append(f"| {row['model']} | {row['decoder']} | {row['median_tokens_per_second']:.1f} | {format_ratio(row['speedup_vs_ar'])} "
-                         f"| {format_ratio(row['speedup_vs_reference_ar'])} | {row['tokens_per_forward']:.3f} "
-                         f"| {cell('identical_to_target', '.0%')} | {cell('same_top1_vs_target', '.1%')} | {cell('kl_vs_target', '.3f')} "
-                         f"| {cell('agreement_with_ar', '.0%')} | {row['degenerate_runs']}/{row['runs']} |")
+
+            lines.append(
+                f"| {row['model']} | {row['decoder']} | {row['median_tokens_per_second']:.1f} "
+                f"| {format_ratio(row['speedup_vs_ar'])} "
+                f"| {format_ratio(row['speedup_vs_reference_ar'])} | {row['tokens_per_forward']:.3f} "
+                f"| {cell('identical_to_target', '.0%')} | {cell('same_top1_vs_target', '.1%')} "
+                f"| {cell('kl_vs_target', '.3f')} "
+                f"| {cell('agreement_with_ar', '.0%')} | {row['degenerate_runs']}/{row['runs']} |"
+            )
         lines.append("")
     if report["eval"]:
         lines += ["## eval", "", "| task-model | result |", "|---|---|"]

@@ -123,7 +123,9 @@ def gsm8k_reference(label: str) -> str:
     return answer
 
 
-def evaluate_gsm8k(loaded: LoadedModel, records: Sequence[PromptRecord], settings: DecodeSettings, on_batch=None) -> dict:
+def evaluate_gsm8k(
+    loaded: LoadedModel, records: Sequence[PromptRecord], settings: DecodeSettings, on_batch=None
+) -> dict:
     prompts = [r.formatted(settings.template) for r in records]
     generations = generate_all(loaded, prompts, settings, on_batch)
     items = []
@@ -207,7 +209,13 @@ def perplexity(loaded: LoadedModel, texts: Sequence[str], window: int = 512, on_
     if total_tokens == 0:
         raise CllmError("no tokens to score: the texts are empty")
     mean = total_nll / total_tokens
-    return {"task": "perplexity", "texts": len(texts), "tokens": total_tokens, "nll_per_token": mean, "perplexity": math.exp(mean)}
+    return {
+        "task": "perplexity",
+        "texts": len(texts),
+        "tokens": total_tokens,
+        "nll_per_token": mean,
+        "perplexity": math.exp(mean),
+    }
 
 
 # ---------------------------------------------------------------------------------------------
@@ -223,7 +231,9 @@ def mtbench_answers(
     seconds = [None] * len(questions)
     if second_turn:
         conversations = [_conversation(loaded, q, g["text"]) for q, g in zip(questions, first)]
-        seconds = generate_all(loaded, conversations, DecodeSettings(**{**settings.__dict__, "template": "raw"}), on_batch)
+        seconds = generate_all(
+            loaded, conversations, DecodeSettings(**{**settings.__dict__, "template": "raw"}), on_batch
+        )
     lines = []
     for question, answer, follow_up in zip(questions, first, seconds):
         turns = [answer["text"]] + ([follow_up["text"]] if follow_up else [])
@@ -251,3 +261,57 @@ def mtbench_questions(limit: int | None = None) -> list[dict]:
 
     questions = [json.loads(line) for line in mtbench_questions_path().read_text().splitlines() if line.strip()]
     return questions[:limit] if limit else questions
+
+
+@dataclass(frozen=True)
+class EvalTask:
+    """One `cllm eval` task other than fidelity (cllm.fidelity) and what it reads."""
+
+    task: str  # gsm8k | humaneval | perplexity | mtbench
+    limit: int | None = None
+    split: str = "test"
+    path: str | None = None  # a GSM8K file instead of the shared one
+    timeout: float = 10.0  # humaneval: seconds per program
+    unsafe_exec: bool = False  # humaneval: run without the OS sandbox where the kernel refuses it
+    text: Path | None = None  # perplexity: a text file instead of GSM8K
+    ppl_window: int = 512
+    answers: Path | None = None  # mtbench: where the answers go
+    model_id: str = "model"  # mtbench: the answers' model_id
+    second_turn: bool = False
+
+
+def task_items(task: EvalTask) -> list:
+    """What the task evaluates, read (and, for humaneval, the sandbox checked) before any model
+    loads, so a bad input fails in seconds rather than after minutes of generation."""
+    from cllm.data import SourceOptions, load_prompts
+    from cllm.files import read_text
+    from cllm.sandbox import check_available
+
+    gsm8k = SourceOptions(path=task.path, split=task.split)
+    if task.task == "gsm8k":
+        return load_prompts("gsm8k", gsm8k, limit=task.limit)
+    if task.task == "humaneval":
+        if not task.unsafe_exec:
+            check_available()
+        return humaneval_problems(task.limit)
+    if task.task == "mtbench":
+        return mtbench_questions(task.limit)
+    if task.text is not None:
+        return [read_text(task.text, "--text")]
+    return [f"{r.text}\n{r.label}" for r in load_prompts("gsm8k", gsm8k, limit=task.limit)]
+
+
+def run_task(loaded: LoadedModel, task: EvalTask, items: list, settings: DecodeSettings,
+             advance: Callable[..., None]) -> dict:
+    """The task's report over `items` (from `task_items`), with its wall time."""
+    start = time.perf_counter()
+    if task.task == "gsm8k":
+        report = evaluate_gsm8k(loaded, items, settings, advance)
+    elif task.task == "humaneval":
+        report = evaluate_humaneval(loaded, items, settings, Limits(seconds=task.timeout), advance,
+                                    unsafe=task.unsafe_exec)
+    elif task.task == "perplexity":
+        report = perplexity(loaded, items, window=task.ppl_window, on_text=advance)
+    else:
+        report = mtbench_answers(loaded, items, settings, task.model_id, task.answers, task.second_turn, advance)
+    return report | {"seconds": round(time.perf_counter() - start, 2)}

@@ -48,7 +48,9 @@ def check_same_tokenizer(model: LoadedModel, target: LoadedModel) -> None:
 
 
 @torch.inference_mode()
-def teacher_forced_positions(model, target, sequences: Sequence[tuple[list[int], int]]) -> tuple[torch.Tensor, torch.Tensor]:
+def teacher_forced_positions(
+    model, target, sequences: Sequence[tuple[list[int], int]]
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-position (same top-1, KL(target || model)) over the tokens of each sequence from its
     `output_start` on, each predicted from the tokens before it."""
     same, kl = [], []
@@ -59,7 +61,9 @@ def teacher_forced_positions(model, target, sequences: Sequence[tuple[list[int],
         keep = predicted + 1  # columns start-1 .. len-1; the last predicts past the sequence
         x = torch.tensor([ids], device=model.device)
         model_logits = model(input_ids=x, logits_to_keep=keep).logits[0, :-1].float()
-        target_logits = target(input_ids=x.to(target.device), logits_to_keep=keep).logits[0, :-1].float().to(model_logits.device)
+        target_logits = (
+            target(input_ids=x.to(target.device), logits_to_keep=keep).logits[0, :-1].float().to(model_logits.device)
+        )
         same.append((model_logits.argmax(-1) == target_logits.argmax(-1)).cpu())
         kl.append(token_distance(target_logits, model_logits, "forward_kl").clamp(min=0).cpu())
     if not same:
@@ -71,8 +75,13 @@ def summarize_positions(same: torch.Tensor, kl: torch.Tensor) -> dict:
     if same.numel() == 0:
         return {"positions": 0, "same_top1": None, "kl_mean": None, "kl_p90": None, "kl_p99": None}
     quantiles = torch.quantile(kl.double(), torch.tensor([0.9, 0.99], dtype=torch.float64)).tolist()
-    return {"positions": same.numel(), "same_top1": round(same.double().mean().item(), 5),
-            "kl_mean": round(kl.double().mean().item(), 5), "kl_p90": round(quantiles[0], 5), "kl_p99": round(quantiles[1], 5)}
+    return {
+        "positions": same.numel(),
+        "same_top1": round(same.double().mean().item(), 5),
+        "kl_mean": round(kl.double().mean().item(), 5),
+        "kl_p90": round(quantiles[0], 5),
+        "kl_p99": round(quantiles[1], 5),
+    }
 
 
 def compare_outputs(outputs: Sequence[Sequence[int]], references: Sequence[Sequence[int]]) -> dict:
@@ -148,15 +157,22 @@ def evaluate_fidelity(
     pooled_same, pooled_kl = [], []
     for name, records in domains.items():
         references = cache.get(target, decode, records, on_batch)
-        sequences = [(ids + output, len(ids)) for ids, output in
-                     zip((target.encode_prompt(r.formatted(decode.template), raw=decode.template == "raw") for r in records), references)]
+        sequences = [
+            (ids + output, len(ids))
+            for ids, output in zip(
+                (target.encode_prompt(r.formatted(decode.template), raw=decode.template == "raw") for r in records),
+                references,
+            )
+        ]
         same, kl = teacher_forced_positions(model.model, target.model, sequences)
         result = {"prompts": len(records)} | summarize_positions(same, kl)
         if settings.free_running:
             generations = generate_all(model, [r.formatted(decode.template) for r in records], decode, on_batch)
             result |= compare_outputs([g["token_ids"] for g in generations], references)
             forwards = sum(g["stats"]["forward_passes"] for g in generations)
-            result["model_tokens_per_forward"] = round(sum(g["stats"]["new_tokens"] for g in generations) / max(1, forwards), 4)
+            result["model_tokens_per_forward"] = round(
+                sum(g["stats"]["new_tokens"] for g in generations) / max(1, forwards), 4
+            )
         result |= _perplexity_ratio(model, target, records)
         report["domains"][name] = result
         if name != in_domain:
@@ -174,13 +190,22 @@ def _perplexity_ratio(model: LoadedModel, target: LoadedModel, records: Sequence
     if not texts:
         return {"perplexity": None, "target_perplexity": None, "perplexity_ratio": None}
     mine, theirs = perplexity(model, texts)["perplexity"], perplexity(target, texts)["perplexity"]
-    return {"perplexity": round(mine, 4), "target_perplexity": round(theirs, 4), "perplexity_ratio": round(mine / theirs, 4)}
+    return {
+        "perplexity": round(mine, 4),
+        "target_perplexity": round(theirs, 4),
+        "perplexity_ratio": round(mine / theirs, 4),
+    }
 
 
 def markdown_table(report: dict) -> str:
-    lines = ["| domain | prompts | same top-1 | KL mean | KL p90 | KL p99 | identical outputs | common prefix | perplexity ratio |",
-             "|---|---|---|---|---|---|---|---|---|"]
-    rows = list(report["domains"].items()) + ([("out of domain (pooled)", report["out_of_domain"])] if "out_of_domain" in report else [])
+    lines = [
+        "| domain | prompts | same top-1 | KL mean | KL p90 | KL p99 | identical outputs | common prefix "
+        "| perplexity ratio |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    rows = list(report["domains"].items()) + (
+        [("out of domain (pooled)", report["out_of_domain"])] if "out_of_domain" in report else []
+    )
     for name, row in rows:
         def cell(key: str, form: str) -> str:
             value = row.get(key)

@@ -19,7 +19,9 @@ def read_text(path: Path, what: str) -> str:
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as exc:
-        raise CllmError(f"{what} {path} is not valid UTF-8 (byte 0x{data[exc.start]:02x} at offset {exc.start})") from None
+        raise CllmError(
+            f"{what} {path} is not valid UTF-8 (byte 0x{data[exc.start]:02x} at offset {exc.start})"
+        ) from None
 
 
 def read_bytes(path: Path, what: str) -> bytes:

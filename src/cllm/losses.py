@@ -15,7 +15,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-DISTANCES = ("forward_kl", "reverse_kl", "jsd", "argmax_ce")
+from cllm.train_config import DISTANCES
 
 
 def token_distance(

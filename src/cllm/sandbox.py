@@ -91,7 +91,15 @@ class SandboxUnavailable(CllmError):
 
 def _limit_arguments(limits: Limits) -> list[str]:
     memory = limits.memory_mb * 2**20
-    values = (int(limits.seconds) + 1, memory, memory, limits.file_size_mb * 2**20, limits.open_files, limits.processes, 0)
+    values = (
+        int(limits.seconds) + 1,
+        memory,
+        memory,
+        limits.file_size_mb * 2**20,
+        limits.open_files,
+        limits.processes,
+        0,
+    )
     return [str(v) for v in values]
 
 
@@ -130,7 +138,9 @@ def check_available() -> None:
         )
 
 
-def run_untrusted(program: str, limits: Limits = Limits(), *, unsafe: bool = False, python_guard: bool = True) -> SandboxResult:
+def run_untrusted(
+    program: str, limits: Limits = Limits(), *, unsafe: bool = False, python_guard: bool = True
+) -> SandboxResult:
     """Run `program` (Python source) in the OS sandbox; passed means exit status 0 within the limits.
     Raises SandboxUnavailable where the kernel refuses the sandbox, unless `unsafe`."""
     if not unsafe:

@@ -89,11 +89,17 @@ class CollectConfig:
             (self.batch_size >= 1, f"--batch-size must be >= 1, got {self.batch_size}"),
             (self.limit is None or self.limit >= 1, f"--limit must be >= 1, got {self.limit}"),
             (self.init in INIT_STRATEGIES, f"unknown --init {self.init!r}"),
-            (self.init != "lookup", "--init lookup rewrites iterates mid-block, so its states are not Jacobi "
-             "trajectories: collect with prompt, repeat or pad"),
+            (
+                self.init != "lookup",
+                "--init lookup rewrites iterates mid-block, so its states are not Jacobi "
+                "trajectories: collect with prompt, repeat or pad",
+            ),
             (self.engine in ENGINES, f"unknown --engine {self.engine!r}; choose kv or nokv"),
             (self.template in ("chat", "raw"), f"unknown --template {self.template!r}; choose chat or raw"),
-            (self.engine == "kv" or self.batch_size == 1, "--engine nokv decodes one prompt at a time: use --batch-size 1"),
+            (
+                self.engine == "kv" or self.batch_size == 1,
+                "--engine nokv decodes one prompt at a time: use --batch-size 1",
+            ),
         ]
         for ok, message in checks:
             if not ok:
@@ -213,7 +219,9 @@ class CollectionDir:
     def set_limit(self, config: CollectConfig, batches: int) -> None:
         """Records this run's --limit; a smaller one than a previous run's would leave that run's
         later batches in the training data, so it is refused."""
-        beyond = [p for p in self.data.glob(f"train-{self.part}-b*.parquet") if int(p.stem.rsplit("-b", 1)[1]) >= batches]
+        beyond = [
+            p for p in self.data.glob(f"train-{self.part}-b*.parquet") if int(p.stem.rsplit("-b", 1)[1]) >= batches
+        ]
         if beyond:
             raise CllmError(f"{self.root} already holds more prompts than this --limit asks for ({len(beyond)} batches "
                             "more); use that run's --limit or larger, or a new --out directory")
@@ -249,7 +257,9 @@ class CollectionDir:
         write_atomically(self.root / f"summary-{self.part}.json", json.dumps(summary.to_dict(), indent=2).encode())
 
 
-def _decode_batch(loaded: LoadedModel, config: CollectConfig, prompts: list[list[int]], seeds: list[int]) -> DecodeOutput:
+def _decode_batch(
+    loaded: LoadedModel, config: CollectConfig, prompts: list[list[int]], seeds: list[int]
+) -> DecodeOutput:
     if config.engine == "nokv":  # the original code's reference loop, one prompt per batch
         return jacobi_no_cache(loaded.model, torch.tensor(prompts, device=loaded.model.device), seed=seeds,
                                block_size=config.block_size, max_new_tokens=config.max_new_tokens,
@@ -257,6 +267,19 @@ def _decode_batch(loaded: LoadedModel, config: CollectConfig, prompts: list[list
                                return_trajectory=True)
     spec = DecoderSpec("jacobi", block_size=config.block_size, init=config.init)
     return decode(loaded, spec, prompts, max_new_tokens=config.max_new_tokens, seed=seeds, return_trajectory=True)
+
+
+def process_shard(shard_index: int | None, num_shards: int | None, device: str) -> tuple[int, int, str]:
+    """This process's share (index, count) of a collection and its device: as given, else from
+    torchrun's / accelerate's RANK and WORLD_SIZE; each of several processes on a GPU machine
+    takes the GPU of its LOCAL_RANK when the device is "auto"."""
+    num_shards = num_shards or int(os.environ.get("WORLD_SIZE", "1"))
+    shard_index = shard_index if shard_index is not None else int(os.environ.get("RANK", "0"))
+    if not 0 <= shard_index < num_shards:
+        raise CllmError(f"--shard-index must be in [0, {num_shards}), got {shard_index}")
+    if device == "auto" and num_shards > 1 and "LOCAL_RANK" in os.environ and torch.cuda.is_available():
+        device = f"cuda:{os.environ['LOCAL_RANK']}"
+    return shard_index, num_shards, device
 
 
 def shard_prompts(count: int, shard_index: int, num_shards: int) -> list[int]:

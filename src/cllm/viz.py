@@ -24,7 +24,9 @@ class BlockView:
     stationary: list[list[bool]]
 
 
-def trajectory_views(loaded: LoadedModel, prompt: str, block_size: int, blocks: int, raw: bool = False) -> list[BlockView]:
+def trajectory_views(
+    loaded: LoadedModel, prompt: str, block_size: int, blocks: int, raw: bool = False
+) -> list[BlockView]:
     ids = loaded.encode_prompt(prompt, raw=raw)
     output = decode(loaded, DecoderSpec("jacobi", block_size=block_size), [ids], max_new_tokens=1 + block_size * blocks,
                     return_trajectory=True)
@@ -43,9 +45,11 @@ def _view(loaded: LoadedModel, states: torch.Tensor) -> BlockView:
 
 
 def render_html(views: dict[str, list[BlockView]], prompt: str, path: Path) -> None:
-    style = ("body{font-family:sans-serif} table{border-collapse:collapse;margin-bottom:1em} "
-             "td{font-family:monospace;padding:2px 4px;border:1px solid #ddd;white-space:pre} "
-             ".ok{background:#c8f0c8} .bad{background:#f4c4c4} .ff{outline:2px solid #1a5fb4} .st{text-decoration:underline}")
+    style = (
+        "body{font-family:sans-serif} table{border-collapse:collapse;margin-bottom:1em} "
+        "td{font-family:monospace;padding:2px 4px;border:1px solid #ddd;white-space:pre} "
+        ".ok{background:#c8f0c8} .bad{background:#f4c4c4} .ff{outline:2px solid #1a5fb4} .st{text-decoration:underline}"
+    )
     parts = [f"<html><head><meta charset='utf-8'><style>{style}</style></head><body>",
              f"<h2>Jacobi trajectories</h2><p><b>prompt:</b> {html.escape(prompt)}</p>",
              "<p>green: equals the fixed point; red: wrong; blue frame: fast-forwarded; underlined: stationary</p>"]
@@ -59,7 +63,9 @@ def render_html(views: dict[str, list[BlockView]], prompt: str, path: Path) -> N
             for j, row in enumerate(block.states):
                 cells = "".join(
                     f"<td class='{'ok' if block.correct[j][i] else 'bad'}{' ff' if block.fast_forwarded[j][i] else ''}"
-                    f"{' st' if block.stationary[j][i] else ''}'>{html.escape(token)}</td>" for i, token in enumerate(row))
+                    f"{' st' if block.stationary[j][i] else ''}'>{html.escape(token)}</td>"
+                    for i, token in enumerate(row)
+                )
                 parts.append(f"<tr><td>y({j})</td>{cells}</tr>")
             parts.append("</table>")
     parts.append("</body></html>")

@@ -377,9 +377,16 @@ class _Run:
                     yield self.chunk("", self.finish_reason(event), {"cllm": self.stats(event)})
                     options = self.body.stream_options
                     if options is not None and options.include_usage:
-                        yield _sse({"id": self.id, "object": "chat.completion.chunk" if self.chat else "text_completion",
-                                    "created": self.created, "model": self.settings.served_name, "choices": [],
-                                    "usage": self.usage(event)})
+                        yield _sse(
+                            {
+                                "id": self.id,
+                                "object": "chat.completion.chunk" if self.chat else "text_completion",
+                                "created": self.created,
+                                "model": self.settings.served_name,
+                                "choices": [],
+                                "usage": self.usage(event),
+                            }
+                        )
             yield "data: [DONE]\n\n"
         finally:
             if not self.request.done:

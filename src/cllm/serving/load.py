@@ -49,9 +49,11 @@ class LevelReport:
     tokens_per_forward: float
 
     def row(self) -> str:
-        return (f"| {self.label} | {self.concurrency} | {self.requests} | {self.errors} | {self.tokens_per_second:.1f} | "
-                f"{self.requests_per_second:.2f} | {self.ttft_p50:.2f} | {self.ttft_p99:.2f} | {self.latency_p50:.2f} | "
-                f"{self.latency_p99:.2f} | {self.tokens_per_forward:.2f} |")
+        return (
+            f"| {self.label} | {self.concurrency} | {self.requests} | {self.errors} | {self.tokens_per_second:.1f} | "
+            f"{self.requests_per_second:.2f} | {self.ttft_p50:.2f} | {self.ttft_p99:.2f} | {self.latency_p50:.2f} | "
+            f"{self.latency_p99:.2f} | {self.tokens_per_forward:.2f} |"
+        )
 
 
 TABLE_HEADER = ("| decoder | concurrency | requests | errors | tokens/s | requests/s | TTFT p50 s | TTFT p99 s | "
