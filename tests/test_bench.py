@@ -3,7 +3,7 @@
 import pytest
 
 from cllm.bench import RunRecord, summarize
-from cllm.cli import _short_names
+from cllm.cli.common import short_names
 from cllm.decoding import INIT_STRATEGIES, DecoderSpec
 from cllm.errors import CllmError
 
@@ -109,9 +109,9 @@ def test_two_models_compare_against_the_target_ar_and_count_degenerate_runs(tmp_
 
 
 def test_models_with_the_same_directory_name_get_distinct_labels():
-    assert _short_names(["default", "runs/a5/cllm", "runs/a8/cllm"]) == ["default", "a5/cllm", "a8/cllm"]
-    assert _short_names(["default", "runs/a8/cllm/"]) == ["default", "cllm"]
-    assert _short_names(["x/run/cllm", "y/run/cllm"]) == ["x/run/cllm", "y/run/cllm"]
+    assert short_names(["default", "runs/a5/cllm", "runs/a8/cllm"]) == ["default", "a5/cllm", "a8/cllm"]
+    assert short_names(["default", "runs/a8/cllm/"]) == ["default", "cllm"]
+    assert short_names(["x/run/cllm", "y/run/cllm"]) == ["x/run/cllm", "y/run/cllm"]
 
 
 def test_llamacpp_reference_row_on_the_default_model(tmp_path):
