@@ -32,13 +32,15 @@ def add_bench(commands) -> None:
     bench.add_argument(
         "--decoders", default="hf,ar,jacobi:8,jacobi:16,jacobi:32",
         help="comma-separated: hf, ar, jacobi:N, jacobi:N:INIT with INIT one of --init's, jacobi:N:INIT:G "
-        "(G n-gram candidates verified alongside the block), lookahead:W:N:G "
+        "(G n-gram candidates verified alongside the block), drafted:N[:INIT] (Jacobi whose guesses --draft-model "
+        "drafts and the model verifies: the model's exact output), lookahead:W:N:G "
         "(window, n-gram size, candidates; plain lookahead = 5:4:5), hf-pld[:K] (transformers' prompt lookup, "
         "K tokens, default 10), hf-assisted (transformers' assisted generation, with --draft-model), llamacpp "
         "(llama.cpp on the GGUF file of a GGUF model, greedy: a reference; needs pip install 'cllm[llamacpp]') "
         "(default: %(default)s)",
     )
-    bench.add_argument("--draft-model", help="hf-assisted: the draft model (same tokenizer as every --model)")
+    bench.add_argument("--draft-model",
+                       help="hf-assisted and drafted: the draft model (same tokenizer as every --model)")
     bench.add_argument(
         "--max-new-tokens",
         type=common.positive_int,
@@ -218,8 +220,9 @@ def cmd_bench(args: argparse.Namespace) -> None:
     specs = [DecoderSpec.parse(part.strip()) for part in args.decoders.split(",") if part.strip()]
     if not specs:
         raise CllmError("--decoders lists no decoder")
-    if any(s.kind == "hf-assisted" for s in specs) != bool(args.draft_model):
-        raise CllmError("hf-assisted and --draft-model go together")
+    if any(s.kind_info.needs_draft for s in specs) != bool(args.draft_model):
+        raise CllmError("--draft-model goes with a decoder that needs one (hf-assisted, drafted:N[:INIT]) and only "
+                        "then")
     prompts = common.bench_prompts(args)
     names = args.model or ["default"]
     if len(set(names)) != len(names):

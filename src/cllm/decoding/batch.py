@@ -275,3 +275,53 @@ def _merge_rows(first: _Rows, second: _Rows) -> _Rows:
         prompt_len=both("prompt_len"), limit=both("limit"), draws=both("draws", dim_pad=False),
         samplings=first.samplings + second.samplings, seeds=first.seeds + second.seeds,
     )
+
+
+class Drafter:
+    """A second model's view of the batch (a `RowState`): its own KV store of every row's verified
+    context, kept in step with the target's (the same accepted columns), so that it predicts at
+    the same fed columns in the same step. It only proposes: nothing it predicts is emitted
+    before the target has verified it."""
+
+    def __init__(self, batch: Batch, model: PreTrainedModel, compile: bool | str = False) -> None:
+        self.batch, self.model, self.compile = batch, model, compile
+        self.store: KVStore | None = None
+        self.slot_mask = torch.zeros((0, 0), dtype=torch.long, device=batch.rows.pending.device)  # (B, S')
+
+    def start(self, which: torch.Tensor) -> None:
+        """Prefill the drafter with the prompts of the rows at `which` (their first token is `pending`)."""
+        rows = self.batch.rows
+        prompts = [rows.prompt[i, rows.prompt.shape[1] - int(rows.prompt_len[i]) :].tolist() for i in which.tolist()]
+        if not prompts:
+            return
+        input_ids, attention_mask = (t.to(rows.pending.device) for t in left_pad(prompts, self.batch.pad_token_id))
+        store = self.store.empty(input_ids.shape[1]) if self.store is not None else \
+            new_store(self.model, input_ids.shape[1], self.compile)
+        positions = (attention_mask.cumsum(1) - 1).clamp(min=0)
+        store.forward(input_ids, positions, None if bool(attention_mask.all()) else attention_mask, logits_to_keep=1)
+        if self.store is None or not len(self.slot_mask):
+            self.store, self.slot_mask = store, attention_mask
+            return
+        size = max(self.slot_mask.shape[1], attention_mask.shape[1])
+        self.store = self.store.merge(store)
+        self.slot_mask = torch.cat([_pad(self.slot_mask, size, 1, left=True), _pad(attention_mask, size, 1, left=True)])
+
+    def keep(self, keep: torch.Tensor) -> None:
+        self.store.select(keep)
+        self.slot_mask = self.slot_mask[keep]
+
+    def forward(self, tokens: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
+        """The drafter's prediction (B, m) at the columns the target is fed in this step."""
+        rows = self.batch.rows
+        columns = torch.arange(tokens.shape[1], device=tokens.device)
+        attention_mask = torch.cat([self.slot_mask, real.long()], dim=1)
+        logits = self.store.forward(tokens, rows.n_real[:, None] + columns,
+                                    None if bool(attention_mask.all()) else attention_mask)
+        return rows.pick(logits, rows.n_out[:, None] + columns)
+
+    def keep_columns(self, accepted: torch.Tensor) -> None:
+        """As `Batch.keep_columns`: the KV of each row's first `accepted` (B,) fed columns."""
+        keep = int(accepted.max())
+        self.store.keep(keep)
+        columns = torch.arange(keep, device=accepted.device)
+        self.slot_mask = torch.cat([self.slot_mask, (columns < accepted[:, None]).long()], dim=1)

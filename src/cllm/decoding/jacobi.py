@@ -19,7 +19,7 @@ from collections.abc import Sequence
 import torch
 from transformers import PreTrainedModel
 
-from cllm.decoding.batch import Batch
+from cllm.decoding.batch import Batch, Drafter
 from cllm.decoding.candidates import candidate_step
 from cllm.decoding.core import (
     BatchControl,
@@ -171,6 +171,7 @@ def jacobi(
     sampling: Sampling | Sequence[Sampling] = GREEDY,
     control: BatchControl | None = None,
     compile: bool | str = False,
+    drafter: PreTrainedModel | None = None,
 ) -> DecodeOutput:
     """Jacobi decoding with a KV cache over blocks of `block_size` tokens.
 
@@ -182,15 +183,19 @@ def jacobi(
     (cllm.decoding.candidates). `seed` also seeds the initial guesses. `max_new_tokens`,
     `sampling` and `seed` are one for the batch or one per row; `control` lets rows join and
     leave while decoding (continuous batching; cllm.decoding.core.BatchControl); `compile` runs the
-    compiled path (cllm.decoding.kv).
+    compiled path (cllm.decoding.kv). `drafter`: a second model (same tokenizer) fed the same
+    columns, whose predictions become the next guesses (`drafted`).
     """
     input_ids, attention_mask = _as_batch(input_ids, attention_mask)
     _check_jacobi(input_ids, attention_mask, max_new_tokens, block_size, candidates, ngram, return_trajectory, control)
+    if drafter is not None and candidates:
+        raise ValueError("a drafter drafts the block's guesses: decode without candidates")
     batch = Batch(model, input_ids, attention_mask, max_new_tokens=max_new_tokens, slack=max(block_size, ngram),
                   eos_token_id=eos_token_id, pad_token_id=pad_token_id, sampling=sampling, seed=seed,
                   on_tokens=on_tokens, control=control, compile=compile)
     blocks = batch.attach(_Blocks(batch, block_size, _GuessMaker(init, pad_token_id), return_trajectory))
     pools = NgramPools(ngram, candidates) if candidates else None
+    drafts = batch.attach(Drafter(batch, drafter, compile)) if drafter is not None else None
     while batch.admit():
         guesses, width, real = blocks.unfixed()  # 1. guess: (B, m) the iterate's unfixed part
         if pools is None:
@@ -198,8 +203,11 @@ def jacobi(
             prediction = batch.forward(tokens, real)  # 2. forward: (B, m) the prediction after each fed token
             # 3. accept the longest prefix whose inputs were right, plus the token after it
             accepted = torch.minimum(accepted_prefix(prediction, guesses, real) + 1, width)  # (B,) >= 1
-            batch.keep_columns(accepted)
             emitted = prediction
+            if drafts is not None:  # the drafter's predictions at the same columns: the next guesses
+                prediction = drafts.forward(tokens, real)
+                drafts.keep_columns(accepted)
+            batch.keep_columns(accepted)
         else:  # 2-3 with candidates verified alongside; the cache is committed inside
             step = candidate_step(batch, guesses, width, *pools.offer(batch.rows, pad_token_id))
             prediction, emitted, accepted = step.predictions, step.emitted, step.count
@@ -316,6 +324,15 @@ class _Blocks:
 
     def trajectories(self) -> list[list[torch.Tensor]]:
         return [self.finished.get(row, []) for row in range(len(self.batch.stats))]
+
+
+def drafted(model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
+            draft_model: PreTrainedModel, **kwargs) -> DecodeOutput:
+    """Exact drafted Jacobi decoding: the target `model` verifies every guess (its greedy output,
+    or its seeded sample, token for token) while `draft_model` (a CLLM of it, or any model with
+    its tokenizer), fed the same columns in the same step, drafts the next guesses. `kwargs`:
+    `jacobi`'s."""
+    return jacobi(model, input_ids, attention_mask, drafter=draft_model, **kwargs)
 
 
 @torch.inference_mode()

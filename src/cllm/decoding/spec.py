@@ -1,4 +1,5 @@
 """One decoder and its settings, as written on the command line: `hf`, `ar`, `jacobi:N[:INIT[:G]]`,
+`drafted:N[:INIT]` (Jacobi verified by the model, its guesses drafted by a second one),
 `lookahead:W:N:G[:D]`, `hf-pld[:K]` (transformers' prompt-lookup decoding), `hf-assisted`
 (transformers' assisted generation with a draft model) and `llamacpp` (llama.cpp on the model's
 GGUF file, a reference row of `cllm bench`).
@@ -42,6 +43,8 @@ class DecoderSpec:
 
     @property
     def label(self) -> str:
+        if self.kind == "drafted":
+            return f"drafted:{self.block_size}" + ("" if self.init == "prompt" else f":{self.init}")
         if self.kind == "jacobi":
             label = f"jacobi:{self.block_size}"
             if self.verified:
@@ -55,6 +58,8 @@ class DecoderSpec:
 
     def decoder_kwargs(self) -> dict:
         """The keyword arguments of this decoder's function beyond the common ones."""
+        if self.kind == "drafted":
+            return {"block_size": self.block_size, "init": self.init}
         if self.kind == "jacobi":
             extra = {"candidates": self.verified, "ngram": self.ngram} if self.verified else {}
             return {"block_size": self.block_size, "init": self.init} | extra
@@ -111,6 +116,13 @@ def _parse_jacobi(text: str, fields: list[str]) -> DecoderSpec:
     return DecoderSpec("jacobi", block_size, init, candidates=candidates or None)
 
 
+def _parse_drafted(text: str, fields: list[str]) -> DecoderSpec:
+    if len(fields) > 2:
+        raise CllmError(f"too many fields in {text!r}; drafted:N[:INIT]")
+    jacobi = _parse_jacobi(text, fields)
+    return DecoderSpec("drafted", jacobi.block_size, jacobi.init)
+
+
 def _parse_lookahead(text: str, fields: list[str]) -> DecoderSpec:
     if len(fields) not in (0, 3, 4):
         raise CllmError("lookahead takes window, n-gram size, candidates and optionally a draft length: "
@@ -143,6 +155,7 @@ def _number(text: str, spec: str, what: str) -> int:
 KINDS: dict[str, DecoderKind] = {kind.name: kind for kind in (
     DecoderKind("ar", _parse_plain, "cllm.decoding.ar:ar", servable=True, compilable=True),
     DecoderKind("jacobi", _parse_jacobi, "cllm.decoding.jacobi:jacobi", servable=True, compilable=True),
+    DecoderKind("drafted", _parse_drafted, "cllm.decoding.jacobi:drafted", needs_draft=True),
     DecoderKind("lookahead", _parse_lookahead, "cllm.decoding.lookahead:lookahead", servable=True, compilable=True),
     DecoderKind("hf", _parse_plain, "cllm.decoding.hf:hf_generate", per_row_seeds=False),
     DecoderKind("hf-pld", _parse_pld, "cllm.decoding.hf:hf_pld", per_row_seeds=False, batched=False),
@@ -152,4 +165,5 @@ KINDS: dict[str, DecoderKind] = {kind.name: kind for kind in (
 )}
 DECODER_NAMES = tuple(name for name, kind in KINDS.items() if kind.function is not None)
 SERVABLE = tuple(name for name, kind in KINDS.items() if kind.servable)
-USAGE = "use hf, ar, jacobi:N[:INIT[:G]], lookahead:W:N:G[:D], hf-pld[:K], hf-assisted or llamacpp"
+USAGE = ("use hf, ar, jacobi:N[:INIT[:G]], drafted:N[:INIT] (with a draft model), lookahead:W:N:G[:D], hf-pld[:K], "
+         "hf-assisted or llamacpp")
