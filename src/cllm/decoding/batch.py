@@ -88,21 +88,12 @@ class Batch:
     def forward(self, tokens: torch.Tensor, real: torch.Tensor | None = None) -> torch.Tensor:
         """One forward of `tokens` (B, m), `pending` first, after the cache (`real` (B, m): which
         columns are not padding); the prediction (argmax or fixed sample) at every column (B, m)."""
-        rows = self.rows
-        columns = torch.arange(tokens.shape[1], device=tokens.device)
         real = torch.ones_like(tokens, dtype=torch.bool) if real is None else real
-        attention_mask = torch.cat([rows.slot_mask, real.long()], dim=1)  # (B, S + m)
-        if bool(attention_mask.all()):
-            attention_mask = None  # no padding or holes: the plain causal mask, cheapest for the backend
-        logits = self.cache.forward(tokens, rows.n_real[:, None] + columns, attention_mask)  # (B, m, V)
-        return rows.pick(logits, rows.n_out[:, None] + columns)  # column j predicts output index n_out + j
+        return _forward_after(self.cache, self.rows.slot_mask, self.rows, tokens, real)
 
     def keep_columns(self, accepted: torch.Tensor) -> None:
         """After a forward, keep the KV of each row's first `accepted` (B,) columns."""
-        keep = int(accepted.max())
-        self.cache.keep(keep)
-        columns = torch.arange(keep, device=accepted.device)
-        self.rows.slot_mask = torch.cat([self.rows.slot_mask, (columns < accepted[:, None]).long()], dim=1)
+        self.rows.slot_mask = _keep_first(self.cache, self.rows.slot_mask, accepted)
         self.rows.n_real = self.rows.n_real + accepted
 
     def keep_pending_and(self, first: torch.Tensor, accepted: torch.Tensor) -> None:
@@ -159,6 +150,26 @@ class Batch:
         elif joined:
             self.cache, self.rows = self.cache.merge(cache), _merge_rows(self.rows, rows)
         return joined
+
+
+def _forward_after(store: KVStore, slot_mask: torch.Tensor, rows: _Rows, tokens: torch.Tensor,
+                   real: torch.Tensor) -> torch.Tensor:
+    """One forward of `tokens` (B, m) after `store` (whose real slots `slot_mask` marks); the
+    prediction (argmax or fixed sample) at every column (B, m)."""
+    columns = torch.arange(tokens.shape[1], device=tokens.device)
+    attention_mask = torch.cat([slot_mask, real.long()], dim=1)  # (B, S + m)
+    if bool(attention_mask.all()):
+        attention_mask = None  # no padding or holes: the plain causal mask, cheapest for the backend
+    logits = store.forward(tokens, rows.n_real[:, None] + columns, attention_mask)  # (B, m, V)
+    return rows.pick(logits, rows.n_out[:, None] + columns)  # column j predicts output index n_out + j
+
+
+def _keep_first(store: KVStore, slot_mask: torch.Tensor, accepted: torch.Tensor) -> torch.Tensor:
+    """Keep the KV of each row's first `accepted` (B,) fed columns; returns the grown slot mask."""
+    keep = int(accepted.max())
+    store.keep(keep)
+    columns = torch.arange(keep, device=accepted.device)
+    return torch.cat([slot_mask, (columns < accepted[:, None]).long()], dim=1)
 
 
 def _prefill(
@@ -312,16 +323,8 @@ class Drafter:
 
     def forward(self, tokens: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
         """The drafter's prediction (B, m) at the columns the target is fed in this step."""
-        rows = self.batch.rows
-        columns = torch.arange(tokens.shape[1], device=tokens.device)
-        attention_mask = torch.cat([self.slot_mask, real.long()], dim=1)
-        logits = self.store.forward(tokens, rows.n_real[:, None] + columns,
-                                    None if bool(attention_mask.all()) else attention_mask)
-        return rows.pick(logits, rows.n_out[:, None] + columns)
+        return _forward_after(self.store, self.slot_mask, self.batch.rows, tokens, real)
 
     def keep_columns(self, accepted: torch.Tensor) -> None:
         """As `Batch.keep_columns`: the KV of each row's first `accepted` (B,) fed columns."""
-        keep = int(accepted.max())
-        self.store.keep(keep)
-        columns = torch.arange(keep, device=accepted.device)
-        self.slot_mask = torch.cat([self.slot_mask, (columns < accepted[:, None]).long()], dim=1)
+        self.slot_mask = _keep_first(self.store, self.slot_mask, accepted)
