@@ -33,6 +33,11 @@ def test_mtbench_questions_from_the_evaluator_wheel():
     assert all(q.text.strip() for q in questions)
 
 
+def test_sharegpt_v3_from_the_dataset_wheel():
+    conversations = load_prompts("sharegpt", limit=3)
+    assert len(conversations) == 3 and all(c.text.strip() and c.id.startswith("sharegpt-") for c in conversations)
+
+
 def test_stdlib_code_source():
     functions = load_prompts("stdlib-code")
     assert len(functions) > 300
@@ -68,7 +73,7 @@ def test_jsonl_with_configurable_fields(tmp_path):
     [
         ("jsonl", SourceOptions(path="missing.jsonl"), "not found"),
         ("jsonl", SourceOptions(), "needs --path"),
-        ("sharegpt", SourceOptions(), "needs --path"),
+        ("sharegpt", SourceOptions(path="missing.json"), "not found"),
         ("nope", SourceOptions(), "unknown dataset"),
         ("hf:someone/some-dataset", SourceOptions(), "cannot load hub dataset"),
     ],

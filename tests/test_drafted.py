@@ -1,32 +1,43 @@
-"""Drafted Jacobi (the target verifies, a second model drafts the next guesses) == AR, token for token,
-whatever the drafter: a random one (only slower) or the target itself (exactly plain Jacobi)."""
+"""Drafted Jacobi (the target verifies, a drafter drafts the next guesses) == AR, token for token,
+whatever the drafter: a second model or a LoRA adapter run as the second row of the same forward,
+random (only slower) or the target itself (exactly plain Jacobi)."""
 
 from __future__ import annotations
 
 import random
 
 import pytest
-from tiny_models import ARCHS, VOCAB, tiny_model
+from test_continuous_batching import decode_scripted, random_requests
+from tiny_models import ARCHS, VOCAB, tiny_adapter, tiny_model
 
 from cllm.decoding import Sampling, ar, decode, jacobi, left_pad
 from cllm.decoding.jacobi import drafted
 
-CASES_PER_ARCH = 60  # 180 randomized cases in all
+CASES = 100  # per architecture and drafter kind: 600 one-batch cases
+JOINING_CASES = 70  # the same, with rows joining and leaving: 420 cases
+KINDS = ("model", "adapter")
 
 
+def _drafter(kind: str, target, arch: str):
+    return tiny_model(arch, seed=2) if kind == "model" else tiny_adapter(target, seed=2)
+
+
+@pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("arch", ARCHS)
-def test_drafted_equals_ar_with_a_random_drafter(arch):
+def test_drafted_equals_ar_with_a_random_drafter(arch, kind):
     """Greedy or sampled, batch 1-4, EOS inside blocks: the output is the target's whatever the drafts."""
-    target, drafter = tiny_model(arch, seed=1), tiny_model(arch, seed=2)
-    for case in range(CASES_PER_ARCH):
-        rng = random.Random(f"drafted-{arch}-{case}")
+    target = tiny_model(arch, seed=1)
+    drafter = _drafter(kind, target, arch)
+    for case in range(CASES):
+        rng = random.Random(f"drafted-{arch}-{kind}-{case}")
         prompts = [[rng.randrange(1, VOCAB) for _ in range(rng.randint(1, 14))] for _ in range(rng.randint(1, 4))]
         input_ids, attention_mask = left_pad(prompts, pad_token_id=0)
         sampling = rng.choice([Sampling(), Sampling(temperature=0.9, top_p=0.9)])
         common = dict(max_new_tokens=rng.choice([1, 5, 17, 33]), sampling=sampling, seed=case)
-        if rng.random() < 0.5:
-            common["eos_token_id"] = rng.choice(ar(target, input_ids, attention_mask, **common).token_ids[0])
         expected = ar(target, input_ids, attention_mask, **common).token_ids
+        if rng.random() < 0.5:  # an EOS the output meets, often inside a block
+            common["eos_token_id"] = rng.choice(expected[0])
+            expected = ar(target, input_ids, attention_mask, **common).token_ids
         block_size, init = rng.choice([1, 2, 4, 8, 16]), rng.choice(["prompt", "repeat", "lookup"])
         out = drafted(target, input_ids, attention_mask, draft_model=drafter, block_size=block_size, init=init,
                       **common)
@@ -35,17 +46,51 @@ def test_drafted_equals_ar_with_a_random_drafter(arch):
             assert stats.new_tokens == len(tokens) and stats.fast_forward == len(tokens) - stats.forward_passes
 
 
+@pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("arch", ARCHS)
-def test_the_target_as_its_own_drafter_is_plain_jacobi(arch):
+def test_drafted_rows_joining_and_leaving_get_their_own_output(arch, kind):
+    target = tiny_model(arch, seed=1)
+    drafter = _drafter(kind, target, arch)
+    for case in range(JOINING_CASES):
+        rng = random.Random(f"drafted-joining-{arch}-{kind}-{case}")
+        requests = random_requests(rng)
+        eos = rng.choice([None, rng.randrange(1, VOCAB)])
+        settings = {"block_size": rng.choice([2, 4, 8]), "init": rng.choice(["prompt", "lookup"])}
+        out, control, alone = decode_scripted(target, drafted, settings, requests, eos, draft_model=drafter)
+        for row, number in enumerate(control.order):
+            tokens, _ = control.done[row]
+            expected = alone[number]
+            assert tokens == (expected if requests[number].cancel_at is None else expected[: len(tokens)]), \
+                f"case {case}: {settings}, request {number}"
+
+
+@pytest.mark.parametrize("kind", ("model", "zero adapter"))
+@pytest.mark.parametrize("arch", ARCHS)
+def test_the_target_as_its_own_drafter_is_plain_jacobi(arch, kind):
     """Plain Jacobi's next guess is the target's prediction; drafted with the target as drafter
-    makes the same guesses from the same context, so every statistic is the same."""
+    (itself, or an adapter that changes nothing) makes the same guesses from the same context, so
+    every statistic is the same."""
     model = tiny_model(arch, seed=1)
+    drafter = model if kind == "model" else tiny_adapter(model, random=False)
     input_ids, attention_mask = left_pad([[5, 9, 2, 7], [3, 1], [8, 8, 4, 6, 2, 9, 1]], pad_token_id=0)
     common = dict(block_size=6, max_new_tokens=40, init="prompt", seed=3)
     plain = jacobi(model, input_ids, attention_mask, **common)
-    self_drafted = drafted(model, input_ids, attention_mask, draft_model=model, **common)
+    self_drafted = drafted(model, input_ids, attention_mask, draft_model=drafter, **common)
     assert self_drafted.token_ids == plain.token_ids
     assert [s.to_dict() for s in self_drafted.stats] == [s.to_dict() for s in plain.stats]
+
+
+def test_an_adapter_drafter_leaves_the_target_unchanged():
+    """The adapter lives on a copy of the module tree that shares the weights: the target's own
+    forward (every other decoder) is as before, and no weight is duplicated."""
+    model = tiny_model("llama", seed=1)
+    prompts = [[3, 5, 7], [2, 4]]
+    before = decode(model, "ar", prompts, max_new_tokens=20).token_ids
+    adapter = tiny_adapter(model, seed=3)
+    assert decode(model, "ar", prompts, max_new_tokens=20).token_ids == before
+    shared = {p.data_ptr() for p in model.parameters()}
+    base = [p for name, p in adapter.model.named_parameters() if "lora_" not in name]
+    assert base and all(p.data_ptr() in shared for p in base)
 
 
 def test_decode_runs_drafted_by_name_and_needs_a_draft_model():

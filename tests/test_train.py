@@ -98,6 +98,26 @@ def _complete(checkpoint) -> bool:
         return False
 
 
+def test_train_adapter_only_saves_a_drafter(collection, tmp_path, capsys):
+    """--lora --adapter-only writes the unmerged adapter, which --drafter loads: drafted Jacobi with
+    it returns the model's own output."""
+    model, trajectories = collection
+    out = tmp_path / "drafter"
+    assert main(["train", "--model", str(model), "--trajectories", str(trajectories), "--out", str(out),
+                 "--max-steps", "3", "--lr", "1e-2", "--lora", "--lora-rank", "4", "--adapter-only", "--bf16",
+                 "--teacher", "--ar-weight", "0"]) == 0
+    assert (out / "adapter_config.json").is_file() and not (out / "model.safetensors").exists()
+    adapter = load_file(out / "adapter_model.safetensors")
+    assert adapter and all(t.dtype == torch.bfloat16 for t in adapter.values())
+    assert any(float(t.abs().max()) > 0 for name, t in adapter.items() if "lora_B" in name), "training changed nothing"
+    capsys.readouterr()
+    assert main(["generate", "hello", "--model", str(model), "--drafter", str(out), "--json",
+                 "--max-new-tokens", "20"]) == 0
+    assert json.loads(capsys.readouterr().out)["token_ids"] == generate_ids(model, "ar", capsys)
+    assert main(["train", "--model", str(model), "--trajectories", str(trajectories), "--out", str(tmp_path / "o"),
+                 "--adapter-only"]) == 2
+
+
 def test_train_bad_input(collection, tmp_path):
     model, trajectories = collection
     assert (

@@ -78,3 +78,39 @@ def save_tiny_model(
         tokenizer.eos_token = None
     tokenizer.save_pretrained(path)
     return path
+
+
+def tiny_adapter(model: PreTrainedModel, seed: int = 0, rank: int = 4, random: bool = True):
+    """A LoRA drafter of `model` (cllm.decoding.drafting.SharedAdapter): random weights (a bad
+    drafter), or PEFT's initialisation (B = 0: the adapter changes nothing, the drafter is the target)."""
+    from peft import LoraConfig, get_peft_model
+
+    from cllm.decoding.drafting import SharedAdapter
+    from cllm.drafters import ADAPTER_NAME, lora_targets, shared_copy
+
+    torch.manual_seed(seed)
+    config = LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=lora_targets(model), init_lora_weights=not random)
+    adapted = get_peft_model(shared_copy(model), config, adapter_name=ADAPTER_NAME)
+    if random:  # PEFT's random init leaves B at 0 for some layer kinds: make every delta count
+        for name, weight in adapted.named_parameters():
+            if "lora_" in name:
+                weight.data.normal_(0, 0.5)
+    return SharedAdapter(adapted.eval(), ADAPTER_NAME)
+
+
+def save_tiny_adapter(model_dir, path, seed: int = 0, rank: int = 4):
+    """A random LoRA adapter of the model saved in `model_dir`, written to `path` as
+    `cllm train --lora --adapter-only` writes one (PEFT's default adapter name, at the top level)."""
+    from peft import LoraConfig, get_peft_model
+
+    from cllm.drafters import lora_targets
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    torch.manual_seed(seed)
+    config = LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=lora_targets(model), init_lora_weights=False)
+    adapted = get_peft_model(model, config)
+    for name, weight in adapted.named_parameters():
+        if "lora_" in name:
+            weight.data.normal_(0, 0.5)
+    adapted.save_pretrained(path)
+    return path

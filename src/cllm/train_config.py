@@ -44,6 +44,9 @@ class TrainConfig:
     max_length: int = flag(1024, "longest sequence in tokens")
     lora: bool = flag(False, "train LoRA adapters (PEFT), merged into the saved model")
     lora_rank: int = flag(16, "LoRA rank")
+    adapter_only: bool = flag(False, "with --lora: save the unmerged PEFT adapter (adapter_config.json and its "
+                              "weights, a few MB; bf16 with --bf16) instead of the merged model: a drafter for "
+                              "`--drafter`")
     gradient_checkpointing: bool = flag(False, "trade compute for memory")
     bf16: bool = flag(False, "bf16 autocast (where the device supports it)")
     save_steps: int = flag(100, "checkpoint every N steps")
@@ -78,6 +81,7 @@ class TrainConfig:
             (0 <= self.label_smoothing < 1, "--label-smoothing must lie in [0, 1)"),
             (self.max_length >= 8, "--max-length must be >= 8"),
             (self.lora_rank >= 1, "--lora-rank must be >= 1"),
+            (self.lora or not self.adapter_only, "--adapter-only needs --lora"),
             (self.save_steps >= 1 and self.logging_steps >= 1, "--save-steps and --logging-steps must be >= 1"),
             (self.pack in PACKING, f"--pack must be one of {', '.join(PACKING)}"),
             (self.states_per_block >= 1, "--states-per-block must be >= 1"),

@@ -179,12 +179,10 @@ class CllmTrainer(Trainer):
 def _with_lora(model, rank: int):
     from peft import LoraConfig, get_peft_model
 
-    targets = [
-        name
-        for name in ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "c_attn", "c_proj")
-        if any(module.endswith(name) for module, _ in model.named_modules())
-    ]
-    return get_peft_model(model, LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=targets, task_type="CAUSAL_LM"))
+    from cllm.drafters import lora_targets
+
+    config = LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=lora_targets(model), task_type="CAUSAL_LM")
+    return get_peft_model(model, config)
 
 
 def _packing(config: TrainConfig, model) -> str:
@@ -304,7 +302,9 @@ def train(config: TrainConfig) -> Path:
         result = trainer.train(resume_from_checkpoint=last if config.resume else None)
     except ValueError as exc:
         raise CllmError(f"training failed: {exc}") from exc
-    final = trainer.model.merge_and_unload() if config.lora else trainer.model
+    final = trainer.model.merge_and_unload() if config.lora and not config.adapter_only else trainer.model
+    if config.adapter_only and config.bf16:
+        final = final.to(torch.bfloat16)  # a drafter at half the size; it drafts in the decode dtype anyway
     if trainer.is_world_process_zero():
         final.save_pretrained(out)
         loaded.tokenizer.save_pretrained(out)

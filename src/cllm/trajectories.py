@@ -81,6 +81,7 @@ class CollectConfig:
     drop_degenerate: bool = False
     engine: str = "kv"
     degenerate_span: int = 32
+    max_prompt_chars: int | None = None
 
     def __post_init__(self) -> None:
         checks = [

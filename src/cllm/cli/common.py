@@ -235,10 +235,38 @@ def sampling(args: argparse.Namespace):
 
 
 def spec(args: argparse.Namespace, decoder: str):
+    """The decoder the flags name; with --drafter, jacobi is drafted Jacobi (the model verifies)."""
     from cllm.decoding.spec import DecoderSpec
 
+    if getattr(args, "drafter", None):
+        if decoder != "jacobi":
+            raise CllmError(f"--drafter drafts the guesses of --decoder jacobi, not {decoder}")
+        if args.candidates:
+            raise CllmError("--drafter drafts the block's guesses: drop --candidates")
+        return DecoderSpec("drafted", block_size=args.block_size, init=args.init)
     return DecoderSpec(decoder, block_size=args.block_size, init=args.init, window=args.window, ngram=args.ngram,
                        candidates=args.candidates, draft=args.draft)
+
+
+def add_drafter_arg(parser: argparse.ArgumentParser, what: str = "--decoder jacobi becomes") -> None:
+    parser.add_argument(
+        "--drafter", metavar="DIR",
+        help=f"a drafter of --model: a PEFT LoRA adapter directory (`cllm train --lora --adapter-only`; it runs "
+        f"as a second row of the same forward) or a full CLLM directory, same tokenizer. {what} exact drafted "
+        "Jacobi: the model verifies every token, so the output is the model's own; the drafter only proposes "
+        "the next guesses (docs/decoding.md)",
+    )
+
+
+def load_drafter(args: argparse.Namespace, loaded):
+    """The --drafter for `loaded` (a SharedAdapter or a model), or None without the flag."""
+    if not getattr(args, "drafter", None):
+        return None
+    from cllm.drafters import load_drafter as load
+    from cllm.models import LoadedModel
+
+    drafter = load(args.drafter, loaded)
+    return drafter.model if isinstance(drafter, LoadedModel) else drafter
 
 
 def progress() -> Progress:

@@ -43,6 +43,8 @@ def add_collect(commands) -> None:
     collect.add_argument("--out", type=Path, required=True, help="output directory (created, or resumed)")
     common.add_decoding_args(collect, max_new_tokens=256)
     collect.add_argument("--limit", type=common.positive_int, help="use only the first N prompts")
+    collect.add_argument("--max-prompt-chars", type=common.positive_int,
+                         help="skip prompts longer than N characters (before --limit counts)")
     collect.add_argument(
         "--batch-size", type=common.positive_int, default=8, help="prompts decoded together (default: %(default)s)"
     )
@@ -80,11 +82,12 @@ def cmd_collect(args: argparse.Namespace) -> None:
         model=args.model, dataset=args.dataset, dataset_path=args.path, template=args.template, dtype=args.dtype,
         block_size=args.block_size, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
         limit=args.limit, init=args.init, seed=args.seed, augment=args.augment,
-        drop_degenerate=args.drop_degenerate, engine=args.engine,
+        drop_degenerate=args.drop_degenerate, engine=args.engine, max_prompt_chars=args.max_prompt_chars,
     )
     shard_index, num_shards, args.device = process_shard(args.shard_index, args.num_shards, args.device)
     options = SourceOptions(
-        path=args.path, prompt_field=args.prompt_field, label_field=args.label_field, split=args.split
+        path=args.path, prompt_field=args.prompt_field, label_field=args.label_field, split=args.split,
+        max_prompt_chars=args.max_prompt_chars,
     )
     records = load_prompts(args.dataset, options, limit=args.limit)
     total = len(shard_prompts(len(records), shard_index, num_shards))

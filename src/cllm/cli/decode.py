@@ -36,6 +36,7 @@ def add_generate(commands) -> None:
         "(default: %(default)s)",
     )
     common.add_decoding_args(generate, max_new_tokens=128)
+    common.add_drafter_arg(generate)
     common.add_sampling_args(generate)
     generate.add_argument(
         "--batch-size", type=common.positive_int, default=1, help="prompts decoded together (default: %(default)s)"
@@ -97,7 +98,8 @@ class _TextStream:
         self.printed = len(text)
 
 
-def _decode_batch(loaded, decoder: str, batch: list[list[int]], first: int, args, on_tokens: Callable | None):
+def _decode_batch(loaded, decoder: str, batch: list[list[int]], first: int, args, on_tokens: Callable | None,
+                  drafter=None):
     """Decode prompts number first, first + 1, ... of the input."""
     import torch
 
@@ -106,7 +108,7 @@ def _decode_batch(loaded, decoder: str, batch: list[list[int]], first: int, args
     device = loaded.model.device
     start = time.perf_counter()
     output = decode(loaded, common.spec(args, decoder), batch, max_new_tokens=args.max_new_tokens, on_tokens=on_tokens,
-                    sampling=common.sampling(args), seed=args.seed + first)
+                    sampling=common.sampling(args), seed=args.seed + first, draft_model=drafter)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     return output, time.perf_counter() - start
@@ -127,7 +129,9 @@ def _stats_table(rows: list[tuple[int, object, float]]) -> Table:
 
 def cmd_generate(args: argparse.Namespace) -> None:
     prompts = _read_prompts(args)
+    common.spec(args, args.decoder)  # a bad flag combination fails before the model loads
     loaded = common.load(args)
+    drafter = common.load_drafter(args, loaded)
     encoded = common.encode_all(loaded, prompts, args.raw, args.max_new_tokens)
     stream = not args.json and args.batch_size == 1
     stats_rows = []
@@ -141,7 +145,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
             if stream and len(prompts) > 1:
                 sys.stdout.write(f"\n### prompt {first + 1}\n")
             on_tokens = _TextStream(loaded.tokenizer) if stream else None
-            output, seconds = _decode_batch(loaded, args.decoder, batch, first, args, on_tokens)
+            output, seconds = _decode_batch(loaded, args.decoder, batch, first, args, on_tokens, drafter)
             for offset, (tokens, stats) in enumerate(zip(output.token_ids, output.stats)):
                 number = first + offset + 1
                 stats_rows.append((number, stats, seconds))
@@ -150,7 +154,8 @@ def cmd_generate(args: argparse.Namespace) -> None:
                         "prompt": prompts[number - 1],
                         "text": loaded.tokenizer.decode(tokens, skip_special_tokens=True),
                         "token_ids": tokens,
-                        "decoder": args.decoder,
+                        "decoder": common.spec(args, args.decoder).label,
+                        "drafter": args.drafter,
                         "block_size": args.block_size if args.decoder == "jacobi" else None,
                         "sampling": common.sampling(args).describe(),
                         "seed": args.seed + number - 1,

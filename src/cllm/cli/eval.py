@@ -7,6 +7,7 @@ import json
 import sys
 import time
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 
 from rich.console import Console
@@ -32,15 +33,15 @@ def add_bench(commands) -> None:
     bench.add_argument(
         "--decoders", default="hf,ar,jacobi:8,jacobi:16,jacobi:32",
         help="comma-separated: hf, ar, jacobi:N, jacobi:N:INIT with INIT one of --init's, jacobi:N:INIT:G "
-        "(G n-gram candidates verified alongside the block), drafted:N[:INIT] (Jacobi whose guesses --draft-model "
-        "drafts and the model verifies: the model's exact output), lookahead:W:N:G "
+        "(G n-gram candidates verified alongside the block), drafted:N[:INIT] (Jacobi whose guesses --drafter "
+        "drafts and the first --model verifies: its exact output; that model's rows only), lookahead:W:N:G "
         "(window, n-gram size, candidates; plain lookahead = 5:4:5), hf-pld[:K] (transformers' prompt lookup, "
         "K tokens, default 10), hf-assisted (transformers' assisted generation, with --draft-model), llamacpp "
         "(llama.cpp on the GGUF file of a GGUF model, greedy: a reference; needs pip install 'cllm[llamacpp]') "
         "(default: %(default)s)",
     )
-    bench.add_argument("--draft-model",
-                       help="hf-assisted and drafted: the draft model (same tokenizer as every --model)")
+    bench.add_argument("--draft-model", help="hf-assisted: the draft model (same tokenizer as every --model)")
+    common.add_drafter_arg(bench, what="Drafted rows (drafted:N[:INIT]) of the first --model are")
     bench.add_argument(
         "--max-new-tokens",
         type=common.positive_int,
@@ -116,6 +117,7 @@ def add_eval(commands) -> None:
                           "(default: fidelity-target-outputs.json next to --out)")
     evaluate.add_argument("--free-running", action=argparse.BooleanOptionalAction, default=True,
                           help="fidelity: also decode with the model and compare whole outputs (default: on)")
+    common.add_drafter_arg(evaluate)
     common.add_model_args(evaluate, engine_options=True)
 
 
@@ -135,6 +137,7 @@ def run_bench(models: Sequence[tuple[str, object]], args, prompt_texts: Sequence
 
     bench_models = [BenchModel(name, loaded, common.encode_all(loaded, prompt_texts, args.raw, args.max_new_tokens))
                     for name, loaded in models]
+    bench_models[0].drafter = common.load_drafter(args, models[0][1])
     if any(spec.kind == "llamacpp" for spec in specs):
         _attach_llamacpp(bench_models, args, sampling)
     draft = None
@@ -220,9 +223,10 @@ def cmd_bench(args: argparse.Namespace) -> None:
     specs = [DecoderSpec.parse(part.strip()) for part in args.decoders.split(",") if part.strip()]
     if not specs:
         raise CllmError("--decoders lists no decoder")
-    if any(s.kind_info.needs_draft for s in specs) != bool(args.draft_model):
-        raise CllmError("--draft-model goes with a decoder that needs one (hf-assisted, drafted:N[:INIT]) and only "
-                        "then")
+    if any(s.kind == "hf-assisted" for s in specs) != bool(args.draft_model):
+        raise CllmError("--draft-model goes with hf-assisted and only then")
+    if any(s.kind == "drafted" for s in specs) != bool(args.drafter):
+        raise CllmError("--drafter goes with drafted:N[:INIT] rows and only then")
     prompts = common.bench_prompts(args)
     names = args.model or ["default"]
     if len(set(names)) != len(names):
@@ -246,6 +250,9 @@ def run_eval(args: argparse.Namespace) -> dict:
         batch_size=args.batch_size, template="raw" if args.raw else "chat", window=args.window, ngram=args.ngram,
         candidates=args.candidates, draft=args.draft, sampling=common.sampling(args), seed=args.seed,
     )
+    if args.drafter and args.task in ("fidelity", "perplexity"):
+        raise CllmError(f"--drafter decodes exactly as the model does: it has no {args.task} of its own")
+    common.spec(args, args.decoder)  # a bad flag combination fails before the model loads
     if args.task == "fidelity":
         return _run_fidelity(args, args.out, settings)
     task = evaluation.EvalTask(
@@ -256,11 +263,13 @@ def run_eval(args: argparse.Namespace) -> dict:
     )
     items = evaluation.task_items(task)
     loaded = common.load(args)
+    settings = replace(settings, drafter=common.load_drafter(args, loaded))
     with common.progress() as progress:
         bar = progress.add_task(f"eval {args.task}", total=len(items))
         report = evaluation.run_task(loaded, task, items, settings, lambda count=1: progress.advance(bar, count))
     report["settings"] = {"model": args.model, "dtype": args.dtype, "template": settings.template} | (
-        {} if args.task == "perplexity" else {"decoder": args.decoder, "block_size": args.block_size, "init": args.init,
+        {} if args.task == "perplexity" else {"decoder": settings.spec.label, "drafter": args.drafter,
+                                                "block_size": args.block_size, "init": args.init,
                                                 "max_new_tokens": args.max_new_tokens, "batch_size": args.batch_size,
                                                 "sampling": settings.sampling.describe(), "seed": args.seed})
     report["command"] = args.command_line

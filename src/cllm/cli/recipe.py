@@ -42,6 +42,7 @@ def add_demo(commands) -> None:
     demo.add_argument(
         "--cllm", help="a CLLM of --model to compare with it (default: $CLLM_HOME/quick/cllm if it exists)"
     )
+    common.add_drafter_arg(demo, what="The speed table then also has")
     common.add_model_args(demo)
 
 
@@ -93,6 +94,8 @@ def cmd_demo(args: argparse.Namespace) -> None:
         )
     out.rule("speed (batch size 1, same prompts, one process)")
     specs = [DecoderSpec("hf"), DecoderSpec("ar"), jacobi_spec]
+    if args.drafter:
+        specs.append(DecoderSpec("drafted", args.block_size, "lookup"))
     run_bench([("", loaded)], args, DEMO_PROMPTS, specs, out_dir=None)
     out.print(
         f"[dim]{torch.get_num_threads()} CPU threads; vanilla Jacobi gains little before consistency training.[/dim]"
@@ -117,7 +120,7 @@ def _demo_target_vs_cllm(args: argparse.Namespace, cllm: str) -> None:
         DecoderSpec("ar"),
         DecoderSpec("jacobi", args.block_size),
         DecoderSpec("jacobi", args.block_size, "lookup"),
-    ]
+    ] + ([DecoderSpec("drafted", args.block_size, "lookup")] if args.drafter else [])
     summaries = run_bench([("target", target), ("cllm", model)], args, DEMO_PROMPTS, specs, out_dir=None)
     fidelity = next(s for s in summaries if s.model == "cllm")
     out.print(

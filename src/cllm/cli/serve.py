@@ -10,8 +10,10 @@ from rich.console import Console
 
 from cllm.cli import common
 from cllm.cli.common import stderr
-from cllm.decoding.spec import SERVABLE
+from cllm.decoding.spec import KINDS, SERVABLE
 from cllm.errors import CllmError
+
+SERVED = [name for name in SERVABLE if not KINDS[name].needs_draft]  # drafted: jacobi with --drafter
 
 
 def add_serve(commands) -> None:
@@ -25,9 +27,10 @@ def add_serve(commands) -> None:
         "top_k gets this server's --temperature, --top-p, --top-k; one without max_tokens gets --max-new-tokens. "
         "The first Ctrl-C / SIGTERM lets running requests finish (up to --shutdown-grace), a second stops at once.",
     )
-    serve.add_argument("--decoder", choices=SERVABLE, default="jacobi",
+    serve.add_argument("--decoder", choices=SERVED, default="jacobi",
                        help="the decoder every request goes through (default: %(default)s)")
     common.add_decoding_args(serve, max_new_tokens=256, max_new_tokens_help="max_tokens of a request that sets none")
+    common.add_drafter_arg(serve)
     common.add_sampling_args(serve, seed=False, about="Defaults for requests that set none (a request's `seed` fixes "
                        "its sample; without one it is random).")
     group = serve.add_argument_group("server")
@@ -68,9 +71,10 @@ def add_chat(commands) -> None:
         "in one forward is highlighted. /reset forgets the conversation, /stats shows tokens per forward, "
         "Ctrl-C stops a reply (not the program), Ctrl-D or /quit leaves.",
     )
-    chat.add_argument("--decoder", choices=SERVABLE, default="jacobi", help="(default: %(default)s)")
+    chat.add_argument("--decoder", choices=SERVED, default="jacobi", help="(default: %(default)s)")
     chat.add_argument("--system", help="a system message that starts every conversation")
     common.add_decoding_args(chat, max_new_tokens=512)
+    common.add_drafter_arg(chat)
     common.add_sampling_args(chat)
     common.add_model_args(chat, raw=False, engine_options=True)
 
@@ -106,13 +110,15 @@ def add_serve_bench(commands) -> None:
 def _engine(args: argparse.Namespace, max_batch: int):
     from cllm.serving.engine import Engine
 
-    loaded, spec = common.load(args), common.spec(args, args.decoder)
+    spec = common.spec(args, args.decoder)
+    loaded = common.load(args)
+    drafter = common.load_drafter(args, loaded)
     if loaded.compile:  # compile before the first request, not during it
         from cllm.bench import decode_once
 
         with stderr.status("compiling the decoder (minutes on a CPU the first time) ..."):
-            decode_once(loaded, spec, loaded.encode_prompt("Hello"), args.max_new_tokens)
-    return Engine(loaded, spec, max_batch=max_batch, max_queue=getattr(args, "max_queue", 64))
+            decode_once(loaded, spec, loaded.encode_prompt("Hello"), args.max_new_tokens, drafter)
+    return Engine(loaded, spec, max_batch=max_batch, max_queue=getattr(args, "max_queue", 64), drafter=drafter)
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
@@ -176,8 +182,8 @@ def cmd_serve_bench(args: argparse.Namespace) -> None:
     else:
         specs = [DecoderSpec.parse(part.strip()) for part in args.decoders.split(",") if part.strip()]
         for spec in specs:
-            if spec.kind not in SERVABLE:
-                raise CllmError(f"cannot serve with {spec.label}: use {', '.join(SERVABLE)}")
+            if spec.kind not in SERVED:
+                raise CllmError(f"cannot serve-bench {spec.label}: use {', '.join(SERVED)}")
         for spec in specs:
             server = ServerProcess(_serve_args(args, spec))
             with stderr.status(f"starting cllm serve with {spec.label} ..."):

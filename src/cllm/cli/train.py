@@ -54,4 +54,8 @@ def cmd_train(args: argparse.Namespace) -> None:
         shard_files(directory)  # a damaged or foreign collection is refused before the model loads
     out = train(config)
     if is_main_process():
-        stderr.print(f"saved the trained model to {out}; try: cllm generate --model {out} --decoder jacobi PROMPT")
+        if config.adapter_only:
+            stderr.print(f"saved the drafter adapter to {out}; try: cllm generate --model {config.model} "
+                         f"--drafter {out} --decoder jacobi PROMPT")
+        else:
+            stderr.print(f"saved the trained model to {out}; try: cllm generate --model {out} --decoder jacobi PROMPT")

@@ -6,6 +6,7 @@ that the batch starts for joining rows and trims for leaving ones. Cache layout:
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Protocol, TypeVar
 
 import torch
@@ -44,19 +45,21 @@ State = TypeVar("State", bound=RowState)
 class Batch:
     """The running rows of one decode. Built by prefilling the prompts; the prefill's prediction
     is each row's first token (emitted at once, so EOS and streaming treat it like any other).
-    Rows get `max_new_tokens + slack` output slots: `slack` is the most tokens one step accepts."""
+    Rows get `max_new_tokens + slack` output slots: `slack` is the most tokens one step accepts.
+    `store(capacity)` makes the KV store (default: kv.new_store of `model`, eager or compiled)."""
 
     def __init__(
         self, model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor, *,
         max_new_tokens: int | list[int], slack: int, eos_token_id: int | list[int] | None, pad_token_id: int,
         sampling: Sampling | list[Sampling] = GREEDY, seed: int | list[int] = 0, on_tokens: TokenCallback | None = None,
         control: BatchControl | None = None, compile: bool | str = False, one_per_token: bool = False,
+        store: Callable[[int], KVStore] | None = None,
     ) -> None:
         self.model, self.slack, self.pad_token_id, self.control = model, slack, pad_token_id, control
         self.eos = _eos_tensor(eos_token_id, input_ids.device)
         self.outputs = _Outputs(input_ids.shape[0], on_tokens, control, one_per_token)
         self.cache, self.rows = _prefill(model, input_ids, attention_mask, max_new_tokens, slack, sampling, seed,
-                                         compile=compile)
+                                         compile=compile, store=store)
         self.states: list[RowState] = []
         self._emit_first_token(self.cache, self.rows)
 
@@ -176,6 +179,7 @@ def _prefill(
     model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor,
     max_new_tokens: int | list[int], slack: int, sampling: Sampling | list[Sampling] = GREEDY,
     seed: int | list[int] = 0, first_index: int = 0, compile: bool | str = False, like: KVStore | None = None,
+    store: Callable[[int], KVStore] | None = None,
 ) -> tuple[KVStore, _Rows]:
     """Run the prompts into a fresh cache (of the kind `compile` picks, kv.new_store, or of the
     kind of `like`); the prediction after the last prompt token is `pending`. Rows get indices
@@ -185,7 +189,10 @@ def _prefill(
     limits = torch.tensor(_per_row(max_new_tokens, batch, "max_new_tokens"), dtype=torch.long, device=device)
     scratch = int(limits.max()) + slack
     width = input_ids.shape[1]
-    cache = like.empty(width) if like is not None else new_store(model, width, compile)
+    if like is not None:
+        cache = like.empty(width)
+    else:
+        cache = store(width) if store is not None else new_store(model, width, compile)
     positions = (attention_mask.cumsum(1) - 1).clamp(min=0)
     mask = None if bool(attention_mask.all()) else attention_mask
     logits = cache.forward(input_ids, positions, mask, logits_to_keep=1)  # (B, 1, V)
@@ -286,45 +293,3 @@ def _merge_rows(first: _Rows, second: _Rows) -> _Rows:
         prompt_len=both("prompt_len"), limit=both("limit"), draws=both("draws", dim_pad=False),
         samplings=first.samplings + second.samplings, seeds=first.seeds + second.seeds,
     )
-
-
-class Drafter:
-    """A second model's view of the batch (a `RowState`): its own KV store of every row's verified
-    context, kept in step with the target's (the same accepted columns), so that it predicts at
-    the same fed columns in the same step. It only proposes: nothing it predicts is emitted
-    before the target has verified it."""
-
-    def __init__(self, batch: Batch, model: PreTrainedModel, compile: bool | str = False) -> None:
-        self.batch, self.model, self.compile = batch, model, compile
-        self.store: KVStore | None = None
-        self.slot_mask = torch.zeros((0, 0), dtype=torch.long, device=batch.rows.pending.device)  # (B, S')
-
-    def start(self, which: torch.Tensor) -> None:
-        """Prefill the drafter with the prompts of the rows at `which` (their first token is `pending`)."""
-        rows = self.batch.rows
-        prompts = [rows.prompt[i, rows.prompt.shape[1] - int(rows.prompt_len[i]) :].tolist() for i in which.tolist()]
-        if not prompts:
-            return
-        input_ids, attention_mask = (t.to(rows.pending.device) for t in left_pad(prompts, self.batch.pad_token_id))
-        store = self.store.empty(input_ids.shape[1]) if self.store is not None else \
-            new_store(self.model, input_ids.shape[1], self.compile)
-        positions = (attention_mask.cumsum(1) - 1).clamp(min=0)
-        store.forward(input_ids, positions, None if bool(attention_mask.all()) else attention_mask, logits_to_keep=1)
-        if self.store is None or not len(self.slot_mask):
-            self.store, self.slot_mask = store, attention_mask
-            return
-        size = max(self.slot_mask.shape[1], attention_mask.shape[1])
-        self.store = self.store.merge(store)
-        self.slot_mask = torch.cat([_pad(self.slot_mask, size, 1, left=True), _pad(attention_mask, size, 1, left=True)])
-
-    def keep(self, keep: torch.Tensor) -> None:
-        self.store.select(keep)
-        self.slot_mask = self.slot_mask[keep]
-
-    def forward(self, tokens: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
-        """The drafter's prediction (B, m) at the columns the target is fed in this step."""
-        return _forward_after(self.store, self.slot_mask, self.batch.rows, tokens, real)
-
-    def keep_columns(self, accepted: torch.Tensor) -> None:
-        """As `Batch.keep_columns`: the KV of each row's first `accepted` (B,) fed columns."""
-        self.slot_mask = _keep_first(self.store, self.slot_mask, accepted)

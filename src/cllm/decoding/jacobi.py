@@ -19,7 +19,7 @@ from collections.abc import Sequence
 import torch
 from transformers import PreTrainedModel
 
-from cllm.decoding.batch import Batch, Drafter
+from cllm.decoding.batch import Batch
 from cllm.decoding.candidates import candidate_step
 from cllm.decoding.core import (
     BatchControl,
@@ -33,6 +33,7 @@ from cllm.decoding.core import (
     _validate,
     accepted_prefix,
 )
+from cllm.decoding.drafting import AdapterDrafts, Drafter, SharedAdapter
 from cllm.decoding.ngrams import NgramPools
 from cllm.decoding.sampling import GREEDY, Sampling, row_seeds
 from cllm.decoding.spec import INIT_STRATEGIES
@@ -171,7 +172,7 @@ def jacobi(
     sampling: Sampling | Sequence[Sampling] = GREEDY,
     control: BatchControl | None = None,
     compile: bool | str = False,
-    drafter: PreTrainedModel | None = None,
+    drafter: PreTrainedModel | SharedAdapter | None = None,
 ) -> DecodeOutput:
     """Jacobi decoding with a KV cache over blocks of `block_size` tokens.
 
@@ -184,18 +185,22 @@ def jacobi(
     `sampling` and `seed` are one for the batch or one per row; `control` lets rows join and
     leave while decoding (continuous batching; cllm.decoding.core.BatchControl); `compile` runs the
     compiled path (cllm.decoding.kv). `drafter`: a second model (same tokenizer) fed the same
-    columns, whose predictions become the next guesses (`drafted`).
+    columns, whose predictions become the next guesses (`drafted`), or a LoRA adapter of `model`
+    run in the same forward (`SharedAdapter`, cllm.decoding.drafting).
     """
     input_ids, attention_mask = _as_batch(input_ids, attention_mask)
     _check_jacobi(input_ids, attention_mask, max_new_tokens, block_size, candidates, ngram, return_trajectory, control)
     if drafter is not None and candidates:
         raise ValueError("a drafter drafts the block's guesses: decode without candidates")
+    shared = isinstance(drafter, SharedAdapter)
     batch = Batch(model, input_ids, attention_mask, max_new_tokens=max_new_tokens, slack=max(block_size, ngram),
                   eos_token_id=eos_token_id, pad_token_id=pad_token_id, sampling=sampling, seed=seed,
-                  on_tokens=on_tokens, control=control, compile=compile)
+                  on_tokens=on_tokens, control=control, compile=compile, store=drafter.store if shared else None)
     blocks = batch.attach(_Blocks(batch, block_size, _GuessMaker(init, pad_token_id), return_trajectory))
     pools = NgramPools(ngram, candidates) if candidates else None
-    drafts = batch.attach(Drafter(batch, drafter, compile)) if drafter is not None else None
+    drafts = None
+    if drafter is not None:
+        drafts = batch.attach(AdapterDrafts(batch) if shared else Drafter(batch, drafter, compile))
     while batch.admit():
         guesses, width, real = blocks.unfixed()  # 1. guess: (B, m) the iterate's unfixed part
         if pools is None:
@@ -327,7 +332,7 @@ class _Blocks:
 
 
 def drafted(model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
-            draft_model: PreTrainedModel, **kwargs) -> DecodeOutput:
+            draft_model: PreTrainedModel | SharedAdapter, **kwargs) -> DecodeOutput:
     """Exact drafted Jacobi decoding: the target `model` verifies every guess (its greedy output,
     or its seeded sample, token for token) while `draft_model` (a CLLM of it, or any model with
     its tokenizer), fed the same columns in the same step, drafts the next guesses. `kwargs`:

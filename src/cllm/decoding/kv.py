@@ -43,12 +43,13 @@ class DynamicKV:
         self._fed = 0
 
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor, mask: Mask,
-                logits_to_keep: int | torch.Tensor = 0) -> torch.Tensor:
+                logits_to_keep: int | torch.Tensor = 0, **model_kwargs) -> torch.Tensor:
+        """`model_kwargs` go to the model's forward as they are (PEFT's `adapter_names`, say)."""
         self._fed = tokens.shape[1]
         if mask is not None and mask.ndim == 3:
             mask = additive(mask, self.model.dtype)
         return self.model(input_ids=tokens, attention_mask=mask, position_ids=positions, past_key_values=self.cache,
-                          use_cache=True, logits_to_keep=logits_to_keep).logits
+                          use_cache=True, logits_to_keep=logits_to_keep, **model_kwargs).logits
 
     def empty(self, capacity: int) -> DynamicKV:
         """A new store of this kind (a DynamicCache needs no capacity)."""

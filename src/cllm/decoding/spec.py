@@ -155,7 +155,7 @@ def _number(text: str, spec: str, what: str) -> int:
 KINDS: dict[str, DecoderKind] = {kind.name: kind for kind in (
     DecoderKind("ar", _parse_plain, "cllm.decoding.ar:ar", servable=True, compilable=True),
     DecoderKind("jacobi", _parse_jacobi, "cllm.decoding.jacobi:jacobi", servable=True, compilable=True),
-    DecoderKind("drafted", _parse_drafted, "cllm.decoding.jacobi:drafted", needs_draft=True),
+    DecoderKind("drafted", _parse_drafted, "cllm.decoding.jacobi:drafted", servable=True, needs_draft=True),
     DecoderKind("lookahead", _parse_lookahead, "cllm.decoding.lookahead:lookahead", servable=True, compilable=True),
     DecoderKind("hf", _parse_plain, "cllm.decoding.hf:hf_generate", per_row_seeds=False),
     DecoderKind("hf-pld", _parse_pld, "cllm.decoding.hf:hf_pld", per_row_seeds=False, batched=False),
@@ -165,5 +165,5 @@ KINDS: dict[str, DecoderKind] = {kind.name: kind for kind in (
 )}
 DECODER_NAMES = tuple(name for name, kind in KINDS.items() if kind.function is not None)
 SERVABLE = tuple(name for name, kind in KINDS.items() if kind.servable)
-USAGE = ("use hf, ar, jacobi:N[:INIT[:G]], drafted:N[:INIT] (with a draft model), lookahead:W:N:G[:D], hf-pld[:K], "
+USAGE = ("use hf, ar, jacobi:N[:INIT[:G]], drafted:N[:INIT] (with a drafter), lookahead:W:N:G[:D], hf-pld[:K], "
          "hf-assisted or llamacpp")

@@ -90,17 +90,21 @@ class Engine:
     """Owns the model; `submit` queues a request, a background thread decodes.
 
     max_batch: rows decoding at once. max_queue: requests waiting beyond those (more: QueueFull).
+    drafter: what a drafted spec drafts with (cllm.drafters); the output stays the model's.
     """
 
     def __init__(
-        self, loaded: LoadedModel, spec: DecoderSpec, *, max_batch: int = 8, max_queue: int = 64
+        self, loaded: LoadedModel, spec: DecoderSpec, *, max_batch: int = 8, max_queue: int = 64,
+        drafter: object | None = None,
     ) -> None:
+        if spec.kind_info.needs_draft and drafter is None:
+            raise CllmError(f"{spec.kind} needs a drafter (--drafter)")
         if spec.kind not in SERVABLE:
             raise CllmError(f"cannot serve with decoder {spec.kind}: choose one of {', '.join(SERVABLE)} "
                             "(they let requests join and leave a running batch)")
         if max_batch < 1 or max_queue < 0:
             raise CllmError("max_batch must be >= 1 and max_queue >= 0")
-        self.loaded, self.spec = loaded, spec
+        self.loaded, self.spec, self.drafter = loaded, spec, drafter
         self.max_batch, self.max_queue = max_batch, max_queue
         self.counters = EngineCounters()
         self._waiting: deque[Request] = deque()
@@ -233,7 +237,8 @@ class Engine:
         self.counters.decoder_calls += 1
         try:
             decode(self.loaded, self.spec, first.prompts, max_new_tokens=first.max_new_tokens,
-                   sampling=first.samplings, seed=first.seeds, on_tokens=self._on_tokens, control=self)
+                   sampling=first.samplings, seed=first.seeds, on_tokens=self._on_tokens, control=self,
+                   draft_model=self.drafter)
         except Exception as exc:  # noqa: BLE001 -- one failed batch must not take the server down
             message = f"decoding failed: {type(exc).__name__}: {exc}"
             with self._wake:
