@@ -127,3 +127,22 @@ def test_a_bench_or_eval_runs_again_when_the_recipe_changes_its_command(tmp_path
     assert stages(recipe) == []
     recipe["bench"]["b"]["limit"] = 2
     assert stages(recipe) == ["bench"]
+
+
+def test_a_drafter_recipe_benches_and_evaluates_the_target_with_its_drafter(tmp_path):
+    from cllm.distill import run_distill
+
+    out = tmp_path / "run"
+    recipe = {"out": str(out), "train": {"lora": True, "adapter_only": True},
+              "bench": {"gsm8k": {"decoders": "ar,drafted:16", "model": "lossy"}},
+              "eval": {"fidelity": {}, "gsm8k": {"decoder": "jacobi"}}}
+    out.mkdir()
+    calls: list[list[str]] = []
+    said: list[str] = []
+    run_distill(recipe, calls.append, said.append)
+    bench, = [argv for argv in calls if argv[0] == "bench"]
+    assert bench[:6] == ["bench", "--model", "default", "--drafter", str(out / "cllm"), "--out"]
+    assert bench[bench.index("--decoders") :][:2] == ["--decoders", "ar,drafted:16"] and "lossy" in bench
+    evals = [argv for argv in calls if argv[0] == "eval"]
+    assert [argv[1] for argv in evals] == ["gsm8k"] and "--drafter" in evals[0]
+    assert any("a drafter's outputs are the target's own" in line for line in said)

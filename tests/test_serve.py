@@ -62,10 +62,11 @@ def endless(endless_dir):
 
 
 @contextmanager
-def running_server(loaded, decoder: str = "jacobi:8", max_batch: int = 8, max_queue: int = 64, **settings):
+def running_server(loaded, decoder: str = "jacobi:8", max_batch: int = 8, max_queue: int = 64, drafter=None,
+                   **settings):
     """The app under uvicorn in a thread of this process, on a free port."""
     spec = DecoderSpec.parse(decoder)
-    engine = Engine(loaded, spec, max_batch=max_batch, max_queue=max_queue)
+    engine = Engine(loaded, spec, max_batch=max_batch, max_queue=max_queue, drafter=drafter)
     app = create_app(engine, ServeSettings(NAME, spec.label, **settings))
     port = free_port()
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
@@ -102,6 +103,24 @@ def streamed(client, prompt: str, **kwargs) -> tuple[str, list]:
     chunks = list(chat(client, prompt, stream=True, stream_options={"include_usage": True}, **kwargs))
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     return text, chunks
+
+
+def test_a_drafted_server_answers_concurrent_requests_with_the_model_s_own_text(loaded, model_dir, tmp_path, capsys):
+    """A LoRA drafter in the serving batch (rows joining and leaving in pairs): every answer is the
+    model's own AR text."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from tiny_models import save_tiny_adapter
+
+    from cllm.drafters import load_drafter
+
+    expected = generated(capsys, model_dir, PROMPTS, "--decoder", "ar", "--max-new-tokens", "40")
+    drafter = load_drafter(str(save_tiny_adapter(model_dir, tmp_path / "adapter", seed=4)), loaded)
+    with running_server(loaded, "drafted:8", max_batch=4, drafter=drafter) as server:
+        with ThreadPoolExecutor(len(PROMPTS)) as pool:
+            responses = list(pool.map(lambda p: chat(server.client, p, max_tokens=40, temperature=0), PROMPTS))
+    assert [r.choices[0].message.content for r in responses] == [r["text"] for r in expected]
+    assert {r.model_extra["cllm"]["decoder"] for r in responses} == {"drafted:8"}
 
 
 @pytest.mark.parametrize(

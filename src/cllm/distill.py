@@ -8,7 +8,9 @@ and training resume from where an interrupted run stopped. A bench or eval repor
 command that made it: when the recipe asks for another command, the stage runs again instead of
 reporting numbers made with other settings. Each stage runs in its own process (`cllm ...`), so
 a bench never times decoding inside a process that has just trained. The final report
-(report.md, report.json) puts target and CLLM side by side.
+(report.md, report.json) puts target and CLLM side by side. A recipe whose training has
+`adapter_only: true` makes a drafter: its benches and evals run the target with `--drafter`
+(a bench's own `model:` adds a lossy CLLM beside it).
 """
 
 from __future__ import annotations
@@ -87,12 +89,22 @@ def run_distill(recipe: dict, run: Callable[[list[str]], None], say: Callable[[s
             ["train", "--model", target, *mix, "--out", str(cllm), "--resume", *common, *flags(recipe.get("train", {}))]
         )
 
+    drafter = bool((recipe.get("train") or {}).get("adapter_only"))  # the output drafts for the target
+    made = ["--drafter", str(cllm)] if drafter else ["--model", str(cllm)]
     for name, options in (recipe.get("bench") or {}).items():
         report = out / "bench" / name / "bench.json"
-        argv = ["bench", "--model", target, "--model", str(cllm), "--out", str(report.parent), *common, *flags(options)]
+        argv = ["bench", "--model", target, *made, "--out", str(report.parent), *common, *flags(options)]
         _run_unless_done(f"bench {name}", report, argv, run, say)
 
     for task, options in (recipe.get("eval") or {}).items():
+        if drafter and task == "fidelity":
+            say("eval fidelity: skipped, a drafter's outputs are the target's own")
+            continue
+        if drafter:
+            report = out / "eval" / f"{task}-drafted.json"
+            argv = ["eval", task, "--model", target, *made, "--out", str(report), *common, *flags(options)]
+            _run_unless_done(f"eval {task} drafted", report, argv, run, say)
+            continue
         if task == "fidelity":  # of the CLLM to the target
             report = out / "eval" / "fidelity.json"
             argv = [
