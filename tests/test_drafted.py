@@ -100,5 +100,5 @@ def test_decode_runs_drafted_by_name_and_needs_a_draft_model():
     assert decode(target, "drafted:8:lookup", prompts, max_new_tokens=20, draft_model=drafter).token_ids == expected
     from cllm.errors import CllmError
 
-    with pytest.raises(CllmError, match="draft model"):
+    with pytest.raises(CllmError, match="needs a drafter"):
         decode(target, "drafted:8", prompts, max_new_tokens=20)

@@ -23,6 +23,7 @@ import uvicorn
 from tiny_models import save_tiny_model
 
 from cllm.cli import build_parser, main
+from cllm.cli.serve import SERVED
 from cllm.decoding import DecoderSpec
 from cllm.decoding.spec import SERVABLE
 from cllm.errors import CllmError
@@ -333,7 +334,8 @@ def test_requests_are_validated_strictly():
 def test_the_cli_lists_the_decoders_the_engine_serves():
     serve = build_parser()._subparsers._group_actions[0].choices["serve"]
     choices = next(a.choices for a in serve._actions if "--decoder" in a.option_strings)
-    assert tuple(choices) == SERVABLE == ("ar", "jacobi", "lookahead")
+    assert SERVABLE == ("ar", "jacobi", "drafted", "lookahead")
+    assert tuple(choices) == tuple(SERVED) == ("ar", "jacobi", "lookahead")  # drafted: jacobi with --drafter
     with pytest.raises(CllmError, match="cannot serve"):
         Engine(None, DecoderSpec.parse("hf"))
 
