@@ -1,8 +1,10 @@
 """Per-step cost of drafted Jacobi on this machine: one forward of n columns after a cached context,
-for the target alone (1 row), the target and its LoRA drafter as two rows of one forward (PairedKV),
-and one row of 2n columns (what a gated single-row design would feed). Eager, median of repeats.
+for the target alone (1 row), the target and a LoRA drafter as two rows of one forward (PairedKV),
+the gated drafter's one row of 2n columns under a 4-D mask (GatedKV), and the target alone on 2n
+columns (the floor a single-row design can reach). Eager, median of repeats. The adapter is fresh
+(rank --rank): the cost does not depend on its weights.
 
-    python scripts/drafter_step_cost.py --drafter runs/drafter/d1/adapter [--dtype bfloat16]
+    python scripts/drafter_step_cost.py [--dtype bfloat16] [--rank 16]
 """
 
 from __future__ import annotations
@@ -13,10 +15,11 @@ import statistics
 import time
 
 import torch
+from peft import LoraConfig, get_peft_model
 
-from cllm.decoding.drafting import PairedKV
+from cllm.decoding.drafting import GatedKV, PairedKV, TokenGate
 from cllm.decoding.kv import DynamicKV
-from cllm.drafters import load_drafter
+from cllm.drafters import ADAPTER_NAME, lora_targets, shared_copy
 from cllm.models import ModelConfig, load_model
 
 
@@ -39,20 +42,24 @@ def _time(store_factory, context: int, columns: int, rows: int, repeats: int) ->
 @torch.inference_mode()
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--drafter", required=True)
+    parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--context", type=int, default=200)
     parser.add_argument("--repeats", type=int, default=15)
     args = parser.parse_args()
     loaded = load_model(ModelConfig(dtype=args.dtype, threads=2))
-    drafter = load_drafter(args.drafter, loaded)
+    config = LoraConfig(r=args.rank, lora_alpha=2 * args.rank, target_modules=lora_targets(loaded.model))
+    adapted = get_peft_model(shared_copy(loaded.model), config, adapter_name=ADAPTER_NAME).eval()
+    gate = TokenGate(adapted, ADAPTER_NAME)
     rows = []
-    for n in (1, 4, 8, 16):
+    for n in (1, 2, 4, 8, 16):
         alone = _time(lambda: DynamicKV(loaded.model), args.context, n, 1, args.repeats)
-        paired = _time(lambda: PairedKV(DynamicKV(drafter.model), drafter.name), args.context, n, 1, args.repeats)
+        paired = _time(lambda: PairedKV(DynamicKV(adapted), ADAPTER_NAME), args.context, n, 1, args.repeats)
+        gated = _time(lambda: GatedKV(DynamicKV(adapted), gate), args.context, n, 1, args.repeats)
         wide = _time(lambda: DynamicKV(loaded.model), args.context, 2 * n, 1, args.repeats)
         rows.append({"n": n, "target_ms": round(alone, 1), "two_rows_ms": round(paired, 1),
-                     "one_row_2n_ms": round(wide, 1), "two_rows_over_target": round(paired / alone, 2)})
+                     "gated_one_row_ms": round(gated, 1), "target_2n_ms": round(wide, 1),
+                     "gated_over_target": round(gated / alone, 2)})
         print(json.dumps(rows[-1]), flush=True)
 
 

@@ -20,11 +20,13 @@ def dirs(tmp_path_factory) -> dict[str, str]:
     corrupt = save_tiny_adapter(target, root / "corrupt", seed=5)
     weights = next(corrupt.glob("adapter_model.*"))
     weights.write_bytes(weights.read_bytes()[:100])
+    bad_kind = save_tiny_adapter(target, root / "bad-kind", seed=5)
+    (bad_kind / "drafter.json").write_text('{"kind": "columns"}')
     other = save_tiny_model(root / "other-tokenizer", eos_token_id=None)
     (other / "tokenizer.json").write_text((other / "tokenizer.json").read_text().replace('"<eos>"', '"<end>"'))
     return {"target": str(target), "adapter": str(root / "adapter"), "corrupt": str(corrupt),
             "model": str(save_tiny_model(root / "full", seed=3, eos_token_id=None)), "other": str(other),
-            "root": str(root)}
+            "root": str(root), "bad-kind": str(bad_kind)}
 
 
 def _generate(capsys, *args: str) -> list[dict]:
@@ -64,12 +66,14 @@ def test_an_adapter_drafter_shares_the_target_s_weights(dirs):
         ("corrupt", [], "cannot load the adapter"),
         ("other", [], "another tokenizer"),
         ("root", [], "neither a PEFT adapter"),
+        ("default", [], "drafts for the default model"),
+        ("bad-kind", [], "unknown drafter kind"),
         ("adapter", ["--decoder", "ar"], "--drafter drafts the guesses of --decoder jacobi"),
         ("adapter", ["--candidates", "2"], "drop --candidates"),
     ],
 )
 def test_a_bad_drafter_is_one_line_and_exit_2(dirs, name, extra, message, capsys):
-    path = dirs.get(name, "/does/not/exist")
+    path = {"default": "default"}.get(name) or dirs.get(name, "/does/not/exist")
     assert main(["generate", "hi", "--model", dirs["target"], "--drafter", path, *extra]) == 2
     stderr = capsys.readouterr().err
     assert message in stderr and len(stderr.strip().splitlines()) == 1, stderr
@@ -84,3 +88,14 @@ def test_bench_runs_drafted_rows_for_the_first_model_only(dirs, tmp_path, capsys
     assert len(drafted) == 1 and drafted[0]["agreement_with_ar"] == 1.0
     assert main(["bench", "--model", dirs["target"], "--decoders", "ar,drafted:4", "--out", str(out)]) == 2
     assert "--drafter goes with drafted" in capsys.readouterr().err
+
+
+def test_the_shipped_drafter_is_small_and_gated():
+    """`--drafter default` needs no training: the default model's adapter is inside the package
+    (its use on the real model: test_default_model_sampled.py)."""
+    from cllm.drafters import SHIPPED, drafter_kind
+
+    files = {path.name: path.stat().st_size for path in SHIPPED.iterdir()}
+    assert "adapter_config.json" in files and "adapter_model.safetensors" in files
+    assert sum(files.values()) <= 10 * 2**20, files
+    assert drafter_kind(SHIPPED) == "gated"

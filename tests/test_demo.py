@@ -1,4 +1,5 @@
-"""`cllm demo`: target vs CLLM (speed and fidelity side by side) when a CLLM exists, a hint when not."""
+"""`cllm demo`: the exact decoders beside AR (identical text), then target vs CLLM (speed and
+fidelity side by side) when a CLLM exists."""
 
 from __future__ import annotations
 
@@ -17,7 +18,8 @@ def test_demo_compares_a_cllm_with_its_target(tmp_path, capsys, monkeypatch):
     )
     out = " ".join(capsys.readouterr().out.split())
     assert "Fidelity of the CLLM" in out and "same top token" in out and "KL" in out
-    assert "jacobi:4:lookup" in out and "same top-1 as target" in out
+    assert "jacobi:16:lookup" in out and "same top-1 as target" in out
+    assert out.count("identical to AR") == 3 * 3 and "differs" not in out  # 3 prompts x 3 exact peers of AR
 
 
 def test_demo_refuses_a_cllm_with_another_tokenizer(tmp_path, capsys):
@@ -40,3 +42,4 @@ def test_demo_finds_the_quick_cllm_in_cllm_home(tmp_path, monkeypatch, capsys):
     assert main(["demo", "--max-new-tokens", "8"]) == 0
     out = " ".join(capsys.readouterr().out.split())
     assert "same top token 100.0%, KL 0.000" in out
+    assert out.count("drafted:4:lookup identical to AR") == 3  # the shipped drafter, float32: exact

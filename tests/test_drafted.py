@@ -1,6 +1,6 @@
 """Drafted Jacobi (the target verifies, a drafter drafts the next guesses) == AR, token for token,
-whatever the drafter: a second model or a LoRA adapter run as the second row of the same forward,
-random (only slower) or the target itself (exactly plain Jacobi)."""
+whatever the drafter: a second model, a LoRA adapter run as the second row of the same forward or
+gated per column in the same row, random (only slower) or the target itself (exactly plain Jacobi)."""
 
 from __future__ import annotations
 
@@ -13,13 +13,13 @@ from tiny_models import ARCHS, VOCAB, tiny_adapter, tiny_model
 from cllm.decoding import Sampling, ar, decode, jacobi, left_pad
 from cllm.decoding.jacobi import drafted
 
-CASES = 120  # per architecture and drafter kind: 720 one-batch cases
-JOINING_CASES = 50  # the same, with rows joining and leaving: 300 cases
-KINDS = ("model", "adapter")
+CASES = 80  # per architecture and drafter kind: 720 one-batch cases
+JOINING_CASES = 34  # the same, with rows joining and leaving: 306 cases
+KINDS = ("model", "adapter", "gated")
 
 
 def _drafter(kind: str, target, arch: str):
-    return tiny_model(arch, seed=2) if kind == "model" else tiny_adapter(target, seed=2)
+    return tiny_model(arch, seed=2) if kind == "model" else tiny_adapter(target, seed=2, gated=kind == "gated")
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -64,20 +64,48 @@ def test_drafted_rows_joining_and_leaving_get_their_own_output(arch, kind):
                 f"case {case}: {settings}, request {number}"
 
 
-@pytest.mark.parametrize("kind", ("model", "zero adapter"))
+@pytest.mark.parametrize("kind", ("model", "zero adapter", "zero gated adapter"))
 @pytest.mark.parametrize("arch", ARCHS)
 def test_the_target_as_its_own_drafter_is_plain_jacobi(arch, kind):
     """Plain Jacobi's next guess is the target's prediction; drafted with the target as drafter
     (itself, or an adapter that changes nothing) makes the same guesses from the same context, so
     every statistic is the same."""
     model = tiny_model(arch, seed=1)
-    drafter = model if kind == "model" else tiny_adapter(model, random=False)
+    drafter = model if kind == "model" else tiny_adapter(model, random=False, gated="gated" in kind)
     input_ids, attention_mask = left_pad([[5, 9, 2, 7], [3, 1], [8, 8, 4, 6, 2, 9, 1]], pad_token_id=0)
     common = dict(block_size=6, max_new_tokens=40, init="prompt", seed=3)
     plain = jacobi(model, input_ids, attention_mask, **common)
     self_drafted = drafted(model, input_ids, attention_mask, draft_model=drafter, **common)
     assert self_drafted.token_ids == plain.token_ids
     assert [s.to_dict() for s in self_drafted.stats] == [s.to_dict() for s in plain.stats]
+
+
+def test_the_gate_switches_the_adapter_per_column():
+    """Gate 0: the target exactly; gate 1: the adapted model; and a gated step's draft columns are
+    the adapted model's prediction at the fed columns after the target's own KV of the context."""
+    import torch
+
+    from cllm.decoding.kv import DynamicKV
+
+    model = tiny_model("llama", seed=1)
+    drafter = tiny_adapter(model, seed=3, gated=True)
+    context, fed = torch.tensor([[4, 9, 2, 7, 1]]), torch.tensor([[3, 8, 6]])
+    target = model(input_ids=torch.cat([context, fed], 1)).logits
+    assert torch.equal(drafter.model(input_ids=torch.cat([context, fed], 1)).logits, target)
+    with drafter.gate.on(torch.ones(())):
+        adapted = drafter.model(input_ids=torch.cat([context, fed], 1)).logits
+    assert not torch.allclose(adapted, target)
+    plain = DynamicKV(drafter.model)
+    plain.forward(context, torch.arange(5)[None], None)  # gate off: the target's KV of the context
+    with drafter.gate.on(torch.ones(())):
+        expected_drafts = plain.forward(fed, torch.arange(5, 8)[None], None)
+    store = drafter.store(8)
+    store.forward(context, torch.arange(5)[None], None)
+    verified = store.forward(fed, torch.arange(5, 8)[None], None)
+    torch.testing.assert_close(verified, target[:, 5:], rtol=0, atol=1e-12)
+    torch.testing.assert_close(store.draft_logits, expected_drafts, rtol=0, atol=1e-12)
+    store.keep(2)
+    assert store.inner.cache.get_seq_length() == 7  # the context and two verify columns, no draft column
 
 
 def test_an_adapter_drafter_leaves_the_target_unchanged():

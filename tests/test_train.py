@@ -98,15 +98,17 @@ def _complete(checkpoint) -> bool:
         return False
 
 
-def test_train_adapter_only_saves_a_drafter(collection, tmp_path, capsys):
-    """--lora --adapter-only writes the unmerged adapter, which --drafter loads: drafted Jacobi with
-    it returns the model's own output."""
+@pytest.mark.parametrize("kind, extra", [("rows", ["--teacher", "--ar-weight", "0"]), ("gated", ["--gated"])])
+def test_train_adapter_only_saves_a_drafter(collection, tmp_path, capsys, kind, extra):
+    """--lora --adapter-only writes the unmerged adapter (and how it drafts), which --drafter loads:
+    drafted Jacobi with it returns the model's own output."""
     model, trajectories = collection
     out = tmp_path / "drafter"
     assert main(["train", "--model", str(model), "--trajectories", str(trajectories), "--out", str(out),
                  "--max-steps", "3", "--lr", "1e-2", "--lora", "--lora-rank", "4", "--adapter-only", "--bf16",
-                 "--teacher", "--ar-weight", "0"]) == 0
+                 *extra]) == 0
     assert (out / "adapter_config.json").is_file() and not (out / "model.safetensors").exists()
+    assert json.loads((out / "drafter.json").read_text()) == {"kind": kind}
     adapter = load_file(out / "adapter_model.safetensors")
     assert adapter and all(t.dtype == torch.bfloat16 for t in adapter.values())
     assert any(float(t.abs().max()) > 0 for name, t in adapter.items() if "lora_B" in name), "training changed nothing"
@@ -116,6 +118,37 @@ def test_train_adapter_only_saves_a_drafter(collection, tmp_path, capsys):
     assert json.loads(capsys.readouterr().out)["token_ids"] == generate_ids(model, "ar", capsys)
     assert main(["train", "--model", str(model), "--trajectories", str(trajectories), "--out", str(tmp_path / "o"),
                  "--adapter-only"]) == 2
+
+
+def test_the_gated_student_is_the_gated_drafter_of_decoding(collection):
+    """What the gated trainer trains (the student's logits at a block) is what drafted decoding
+    drafts there: the adapter on at the block's columns after the target's KV of the context."""
+    from tiny_models import tiny_adapter
+
+    from cllm.collate import TrajectoryCollator
+    from cllm.training import GatedDrafterTrainer
+    from cllm.trajectories import load_trajectories
+
+    _, trajectories = collection
+    entries = [load_trajectories(str(trajectories))[i] for i in (0, 1, 2)]
+    inputs = TrajectoryCollator(pad_token_id=0, eos_token_ids=[1])(entries)
+    target = tiny_model("qwen2", seed=3)
+    drafter = tiny_adapter(target, seed=4, gated=True)
+    trainer = GatedDrafterTrainer.__new__(GatedDrafterTrainer)  # only its forward, no training run
+    trainer.gate = drafter.gate
+    student, targets = trainer._gated_logits(drafter.model, inputs)
+    n = inputs["block_mask"].shape[1]
+    for row in range(len(entries)):
+        real = inputs["student_mask"][row].bool()
+        ids = inputs["student_ids"][row][real][None]
+        context = ids.shape[1] - int(real[-n:].sum())
+        store = drafter.store(ids.shape[1])
+        store.forward(ids[:, :context], torch.arange(context)[None], None)
+        width = ids.shape[1] - context
+        store.forward(ids[:, context:], torch.arange(context, ids.shape[1])[None], None)
+        torch.testing.assert_close(student[row, :width], store.draft_logits[0], rtol=1e-4, atol=1e-4)
+        expected_targets = target(input_ids=inputs["target_ids"][row][real][None]).logits[0, context:]
+        torch.testing.assert_close(targets[row, :width], expected_targets, rtol=1e-4, atol=1e-4)
 
 
 def test_train_bad_input(collection, tmp_path):

@@ -80,12 +80,13 @@ def save_tiny_model(
     return path
 
 
-def tiny_adapter(model: PreTrainedModel, seed: int = 0, rank: int = 4, random: bool = True):
-    """A LoRA drafter of `model` (cllm.decoding.drafting.SharedAdapter): random weights (a bad
-    drafter), or PEFT's initialisation (B = 0: the adapter changes nothing, the drafter is the target)."""
+def tiny_adapter(model: PreTrainedModel, seed: int = 0, rank: int = 4, random: bool = True, gated: bool = False):
+    """A LoRA drafter of `model` (cllm.decoding.drafting.SharedAdapter, or GatedAdapter when
+    `gated`): random weights (a bad drafter), or PEFT's initialisation (B = 0: the adapter changes
+    nothing, the drafter is the target)."""
     from peft import LoraConfig, get_peft_model
 
-    from cllm.decoding.drafting import SharedAdapter
+    from cllm.decoding.drafting import GatedAdapter, SharedAdapter, TokenGate
     from cllm.drafters import ADAPTER_NAME, lora_targets, shared_copy
 
     torch.manual_seed(seed)
@@ -95,6 +96,8 @@ def tiny_adapter(model: PreTrainedModel, seed: int = 0, rank: int = 4, random: b
         for name, weight in adapted.named_parameters():
             if "lora_" in name:
                 weight.data.normal_(0, 0.5)
+    if gated:
+        return GatedAdapter(adapted.eval(), TokenGate(adapted, ADAPTER_NAME))
     return SharedAdapter(adapted.eval(), ADAPTER_NAME)
 
 

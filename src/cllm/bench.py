@@ -101,16 +101,19 @@ def run_benchmark(
     specs: Sequence[DecoderSpec],
     max_new_tokens: int,
     repeats: int = 1,
-    on_step: Callable[[], None] | None = None,
+    on_step: Callable[[str, int], None] | None = None,
     draft: LoadedModel | None = None,
     sampling: Sampling = GREEDY,
     seed: int = 0,
 ) -> list[RunRecord]:
     """Time every decoder of every model on every prompt `repeats` times (batch size 1), after one
     warm-up run of each; `draft` drafts for `hf-assisted`, each model's own `drafter` for its drafted
-    rows. Prompt i samples with seed + i."""
+    rows. Prompt i samples with seed + i. `on_step(what, done)` before each decode: what runs now
+    (for a progress line) and how many timed decodes are done."""
     runs = [(model, spec) for model in models for spec in specs if model.runs(spec)]
+    say = on_step or (lambda what, done: None)
     for model, spec in runs:
+        say(f"warm-up {_named(model, spec)}", 0)
         # a compiled decoder compiles a graph per column width it meets: a whole decode meets them all
         warm_up = max_new_tokens if model.loaded.compile else min(max_new_tokens, 16)
         decode_once(model.loaded, spec, model.prompts[0], warm_up, model.draft(spec, draft), sampling, seed,
@@ -120,6 +123,7 @@ def run_benchmark(
     for step, (repeat, index) in enumerate((r, i) for r in range(repeats) for i in range(count)):
         rotation = step % len(runs)
         for model, spec in runs[rotation:] + runs[:rotation]:
+            say(f"prompt {index + 1}/{count} {_named(model, spec)}", len(records))
             output, seconds = decode_once(model.loaded, spec, model.prompts[index], max_new_tokens,
                                           model.draft(spec, draft), sampling, seed + index, model.llamacpp)
             stats = output.stats[0]
@@ -137,9 +141,11 @@ def run_benchmark(
                     model=model.name,
                 )
             )
-            if on_step is not None:
-                on_step()
     return records
+
+
+def _named(model: BenchModel, spec: DecoderSpec) -> str:
+    return f"{model.name} {spec.label}" if model.name else spec.label
 
 
 @dataclass

@@ -2,7 +2,10 @@
 of the target (adapter_config.json + weights, what `cllm train --lora --adapter-only` writes) or a
 full model directory (a CLLM of the target). Either must share the target's tokenizer.
 
-An adapter is attached to a copy of the target's module tree that shares every base weight
+An adapter drafts the way it was trained, which `cllm train` records in drafter.json: "rows" (its
+own context, a second row of the forward: SharedAdapter) or "gated" (`--gated`: the block's columns
+over the target's context, in the same row: GatedAdapter); an adapter without the file is "rows".
+It is attached to a copy of the target's module tree that shares every base weight
 with it (`shared_copy`), so the target itself is never changed (its other decoders stay plain
 and as fast) and the drafter costs only the adapter's weights.
 """
@@ -16,11 +19,15 @@ from pathlib import Path
 
 from transformers import PreTrainedModel
 
-from cllm.decoding.drafting import SharedAdapter
+from cllm.decoding.drafting import GatedAdapter, SharedAdapter, TokenGate
 from cllm.errors import CllmError
 from cllm.models import LoadedModel
 
 ADAPTER_NAME = "drafter"
+DEFAULT_DRAFTER = "default"
+SHIPPED = Path(__file__).parent / "assets" / "default-drafter"  # the default model's, made by recipes/drafter-g1.yaml
+KIND_FILE = "drafter.json"
+KINDS = ("rows", "gated")
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "c_attn", "c_proj")
 
 
@@ -36,9 +43,26 @@ def shared_copy(model: PreTrainedModel) -> PreTrainedModel:
     return copy.deepcopy(model, memo)
 
 
-def load_drafter(path: str, target: LoadedModel) -> SharedAdapter | LoadedModel:
+def write_drafter_kind(directory: Path, kind: str) -> None:
+    (Path(directory) / KIND_FILE).write_text(json.dumps({"kind": kind}) + "\n")
+
+
+def drafter_kind(directory: Path) -> str:
+    path = Path(directory) / KIND_FILE
+    try:
+        kind = json.loads(path.read_text())["kind"] if path.is_file() else "rows"
+    except (OSError, ValueError, KeyError, TypeError):
+        raise CllmError(f"{path} is not a drafter description (a JSON object with \"kind\")") from None
+    if kind not in KINDS:
+        raise CllmError(f"{path}: unknown drafter kind {kind!r} (one of {', '.join(KINDS)})")
+    return kind
+
+
+def load_drafter(path: str, target: LoadedModel) -> SharedAdapter | GatedAdapter | LoadedModel:
     """The drafter at `path` for `target`; CllmError (one line) when it is missing, broken or for
-    another vocabulary."""
+    another vocabulary. "default": the drafter shipped for the default model."""
+    if path == DEFAULT_DRAFTER:
+        return _shipped_drafter(target)
     directory = Path(path)
     if not directory.is_dir():
         raise CllmError(f"drafter not found: {path} (a PEFT adapter directory or a model directory)")
@@ -61,10 +85,22 @@ def load_drafter(path: str, target: LoadedModel) -> SharedAdapter | LoadedModel:
     return drafter
 
 
-def adapter_drafter(directory: Path, target: PreTrainedModel) -> SharedAdapter:
-    """The adapter in `directory` on a weight-sharing copy of `target`."""
+def _shipped_drafter(target: LoadedModel) -> GatedAdapter | SharedAdapter:
+    from cllm.models import DEFAULT_GGUF_FILE, converted_gguf_dir, default_gguf_path
+
+    if not (SHIPPED / "adapter_config.json").is_file():
+        raise CllmError(f"this installation has no shipped drafter ({SHIPPED} is missing): reinstall cllm")
+    if target.source != str(converted_gguf_dir(default_gguf_path())):
+        raise CllmError(f"--drafter default drafts for the default model ({DEFAULT_GGUF_FILE}), not {target.source}: "
+                        "make one for it with `cllm distill recipes/drafter-g1.yaml` (its `model:` set to yours)")
+    return adapter_drafter(SHIPPED, target.model)
+
+
+def adapter_drafter(directory: Path, target: PreTrainedModel) -> SharedAdapter | GatedAdapter:
+    """The adapter in `directory` on a weight-sharing copy of `target`, drafting as it was trained."""
     from peft import PeftModel
 
+    kind = drafter_kind(directory)
     try:
         json.loads((directory / "adapter_config.json").read_text())
         model = PeftModel.from_pretrained(shared_copy(target), str(directory), adapter_name=ADAPTER_NAME,
@@ -72,6 +108,8 @@ def adapter_drafter(directory: Path, target: PreTrainedModel) -> SharedAdapter:
     except Exception as exc:  # peft and safetensors raise many kinds; each means the adapter cannot be used
         detail = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise CllmError(f"cannot load the adapter in {directory}: {detail[:300]}") from None
+    if kind == "gated":
+        return GatedAdapter(model.eval(), TokenGate(model, ADAPTER_NAME))
     return SharedAdapter(model.eval(), ADAPTER_NAME)
 
 

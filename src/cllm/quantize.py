@@ -1,6 +1,6 @@
 """Weight-only int8 linear layers for CPU decoding (`--quantize int8`).
 
-A one-token step on a CPU is bound by reading the weights (docs/results.md, "Where a decode's
+A one-token step on a CPU is bound by reading the weights (docs/results-history.md, "Where a decode's
 time goes"): int8 weights halve the bytes of bf16 and torch's `_weight_int8pack_mm` kernel makes
 one-column products 3-4x faster. Every `nn.Linear` (the LM head included; GPT-2's `Conv1D` too) gets symmetric int8
 weights with one scale per output channel; activations keep the model's dtype.

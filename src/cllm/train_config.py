@@ -47,6 +47,9 @@ class TrainConfig:
     adapter_only: bool = flag(False, "with --lora: save the unmerged PEFT adapter (adapter_config.json and its "
                               "weights, a few MB; bf16 with --bf16) instead of the merged model: a drafter for "
                               "`--drafter`")
+    gated: bool = flag(False, "with --adapter-only: train a gated drafter (cllm.decoding.drafting.GatedAdapter): the "
+                       "adapter on at the block's columns only, over the target's own KV of the context; "
+                       "consistency loss only, toward the target's fixed point (no teacher copy needed)")
     gradient_checkpointing: bool = flag(False, "trade compute for memory")
     bf16: bool = flag(False, "bf16 autocast (where the device supports it)")
     save_steps: int = flag(100, "checkpoint every N steps")
@@ -82,6 +85,10 @@ class TrainConfig:
             (self.max_length >= 8, "--max-length must be >= 8"),
             (self.lora_rank >= 1, "--lora-rank must be >= 1"),
             (self.lora or not self.adapter_only, "--adapter-only needs --lora"),
+            (self.adapter_only or not self.gated, "--gated needs --lora --adapter-only (it trains a drafter)"),
+            (not self.gated or (not self.teacher and self.distill_weight == 0 and not self.gradient_checkpointing),
+             "--gated reads its targets from the target itself (the adapter off): without --teacher, "
+             "--distill-weight and --gradient-checkpointing"),
             (self.save_steps >= 1 and self.logging_steps >= 1, "--save-steps and --logging-steps must be >= 1"),
             (self.pack in PACKING, f"--pack must be one of {', '.join(PACKING)}"),
             (self.states_per_block >= 1, "--states-per-block must be >= 1"),

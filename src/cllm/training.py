@@ -21,7 +21,7 @@ from cllm.train_config import TrainConfig
 
 
 def _empty_log_window() -> dict[str, float]:
-    return {"consistency_loss": 0.0, "ar_loss": 0.0, "micro_batches": 0}
+    return {"micro_batches": 0}  # and each loss term that was computed
 
 
 def _positions(mask: torch.Tensor) -> torch.Tensor:
@@ -176,6 +176,44 @@ class CllmTrainer(Trainer):
         super().log(logs, *args, **kwargs)
 
 
+class GatedDrafterTrainer(CllmTrainer):
+    """Trains a gated drafter (cllm.decoding.drafting.GatedAdapter) as it drafts: the target (the
+    adapter off) reads prefix + y* once without gradients, which gives the consistency targets at
+    the block and the KV of the context; the student then runs the block's columns (the last
+    prefix token and y[:-1]) with the adapter on, after that KV. The adapter never sees the
+    context, so the AR and distillation terms (on the target's output) have nothing to train."""
+
+    def __init__(self, *args, gate, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.gate = gate
+
+    def _gated_logits(self, model, inputs) -> tuple[torch.Tensor, torch.Tensor]:
+        n = inputs["block_mask"].shape[1]
+        ids, mask, target_ids = inputs["student_ids"], inputs["student_mask"], inputs["target_ids"]
+        context = ids.shape[1] - n  # student and target differ in the block only
+        with torch.no_grad():
+            out = model(input_ids=target_ids, attention_mask=mask, position_ids=_positions(mask), use_cache=True,
+                        logits_to_keep=n)
+        out.past_key_values.crop(-n)  # the context's KV, the block's dropped
+        with self.gate.on(torch.ones((), device=ids.device)):
+            student = model(input_ids=ids[:, context:], attention_mask=mask, position_ids=_positions(mask)[:, context:],
+                            past_key_values=out.past_key_values, use_cache=True).logits
+        return student, out.logits
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        student_logits, target_logits = self._gated_logits(model, inputs)
+        counts = (num_items_in_batch if isinstance(num_items_in_batch, torch.Tensor) and num_items_in_batch.numel() == 2
+                  else None)
+        loss = consistency_loss(student_logits, target_logits, inputs["block_mask"], self.distance, self.beta,
+                                num_items=None if counts is None else counts[0])
+        if model.training:
+            self._remember_terms(loss, None, None, counts, inputs)
+            self.tokens_processed += int(inputs["target_mask"].sum() + inputs["block_mask"].numel())
+        if counts is not None and self.args.world_size > 1:
+            loss = loss * self.args.world_size
+        return (loss, {"logits": student_logits}) if return_outputs else loss
+
+
 def _with_lora(model, rank: int):
     from peft import LoraConfig, get_peft_model
 
@@ -249,7 +287,7 @@ def train(config: TrainConfig) -> Path:
     last = last_complete_checkpoint(checkpoints) if config.resume else None  # first: a damaged one fails fast
     model_config = ModelConfig(name=config.model, dtype=config.dtype, device=config.device)
     loaded = load_model(model_config)
-    teacher = load_model(model_config).model if config.teacher else None
+    teacher = load_model(model_config).model if config.teacher and not config.gated else None
     parts = [load_trajectories(path) for path in config.trajectories.split(",")]
     if config.resume:
         from rich.console import Console
@@ -278,7 +316,7 @@ def train(config: TrainConfig) -> Path:
         use_cpu=loaded.model.device.type == "cpu",
         dataloader_num_workers=0,
     )
-    packing = _packing(config, model)
+    packing = "none" if config.gated else _packing(config, model)  # the gated student reads the context's KV
     if packing == "none" and config.states_per_block > 1:
         raise CllmError("--states-per-block > 1 needs a packed row: GC on the target's output, sdpa or eager attention")
     if packing == "prompt":  # group per collection: prompt indices restart in each
@@ -293,11 +331,15 @@ def train(config: TrainConfig) -> Path:
         max_length=config.max_length, seed=config.seed, pack=packing != "none",
         states_per_block=config.states_per_block,
     )
-    trainer = CllmTrainer(
-        model=model, args=args, train_dataset=dataset, data_collator=collator, ar_weight=config.ar_weight,
-        distance=config.distance, beta=config.beta, label_smoothing=config.label_smoothing,
-        teacher=teacher, distill_weight=config.distill_weight,
-    )
+    common = dict(model=model, args=args, train_dataset=dataset, data_collator=collator, ar_weight=config.ar_weight,
+                  distance=config.distance, beta=config.beta, label_smoothing=config.label_smoothing,
+                  teacher=teacher, distill_weight=config.distill_weight)
+    if config.gated:
+        from cllm.decoding.drafting import TokenGate
+
+        trainer = GatedDrafterTrainer(**common, gate=TokenGate(model, model.active_adapter))
+    else:
+        trainer = CllmTrainer(**common)
     try:
         result = trainer.train(resume_from_checkpoint=last if config.resume else None)
     except ValueError as exc:
@@ -308,6 +350,10 @@ def train(config: TrainConfig) -> Path:
     if trainer.is_world_process_zero():
         final.save_pretrained(out)
         loaded.tokenizer.save_pretrained(out)
+        if config.adapter_only:
+            from cllm.drafters import write_drafter_kind
+
+            write_drafter_kind(out, "gated" if config.gated else "rows")
         seconds = result.metrics["train_runtime"]
         summary = {
             "steps_this_run": trainer.state.global_step

@@ -90,15 +90,15 @@ def add_model_args(parser: argparse.ArgumentParser, several: bool = False, raw: 
         group.add_argument("--raw", action="store_true", help="feed prompts as plain text, without the chat template")
     if engine_options:
         group.add_argument("--quantize", choices=["int8"], help="int8 weights in every linear layer (CPU; "
-                           "measured in docs/results.md). A different model: measure it with `cllm eval fidelity "
-                           "--quantize int8 --target MODEL` (the target loads unquantized)")
+                           "measured in docs/results-history.md). A different model: measure it with "
+                           "`cllm eval fidelity --quantize int8 --target MODEL` (the target loads unquantized)")
         group.add_argument(
             "--compile",
             action="store_true",
             help="run ar, jacobi and lookahead with a compiled "
             "forward over a static KV cache. On a CPU: AOTInductor packages, built once per model, dtype, "
             "column width the decoder uses and batch kind (one row or several; minutes each on a CPU, "
-            "about the model's size on disk each: docs/results.md), kept under "
+            "about the model's size on disk each: docs/results-history.md), kept under "
             "$CLLM_HOME/compile/packages and loaded by later processes; elsewhere "
             "torch.compile in each process; eager when unavailable",
         )
@@ -251,8 +251,9 @@ def spec(args: argparse.Namespace, decoder: str):
 def add_drafter_arg(parser: argparse.ArgumentParser, what: str = "--decoder jacobi becomes") -> None:
     parser.add_argument(
         "--drafter", metavar="DIR",
-        help=f"a drafter of --model: a PEFT LoRA adapter directory (`cllm train --lora --adapter-only`; it runs "
-        f"as a second row of the same forward) or a full CLLM directory, same tokenizer. {what} exact drafted "
+        help=f"a drafter of --model: a PEFT LoRA adapter directory (`cllm train --lora --adapter-only [--gated]`; it "
+        f"runs inside the same forward), a full CLLM directory (same tokenizer), or 'default': the drafter shipped "
+        f"for the default model. {what} exact drafted "
         "Jacobi: the model verifies every token, so the output is the model's own; the drafter only proposes "
         "the next guesses (docs/decoding.md)",
     )

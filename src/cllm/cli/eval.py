@@ -64,7 +64,7 @@ def add_eval(commands) -> None:
     evaluate = commands.add_parser(
         "eval",
         help="quality: gsm8k accuracy, humaneval pass@1, perplexity, mtbench answers, fidelity to a target",
-        description="gsm8k: accuracy on a GSM8K split (final number extracted, see docs/results.md). "
+        description="gsm8k: accuracy on a GSM8K split (final number extracted, see docs/results-history.md). "
         "humaneval: pass@1, every completion run in an OS-level sandbox (namespaces, read-only root, no network, "
         "unprivileged; docs/sandbox.md), refused where the kernel does not allow one. perplexity: on --text FILE or "
         "on a GSM8K split (question + worked answer). mtbench: answers to the 80 questions as FastChat JSONL "
@@ -122,8 +122,9 @@ def add_eval(commands) -> None:
 
 
 def run_bench(models: Sequence[tuple[str, object]], args, prompt_texts: Sequence[str], specs, out_dir: Path | None,
-           repeats: int = 1, sampling=None, seed: int = 0) -> list:
-    """`sampling` None: greedy (the demo); prompt i samples with seed + i."""
+           repeats: int = 1, sampling=None, seed: int = 0, drafter=None) -> list:
+    """`sampling` None: greedy (the demo); prompt i samples with seed + i. `drafter`: the first
+    model's, already loaded (else from --drafter)."""
     from cllm.bench import (
         BenchModel,
         machine_description,
@@ -137,7 +138,7 @@ def run_bench(models: Sequence[tuple[str, object]], args, prompt_texts: Sequence
 
     bench_models = [BenchModel(name, loaded, common.encode_all(loaded, prompt_texts, args.raw, args.max_new_tokens))
                     for name, loaded in models]
-    bench_models[0].drafter = common.load_drafter(args, models[0][1])
+    bench_models[0].drafter = drafter or common.load_drafter(args, models[0][1])
     if any(spec.kind == "llamacpp" for spec in specs):
         _attach_llamacpp(bench_models, args, sampling)
     draft = None
@@ -149,7 +150,8 @@ def run_bench(models: Sequence[tuple[str, object]], args, prompt_texts: Sequence
     with common.progress() as progress:
         task = progress.add_task("benchmarking", total=len(prompt_texts) * len(specs) * len(models) * repeats)
         records = run_benchmark(bench_models, specs, args.max_new_tokens, repeats=repeats,
-                                on_step=lambda: progress.advance(task), draft=draft,
+                                on_step=lambda what, done: progress.update(task, description=what, completed=done),
+                                draft=draft,
                                 sampling=sampling or GREEDY, seed=seed)
     fidelity = None
     if len(bench_models) > 1:
@@ -198,7 +200,7 @@ def _summary_table(summaries) -> Table:
     several = len({s.model for s in summaries}) > 1
     table = Table()
     columns = ["decoder", "median tok/s", "speedup vs target ar" if several else "speedup vs ar", "tokens/forward",
-               "identical to ar"] + (["same top-1 as target", "KL to target"] if several else [])
+               "identical to ar", "degenerate"] + (["same top-1 as target", "KL to target"] if several else [])
     for column in columns:
         table.add_column(column, justify="right")
     for s in summaries:
@@ -209,6 +211,7 @@ def _summary_table(summaries) -> Table:
             f"{speedup:.2f}x",
             f"{s.tokens_per_forward:.3f}",
             f"{s.agreement_with_ar:.0%}",
+            f"{s.degenerate_runs}/{s.runs}" if s.degenerate_runs == 0 else f"[red]{s.degenerate_runs}/{s.runs}[/red]",
         ]
         if several:
             row += ["-" if s.same_top1_vs_target is None else f"{s.same_top1_vs_target:.1%}",

@@ -12,10 +12,15 @@ from rich.console import Console
 
 from cllm.cli import common
 from cllm.cli.common import stderr
-from cllm.cli.eval import run_bench
+from cllm.cli.eval import _summary_table, run_bench
 from cllm.distill import command_line
 from cllm.errors import CllmError
 from cllm.paths import quick_cllm
+
+# The demo's path: eager (no multi-minute compile on a fresh machine), in the dtype and block size
+# measured fastest here for drafted Jacobi with the shipped drafter (docs/results.md, summary).
+DEMO_DTYPE = "float32"
+DEMO_BLOCK_SIZE = 4
 
 
 def add_distill(commands) -> None:
@@ -32,18 +37,20 @@ def add_distill(commands) -> None:
 def add_demo(commands) -> None:
     demo = commands.add_parser(
         "demo",
-        help="a few prompts decoded with AR and Jacobi, then a small speed table (target vs CLLM when there is one)",
-        description="The main job on the default model: shows that Jacobi decoding returns exactly the AR "
-        "text, then times hf, ar and jacobi side by side. When the quick CLLM exists ($CLLM_HOME/quick/cllm, "
-        "made by `cllm distill recipes/quick.yaml`), or --cllm names one, the target and the "
-        "CLLM are compared instead: tokens/forward, speedup over the target's AR, and fidelity to the target.",
+        help="exact drafted decoding beside AR on a few prompts: identical text, tokens/forward, speedup",
+        description="The main job on the default model: the target's AR beside exact drafted Jacobi (the target "
+        "verifies every token, the drafter shipped with cllm proposes them), with lookahead and prompt lookup as "
+        "the exact peers and plain Jacobi: the text each returns, whether it equals AR's, tokens per forward "
+        "and speedup, measured side by side in this process. A lossy CLLM in $CLLM_HOME/quick/cllm (made by "
+        "`cllm distill recipes/quick.yaml`), or --cllm, is then shown beside the target with its fidelity.",
     )
     common.add_decoding_args(demo, max_new_tokens=64)
     demo.add_argument(
         "--cllm", help="a CLLM of --model to compare with it (default: $CLLM_HOME/quick/cllm if it exists)"
     )
-    common.add_drafter_arg(demo, what="The speed table then also has")
+    common.add_drafter_arg(demo, what="(default for the default model: 'default'.) The demo then shows")
     common.add_model_args(demo)
+    demo.set_defaults(block_size=DEMO_BLOCK_SIZE, dtype=DEMO_DTYPE)
 
 
 def cmd_distill(args: argparse.Namespace) -> None:
@@ -67,60 +74,64 @@ def cmd_distill(args: argparse.Namespace) -> None:
 def cmd_demo(args: argparse.Namespace) -> None:
     import torch
 
-    from cllm.bench import DecoderSpec, decode_once
+    from cllm.bench import BenchModel, run_benchmark, summarize
+    from cllm.decoding.spec import DecoderSpec
     from cllm.prompts import DEMO_PROMPTS
 
+    if args.drafter is None and args.model == "default":
+        args.drafter = "default"
+    loaded = common.load(args)
+    drafter = common.load_drafter(args, loaded)
+    n = args.block_size
+    exact = [DecoderSpec("drafted", n, "lookup")] if drafter is not None else []
+    specs = [DecoderSpec("ar"), *exact, DecoderSpec.parse("lookahead:3:3:3"), DecoderSpec.parse("hf-pld:10"),
+             DecoderSpec("jacobi", n, "lookup")]
+    bench_model = BenchModel("", loaded, common.encode_all(loaded, DEMO_PROMPTS, args.raw, args.max_new_tokens))
+    bench_model.drafter = drafter
+    out = Console()
+    with common.progress() as progress:
+        task = progress.add_task("demo", total=len(DEMO_PROMPTS) * len(specs))
+        records = run_benchmark([bench_model], specs, args.max_new_tokens,
+                                on_step=lambda what, done: progress.update(task, description=what, completed=done))
+    for number, text in enumerate(DEMO_PROMPTS):
+        runs = {r.decoder: r for r in records if r.prompt_index == number}
+        reference = runs["ar"]
+        out.rule(f"prompt {number + 1}")
+        out.print(f"[bold]{text}[/bold]")
+        out.print(f"[cyan]AR[/cyan]: {loaded.tokenizer.decode(reference.token_ids, skip_special_tokens=True)}")
+        for spec in specs[1:]:
+            run = runs[spec.label]
+            same = "[green]identical to AR[/green]" if run.token_ids == reference.token_ids else "[red]differs[/red]"
+            out.print(f"  {spec.label:<18} {same}, {run.new_tokens / run.forward_passes:.2f} tokens/forward, "
+                      f"{reference.seconds / run.seconds:.2f}x AR's speed")
+    out.rule(f"speed: {len(DEMO_PROMPTS)} prompts, batch size 1, {args.dtype}, eager, "
+             f"{torch.get_num_threads()} CPU threads, one process")
+    out.print(_summary_table(summarize(records)))
+    out.print("[dim]Every row is exact: the target's own greedy output. Make a drafter of your model: "
+              "`cllm distill recipes/drafter-g1.yaml` with its `model:` set to yours.[/dim]")
     cllm = args.cllm or (
         str(quick_cllm()) if args.model == "default" and (quick_cllm() / "config.json").is_file() else None
     )
     if cllm is not None:
-        return _demo_target_vs_cllm(args, cllm)
-    loaded = common.load(args)
-    encoded = common.encode_all(loaded, DEMO_PROMPTS, args.raw, args.max_new_tokens)
-    jacobi_spec = DecoderSpec("jacobi", args.block_size, args.init)
-    out = Console()
-    for number, (text, ids) in enumerate(zip(DEMO_PROMPTS, encoded), start=1):
-        ar_output, ar_seconds = decode_once(loaded, DecoderSpec("ar"), ids, args.max_new_tokens)
-        jacobi_output, jacobi_seconds = decode_once(loaded, jacobi_spec, ids, args.max_new_tokens)
-        same = ar_output.token_ids == jacobi_output.token_ids
-        stats = jacobi_output.stats[0]
-        out.rule(f"prompt {number}")
-        out.print(f"[bold]{text}[/bold]")
-        ar_text = loaded.tokenizer.decode(ar_output.token_ids[0], skip_special_tokens=True)
-        out.print(f"[cyan]AR[/cyan] ({ar_seconds:.1f} s): {ar_text}")
-        out.print(
-            f"[magenta]Jacobi n={args.block_size}[/magenta] ({jacobi_seconds:.1f} s, {stats.forward_passes} forwards "
-            f"for {stats.new_tokens} tokens): identical to AR: {'[green]yes[/green]' if same else '[red]NO[/red]'}"
-        )
-    out.rule("speed (batch size 1, same prompts, one process)")
-    specs = [DecoderSpec("hf"), DecoderSpec("ar"), jacobi_spec]
-    if args.drafter:
-        specs.append(DecoderSpec("drafted", args.block_size, "lookup"))
-    run_bench([("", loaded)], args, DEMO_PROMPTS, specs, out_dir=None)
-    out.print(
-        f"[dim]{torch.get_num_threads()} CPU threads; vanilla Jacobi gains little before consistency training.[/dim]"
-    )
-    if args.model == "default":
-        out.print("No CLLM yet: `cllm distill recipes/quick.yaml` makes one of the default model "
-                  f"(into {quick_cllm()}); `cllm demo` then compares it with the target.", highlight=False)
+        _demo_target_vs_cllm(args, cllm, loaded)
 
 
-def _demo_target_vs_cllm(args: argparse.Namespace, cllm: str) -> None:
-    """Target vs CLLM on the demo prompts: speed and fidelity side by side."""
+def _demo_target_vs_cllm(args: argparse.Namespace, cllm: str, target) -> None:
+    """Target vs a lossy CLLM on the demo prompts: speed and fidelity side by side."""
     from cllm.bench import DecoderSpec
     from cllm.fidelity import check_same_tokenizer
     from cllm.prompts import DEMO_PROMPTS
 
-    target = common.load(args)
     model = common.load_named(args, cllm)
     check_same_tokenizer(model, target)
     out = Console()
     out.rule(f"target ({args.model}) vs CLLM ({cllm}), {len(DEMO_PROMPTS)} prompts, batch size 1, one process")
     specs = [
         DecoderSpec("ar"),
-        DecoderSpec("jacobi", args.block_size),
-        DecoderSpec("jacobi", args.block_size, "lookup"),
-    ] + ([DecoderSpec("drafted", args.block_size, "lookup")] if args.drafter else [])
+        DecoderSpec("jacobi", 16),
+        DecoderSpec("jacobi", 16, "lookup"),  # the block size lossy CLLMs are trained for
+    ]
+    args.drafter = None  # drafted rows were shown above
     summaries = run_bench([("target", target), ("cllm", model)], args, DEMO_PROMPTS, specs, out_dir=None)
     fidelity = next(s for s in summaries if s.model == "cllm")
     out.print(

@@ -9,7 +9,7 @@ from collections.abc import Callable, Sequence
 from transformers import PreTrainedModel
 
 from cllm.decoding.core import BatchControl, DecodeOutput, TokenCallback, left_pad
-from cllm.decoding.drafting import SharedAdapter
+from cllm.decoding.drafting import DraftModel
 from cllm.decoding.sampling import GREEDY, Sampling, row_seeds
 from cllm.decoding.spec import SERVABLE, DecoderKind, DecoderSpec
 from cllm.errors import CllmError
@@ -29,7 +29,7 @@ def decode(
     eos_token_id: int | Sequence[int] | None = None,
     pad_token_id: int | None = None,
     compile: bool | str | None = None,
-    draft_model: PreTrainedModel | SharedAdapter | None = None,
+    draft_model: DraftModel | None = None,
     return_trajectory: bool = False,
 ) -> DecodeOutput:
     """Decode `prompts` (token ids, unpadded) with the decoder `spec` names.
@@ -76,7 +76,7 @@ def _resolve(model, eos_token_id, pad_token_id, compile) -> tuple[PreTrainedMode
 
 
 def _check(kind: DecoderKind, spec: DecoderSpec, batch: int, control: BatchControl | None,
-           draft_model: PreTrainedModel | SharedAdapter | None, return_trajectory: bool) -> None:
+           draft_model: DraftModel | None, return_trajectory: bool) -> None:
     if control is not None and not kind.servable:
         raise CllmError(f"{kind.name} cannot let rows join and leave a running batch; use one of "
                         f"{', '.join(SERVABLE)}")

@@ -4,7 +4,7 @@ On a CPU, `compile=True` runs AOTInductor packages: the model's forward over a s
 exported once per column width and batch kind (one row, or a dynamic number of rows; the cache's
 size is always dynamic), compiled ahead of time with frozen weights and autotuned GEMMs, and kept
 under $CLLM_HOME/compile/packages, keyed by a hash of the weights. The first process spends
-minutes per package on a CPU; every later one loads it (times in docs/results.md). Freezing is
+minutes per package on a CPU; every later one loads it (times in docs/results-history.md). Freezing is
 what makes the CPU step fast: the weights become constants, prepacked for the matrix kernels,
 and each linear layer's kernel is picked by timing inductor's own C++ GEMM against oneDNN's for
 its shape (one column: a weight-streaming kernel several times faster than oneDNN's; 16 columns:
@@ -113,7 +113,7 @@ class _PackagedForward:
     """The model's forward over a static cache from AOTInductor packages, loaded from
     $CLLM_HOME/compile/packages or exported and compiled there first. One package per column width
     and batch kind: a single row (the batch size fixed at 1: its small products get faster kernels,
-    docs/results.md) or several (the batch size dynamic). A
+    docs/results-history.md) or several (the batch size dynamic). A
     package that cannot be exported runs `in_process` (torch.compile) instead."""
 
     def __init__(self, model: PreTrainedModel, weights: int, fingerprint: str, in_process: _CompiledForward) -> None:

@@ -11,10 +11,22 @@ the target has verified it, so the output is the target's whatever the drafter d
   through PEFT's per-row `adapter_names`; the base weights are read once for both rows. Both
   rows are fed the same columns and keep the same accepted ones, so one store of 2B rows
   (`PairedKV`) holds both contexts, and the batch sees B rows.
+- `GatedAdapter`: a LoRA adapter switched on per token (`TokenGate`). The batch runs each row's
+  fed columns twice in ONE row under a 4-D mask (`GatedKV`):
+
+      columns    [ context b | fed columns (adapter off) | fed columns again (adapter on) ]
+      verify     sees the context and the verify columns before it   -> the output
+      draft      sees the context and the draft columns before it    -> the next guesses
+
+  One KV cache, the target's: the draft columns read the target's own keys and values of the
+  context, and only the verify columns' are ever kept. The drafter must be trained so
+  (cllm.training, `gate`): its adapter on at the block's columns only.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -22,7 +34,7 @@ from transformers import PreTrainedModel
 
 from cllm.decoding.batch import Batch, _forward_after, _keep_first
 from cllm.decoding.core import KVStore, _pad, left_pad
-from cllm.decoding.kv import DynamicKV, Mask, new_store
+from cllm.decoding.kv import DynamicKV, Mask, _as_3d, new_store
 
 
 @dataclass(frozen=True)
@@ -85,8 +97,98 @@ class PairedKV:
         return contents[0][0].shape[0] // 2 if contents else 0
 
 
+class TokenGate:
+    """Switches the LoRA adapter `adapter` of a PEFT `model` on per token: while `on(value)`, every
+    LoRA branch's output is scaled by `value` ((B, T, 1) or a scalar; 1 on, 0 off), through a
+    forward hook on its down-projection (`lora_A`). Outside `on` the adapter is off: the model is
+    the target, exactly (the branch adds zeros)."""
+
+    def __init__(self, model: torch.nn.Module, adapter: str) -> None:
+        from peft.tuners.lora import LoraLayer
+
+        self.value: torch.Tensor | None = None
+        self.handles = [module.lora_A[adapter].register_forward_hook(self._scale) for module in model.modules()
+                        if isinstance(module, LoraLayer) and adapter in module.lora_A]
+        if not self.handles:
+            raise ValueError(f"the model has no LoRA adapter {adapter!r} to gate")
+
+    def _scale(self, module: torch.nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor:
+        return output * (0.0 if self.value is None else self.value.to(output.dtype))
+
+    @contextmanager
+    def on(self, value: torch.Tensor | None) -> Iterator[None]:
+        previous, self.value = self.value, value
+        try:
+            yield
+        finally:
+            self.value = previous
+
+
+@dataclass(frozen=True)
+class GatedAdapter:
+    """A LoRA adapter of the target, trained gated, as its drafter. `model` is a PEFT model over
+    a module tree that shares every base weight with the target (cllm.drafters builds it)."""
+
+    model: PreTrainedModel
+    gate: TokenGate
+
+    def store(self, capacity: int) -> GatedKV:
+        return GatedKV(DynamicKV(self.model), self.gate)
+
+
+class GatedKV:
+    """The target's KV store, whose `forward` also drafts: it feeds the m columns twice (verify,
+    then draft; see the module docstring) and returns the verify columns' logits, keeping the
+    draft columns' in `draft_logits`. Only verify columns come first, so keeping the first
+    columns (`keep`, `keep_columns`) never keeps a draft column."""
+
+    def __init__(self, inner: DynamicKV, gate: TokenGate) -> None:
+        self.inner, self.gate = inner, gate
+        self.draft_logits: torch.Tensor | None = None  # (B, m, V) of the last forward
+
+    def forward(self, tokens: torch.Tensor, positions: torch.Tensor, mask: Mask,
+                logits_to_keep: int | torch.Tensor = 0) -> torch.Tensor:
+        cached = self.inner.cache.get_seq_length()
+        if not cached:  # a prefill: the target reads the prompt, nothing is drafted yet
+            self.draft_logits = None
+            return self.inner.forward(tokens, positions, mask, logits_to_keep)
+        batch, m = tokens.shape
+        allowed = _as_3d(mask, batch, m, cached, tokens.device)  # (B, m, S + m)
+        unseen = torch.zeros((batch, m, m), dtype=torch.bool, device=tokens.device)
+        verify = torch.cat([allowed, unseen], dim=2)
+        draft = torch.cat([allowed[..., :cached], unseen, allowed[..., cached:]], dim=2)
+        gate = torch.cat([torch.zeros(m), torch.ones(m)]).to(tokens.device)[None, :, None]
+        with self.gate.on(gate):
+            logits = self.inner.forward(torch.cat([tokens, tokens], dim=1), torch.cat([positions, positions], dim=1),
+                                        torch.cat([verify, draft], dim=1), logits_to_keep)
+        self.draft_logits = logits[:, m:]
+        return logits[:, :m]
+
+    def empty(self, capacity: int) -> GatedKV:
+        return GatedKV(self.inner.empty(capacity), self.gate)
+
+    def keep(self, count: int) -> None:
+        self.inner.keep(count)
+
+    def keep_columns(self, columns: torch.Tensor) -> None:
+        self.inner.keep_columns(columns)
+
+    def select(self, rows: torch.Tensor) -> None:
+        self.inner.select(rows)
+
+    def merge(self, other: GatedKV) -> GatedKV:
+        return GatedKV(self.inner.merge(other.inner), self.gate)
+
+    def contents(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        return self.inner.contents()
+
+
+ADAPTER_DRAFTERS = (SharedAdapter, GatedAdapter)  # drafters that run inside the target's forward
+DraftModel = PreTrainedModel | SharedAdapter | GatedAdapter
+
+
 class AdapterDrafts:
-    """The drafter's side of a batch whose store is a `PairedKV` (a `RowState`): its rows start,
+    """The drafter's side of a batch whose store is a `PairedKV` or `GatedKV` (a `RowState`): its rows start,
     leave and keep columns with the target's inside the store, so only the predictions are read here."""
 
     def __init__(self, batch: Batch) -> None:

@@ -33,7 +33,7 @@ from cllm.decoding.core import (
     _validate,
     accepted_prefix,
 )
-from cllm.decoding.drafting import AdapterDrafts, Drafter, SharedAdapter
+from cllm.decoding.drafting import ADAPTER_DRAFTERS, AdapterDrafts, Drafter, DraftModel
 from cllm.decoding.ngrams import NgramPools
 from cllm.decoding.sampling import GREEDY, Sampling, row_seeds
 from cllm.decoding.spec import INIT_STRATEGIES
@@ -172,7 +172,7 @@ def jacobi(
     sampling: Sampling | Sequence[Sampling] = GREEDY,
     control: BatchControl | None = None,
     compile: bool | str = False,
-    drafter: PreTrainedModel | SharedAdapter | None = None,
+    drafter: DraftModel | None = None,
 ) -> DecodeOutput:
     """Jacobi decoding with a KV cache over blocks of `block_size` tokens.
 
@@ -186,13 +186,13 @@ def jacobi(
     leave while decoding (continuous batching; cllm.decoding.core.BatchControl); `compile` runs the
     compiled path (cllm.decoding.kv). `drafter`: a second model (same tokenizer) fed the same
     columns, whose predictions become the next guesses (`drafted`), or a LoRA adapter of `model`
-    run in the same forward (`SharedAdapter`, cllm.decoding.drafting).
+    run in the same forward (`SharedAdapter`, `GatedAdapter`: cllm.decoding.drafting).
     """
     input_ids, attention_mask = _as_batch(input_ids, attention_mask)
     _check_jacobi(input_ids, attention_mask, max_new_tokens, block_size, candidates, ngram, return_trajectory, control)
     if drafter is not None and candidates:
         raise ValueError("a drafter drafts the block's guesses: decode without candidates")
-    shared = isinstance(drafter, SharedAdapter)
+    shared = isinstance(drafter, ADAPTER_DRAFTERS)
     batch = Batch(model, input_ids, attention_mask, max_new_tokens=max_new_tokens, slack=max(block_size, ngram),
                   eos_token_id=eos_token_id, pad_token_id=pad_token_id, sampling=sampling, seed=seed,
                   on_tokens=on_tokens, control=control, compile=compile, store=drafter.store if shared else None)
@@ -332,7 +332,7 @@ class _Blocks:
 
 
 def drafted(model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
-            draft_model: PreTrainedModel | SharedAdapter, **kwargs) -> DecodeOutput:
+            draft_model: DraftModel, **kwargs) -> DecodeOutput:
     """Exact drafted Jacobi decoding: the target `model` verifies every guess (its greedy output,
     or its seeded sample, token for token) while `draft_model` (a CLLM of it, or any model with
     its tokenizer), fed the same columns in the same step, drafts the next guesses. `kwargs`:

@@ -21,7 +21,7 @@ Each step feeds one sequence per row through the public forward with a custom 4D
   context's last tokens (prompt lookup; a loop shorter than D repeated), verified like a
   candidate. The pool's candidates are N-1 tokens long; a draft copies a longer span where the
   answer repeats its question, which is what makes transformers' prompt lookup hard to beat on a
-  CPU (docs/results.md).
+  CPU (docs/results-history.md).
 The pool (per row, keyed by first token, newest first, G per key) is fed by the window and by
 every N-gram of the row's own context (prompt + output so far). The KV of `pending` and of the
 winner's right prefix is kept (gathered per row: each row's winner sits in other columns), the
