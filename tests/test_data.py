@@ -101,3 +101,24 @@ def test_malformed_jsonl_lines(tmp_path):
     path.write_text('{"text": "no prompt field"}\n')
     with pytest.raises(CllmError, match="'prompt'"):
         load_prompts("jsonl", SourceOptions(path=str(path)))
+
+
+def test_hub_sources_take_a_config_and_gsm8k_falls_back_to_the_hub(monkeypatch, tmp_path):
+    """hf:NAME:CONFIG reaches load_dataset as (NAME, CONFIG); without a local copy (a wheel install
+    has no ../shared), gsm8k reads the hub's openai/gsm8k, config main."""
+    import datasets
+
+    from cllm import data
+
+    calls = []
+
+    def fake_load_dataset(name, config, split):
+        calls.append((name, config, split))
+        return [{"question": "What is 2 + 2?", "answer": "4", "text": "hello"}]
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    assert [r.text for r in load_prompts("hf:someone/data:cfg", SourceOptions(prompt_field="text"))] == ["hello"]
+    monkeypatch.setattr(data, "default_gsm8k_path", lambda split: tmp_path / f"{split}.jsonl")
+    records = load_prompts("gsm8k", SourceOptions(split="test"))
+    assert [(r.id, r.text, r.label) for r in records] == [("gsm8k-test-0", "What is 2 + 2?", "4")]
+    assert calls == [("someone/data", "cfg", "train"), ("openai/gsm8k", "main", "test")]

@@ -146,3 +146,15 @@ def test_a_drafter_recipe_benches_and_evaluates_the_target_with_its_drafter(tmp_
     evals = [argv for argv in calls if argv[0] == "eval"]
     assert [argv[1] for argv in evals] == ["gsm8k"] and "--drafter" in evals[0]
     assert any("a drafter's outputs are the target's own" in line for line in said)
+
+
+def test_recipes_ship_in_the_package_and_are_found_by_name(capsys):
+    """`cllm distill quick` works from a wheel: the recipes live in the package (recipes/ links there)."""
+    from cllm.distill import SHIPPED, resolve_recipe
+
+    assert main(["distill", "--list"]) == 0
+    listing = capsys.readouterr().out
+    assert listing.startswith("drafter-d1 ") and "\nquick " in listing and str(SHIPPED) in listing
+    assert resolve_recipe("quick") == SHIPPED / "quick.yaml" == resolve_recipe("quick.yaml")
+    assert (Path(__file__).parents[1] / "recipes").resolve() == SHIPPED.resolve()
+    assert main(["distill"]) == 2 and "or --list" in capsys.readouterr().err

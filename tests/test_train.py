@@ -98,10 +98,11 @@ def _complete(checkpoint) -> bool:
         return False
 
 
-@pytest.mark.parametrize("kind, extra", [("rows", ["--teacher", "--ar-weight", "0"]), ("gated", ["--gated"])])
+@pytest.mark.parametrize("kind, extra", [("rows", ["--teacher", "--ar-weight", "0"]), ("gated", ["--gated"]),
+                                         ("gated", ["--gated", "--lora-targets", "down_proj,o_proj"])])
 def test_train_adapter_only_saves_a_drafter(collection, tmp_path, capsys, kind, extra):
     """--lora --adapter-only writes the unmerged adapter (and how it drafts), which --drafter loads:
-    drafted Jacobi with it returns the model's own output."""
+    drafted Jacobi with it returns the model's own output; --lora-targets adapts only the projections named."""
     model, trajectories = collection
     out = tmp_path / "drafter"
     assert main(["train", "--model", str(model), "--trajectories", str(trajectories), "--out", str(out),
@@ -112,12 +113,18 @@ def test_train_adapter_only_saves_a_drafter(collection, tmp_path, capsys, kind, 
     adapter = load_file(out / "adapter_model.safetensors")
     assert adapter and all(t.dtype == torch.bfloat16 for t in adapter.values())
     assert any(float(t.abs().max()) > 0 for name, t in adapter.items() if "lora_B" in name), "training changed nothing"
+    adapted = {name.split(".lora_")[0].rsplit(".", 1)[-1] for name in adapter}
+    every = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+    assert adapted == ({"down_proj", "o_proj"} if "--lora-targets" in extra else every)
     capsys.readouterr()
     assert main(["generate", "hello", "--model", str(model), "--drafter", str(out), "--json",
                  "--max-new-tokens", "20"]) == 0
     assert json.loads(capsys.readouterr().out)["token_ids"] == generate_ids(model, "ar", capsys)
     assert main(["train", "--model", str(model), "--trajectories", str(trajectories), "--out", str(tmp_path / "o"),
                  "--adapter-only"]) == 2
+    assert main(["train", "--model", str(model), "--trajectories", str(trajectories), "--out", str(tmp_path / "o"),
+                 "--lora", "--lora-targets", "nope_proj", "--max-steps", "1"]) == 2
+    assert "no projection named nope_proj" in capsys.readouterr().err
 
 
 def test_the_gated_student_is_the_gated_drafter_of_decoding(collection):

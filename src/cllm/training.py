@@ -214,12 +214,12 @@ class GatedDrafterTrainer(CllmTrainer):
         return (loss, {"logits": student_logits}) if return_outputs else loss
 
 
-def _with_lora(model, rank: int):
+def _with_lora(model, rank: int, targets: str = ""):
     from peft import LoraConfig, get_peft_model
 
     from cllm.drafters import lora_targets
 
-    config = LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=lora_targets(model), task_type="CAUSAL_LM")
+    config = LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=lora_targets(model, targets), task_type="CAUSAL_LM")
     return get_peft_model(model, config)
 
 
@@ -296,7 +296,7 @@ def train(config: TrainConfig) -> Path:
         Console(stderr=True).print(message, highlight=False, soft_wrap=True)
     model = loaded.model
     if config.lora:
-        model = _with_lora(model, config.lora_rank)
+        model = _with_lora(model, config.lora_rank, config.lora_targets)
     args = TrainingArguments(
         output_dir=str(checkpoints),
         per_device_train_batch_size=config.batch_size,

@@ -6,6 +6,7 @@ while an earlier position was still wrong, and never changed again)."""
 from __future__ import annotations
 
 import html
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,11 +26,13 @@ class BlockView:
 
 
 def trajectory_views(
-    loaded: LoadedModel, prompt: str, block_size: int, blocks: int, raw: bool = False
+    loaded: LoadedModel, prompt: str, block_size: int, blocks: int, raw: bool = False,
+    on_tokens: Callable[[int], None] | None = None,
 ) -> list[BlockView]:
+    """The first `blocks` Jacobi blocks of the prompt's output; `on_tokens(count)` as it grows."""
     ids = loaded.encode_prompt(prompt, raw=raw)
     output = decode(loaded, DecoderSpec("jacobi", block_size=block_size), [ids], max_new_tokens=1 + block_size * blocks,
-                    return_trajectory=True)
+                    return_trajectory=True, on_tokens=None if on_tokens is None else lambda _, new: on_tokens(len(new)))
     return [_view(loaded, states) for states in output.trajectories[0][:blocks]]
 
 

@@ -26,7 +26,8 @@ def add_collect(commands) -> None:
         "share of the prompts (RANK/WORLD_SIZE), or set --shard-index/--num-shards by hand.",
     )
     collect.add_argument(
-        "--dataset", required=True, help="gsm8k, humaneval, mtbench, sharegpt, jsonl, stdlib-code or hf:NAME"
+        "--dataset", required=True, help="gsm8k (../shared/datasets beside the repository, else the hub's "
+        "openai/gsm8k), humaneval, mtbench, sharegpt, jsonl, stdlib-code or hf:NAME[:CONFIG]"
     )
     collect.add_argument("--path", help="dataset file (default for gsm8k: ../shared/datasets/gsm8k/<split>.jsonl)")
     collect.add_argument("--split", default="train", help="dataset split for gsm8k and hf: (default: %(default)s)")

@@ -185,9 +185,13 @@ def cmd_viz(args: argparse.Namespace) -> None:
         raise CllmError("empty prompt")
     views = {}
     names = args.model or ["default"]
-    for name, label in zip(names, common.short_names(names)):
-        args.model = name
-        views[label] = trajectory_views(common.load(args), args.prompt, args.block_size, args.blocks, args.raw)
+    with common.progress() as progress:
+        for name, label in zip(names, common.short_names(names)):
+            args.model = name
+            loaded = common.load(args)
+            task = progress.add_task(f"viz {label}", total=1 + args.block_size * args.blocks)
+            views[label] = trajectory_views(loaded, args.prompt, args.block_size, args.blocks, args.raw,
+                                            on_tokens=lambda count, task=task: progress.advance(task, count))
     args.out.mkdir(parents=True, exist_ok=True)
     render_html(views, args.prompt, args.out / "trajectory.html")
     render_png(views, args.out / "trajectory.png")

@@ -201,7 +201,9 @@ def _summary_table(summaries) -> Table:
     table = Table()
     columns = ["decoder", "median tok/s", "speedup vs target ar" if several else "speedup vs ar", "tokens/forward",
                "identical to ar", "degenerate"] + (["same top-1 as target", "KL to target"] if several else [])
-    for column in columns:
+    # The decoder's name is the row's key: it is never cut, the headers wrap instead.
+    table.add_column(columns[0], no_wrap=True, min_width=max(len(s.name) for s in summaries))
+    for column in columns[1:]:
         table.add_column(column, justify="right")
     for s in summaries:
         speedup = s.speedup_vs_reference_ar if several else s.speedup_vs_ar

@@ -27,11 +27,13 @@ def add_distill(commands) -> None:
     distill = commands.add_parser(
         "distill",
         help="collect -> train -> bench -> eval from a recipe, each stage resumable",
-        description="Runs the stages of a recipe (see recipes/smollm2-gsm8k.yaml): trajectories of the target, "
-        "consistency training, a target-vs-CLLM speed benchmark and quality evaluations. A stage whose output "
-        "is complete is skipped; an interrupted one resumes. Ends with OUT/report.md and OUT/report.json.",
+        description="Runs the stages of a recipe: trajectories of the target, consistency training, a "
+        "target-vs-CLLM speed benchmark and quality evaluations. A stage whose output is complete is skipped; an "
+        "interrupted one resumes. Ends with OUT/report.md and OUT/report.json. Recipes ship with cllm (`--list`); "
+        "copy one to change it.",
     )
-    distill.add_argument("recipe", type=Path, help="a YAML recipe")
+    distill.add_argument("recipe", nargs="?", help="a YAML recipe file, or a shipped recipe's name (e.g. quick)")
+    distill.add_argument("--list", action="store_true", help="list the shipped recipes and where they are")
 
 
 def add_demo(commands) -> None:
@@ -42,7 +44,7 @@ def add_demo(commands) -> None:
         "verifies every token, the drafter shipped with cllm proposes them), with lookahead and prompt lookup as "
         "the exact peers and plain Jacobi: the text each returns, whether it equals AR's, tokens per forward "
         "and speedup, measured side by side in this process. A lossy CLLM in $CLLM_HOME/quick/cllm (made by "
-        "`cllm distill recipes/quick.yaml`), or --cllm, is then shown beside the target with its fidelity.",
+        "`cllm distill quick`), or --cllm, is then shown beside the target with its fidelity.",
     )
     common.add_decoding_args(demo, max_new_tokens=64)
     demo.add_argument(
@@ -54,9 +56,16 @@ def add_demo(commands) -> None:
 
 
 def cmd_distill(args: argparse.Namespace) -> None:
-    from cllm.distill import load_recipe, run_distill
+    from cllm.distill import SHIPPED, load_recipe, resolve_recipe, run_distill, shipped_recipes
 
-    recipe = load_recipe(args.recipe)
+    if args.list:
+        for name, summary in shipped_recipes().items():
+            print(f"{name:<20} {summary}")
+        print(f"(in {SHIPPED}; accelerate configs for `cllm train` in {SHIPPED.parent / 'configs'})")
+        return
+    if args.recipe is None:
+        raise CllmError("give a recipe (a YAML file or a shipped recipe's name), or --list")
+    recipe = load_recipe(resolve_recipe(args.recipe))
 
     def run(argv: list[str]) -> None:
         # A fresh process per stage: decoding right after training in the same process measured
@@ -106,9 +115,16 @@ def cmd_demo(args: argparse.Namespace) -> None:
                       f"{reference.seconds / run.seconds:.2f}x AR's speed")
     out.rule(f"speed: {len(DEMO_PROMPTS)} prompts, batch size 1, {args.dtype}, eager, "
              f"{torch.get_num_threads()} CPU threads, one process")
-    out.print(_summary_table(summarize(records)))
-    out.print("[dim]Every row is exact: the target's own greedy output. Make a drafter of your model: "
-              "`cllm distill recipes/drafter-g1.yaml` with its `model:` set to yours.[/dim]")
+    summaries = summarize(records)
+    out.print(_summary_table(summaries))
+    if all(s.agreement_with_ar in (None, 1) for s in summaries):
+        out.print("[dim]Every row is exact: the target's own greedy output.[/dim]")
+    else:
+        out.print(f"[yellow]Some outputs differ from AR's: in {args.dtype} a forward of several columns rounds "
+                  "differently from a one-token one, so near-ties can flip (each decoder is exact in float32, the "
+                  "demo's default).[/yellow]")
+    out.print("[dim]Make a drafter of your model: `cllm distill drafter-g1`, from a copy of the recipe with its "
+              "`model:` set to yours (`cllm distill --list` says where it is).[/dim]")
     cllm = args.cllm or (
         str(quick_cllm()) if args.model == "default" and (quick_cllm() / "config.json").is_file() else None
     )

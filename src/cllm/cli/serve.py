@@ -11,7 +11,9 @@ from rich.console import Console
 from cllm.cli import common
 from cllm.cli.common import stderr
 from cllm.decoding.spec import KINDS, SERVABLE
-from cllm.errors import CllmError
+from cllm.errors import CllmError, require_extra
+
+SERVE_MODULES = ("fastapi", "uvicorn", "pydantic", "starlette", "prometheus_client")
 
 SERVED = [name for name in SERVABLE if not KINDS[name].needs_draft]  # drafted: jacobi with --drafter
 
@@ -122,6 +124,7 @@ def _engine(args: argparse.Namespace, max_batch: int):
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
+    require_extra("serve", *SERVE_MODULES)
     from cllm.serving.api import ServeSettings
     from cllm.serving.server import serve
 
@@ -164,6 +167,7 @@ def _serve_args(args: argparse.Namespace, spec) -> list[str]:
 
 
 def cmd_serve_bench(args: argparse.Namespace) -> None:
+    require_extra("serve", *SERVE_MODULES, "openai")
     from cllm.decoding.spec import DecoderSpec
     from cllm.serving.load import ServerProcess, bench_levels, write_report
 

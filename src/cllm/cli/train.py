@@ -19,7 +19,8 @@ def add_train(commands) -> None:
         description="Fine-tunes --model so that from any Jacobi state it predicts the fixed point: "
         "L = L_consistency (gc or lc) + ar-weight * L_AR. Checkpoints go to OUT/checkpoints (--resume "
         "continues from the last one); the final model is saved to OUT, loadable with --model OUT. "
-        "Runs as one CPU process or under `accelerate launch` (see configs/).",
+        "Runs as one CPU process or under `accelerate launch` (configs ship with cllm: `cllm distill --list` says "
+        "where).",
     )
     train.add_argument("--trajectories", required=True, type=Path, action="append",
                        help="a directory written by cllm collect; repeat it to train on a mix of collections")

@@ -1,0 +1,227 @@
+"""`cllm serve`, `cllm chat` and `cllm serve-bench`."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+from rich.console import Console
+
+from cllm.cli import common
+from cllm.cli.common import stderr
+from cllm.decoding.spec import KINDS, SERVABLE
+from cllm.errors import CllmError, require_extra
+
+SERVE_MODULES = ("fastapi", "uvicorn", "pydantic", "starlette", "prometheus_client")
+
+SERVED = [name for name in SERVABLE if not KINDS[name].needs_draft]  # drafted: jacobi with --drafter
+
+
+def add_serve(commands) -> None:
+    serve = commands.add_parser(
+        "serve",
+        help="an OpenAI-compatible HTTP server: continuous batching, streaming, /metrics, a live page at /",
+        description="Serves /v1/chat/completions, /v1/completions and /v1/models (OpenAI's schemas; streams are "
+        "SSE ending in [DONE]; every response carries its decoding statistics in a `cllm` field), /health, "
+        "/metrics (Prometheus) and a chat page at /. One decoding loop serves every request: new ones join the "
+        "running batch, finished and disconnected ones leave it. A request that names no temperature, top_p or "
+        "top_k gets this server's --temperature, --top-p, --top-k; one without max_tokens gets --max-new-tokens. "
+        "The first Ctrl-C / SIGTERM lets running requests finish (up to --shutdown-grace), a second stops at once.",
+    )
+    serve.add_argument("--decoder", choices=SERVED, default="jacobi",
+                       help="the decoder every request goes through (default: %(default)s)")
+    common.add_decoding_args(serve, max_new_tokens=256, max_new_tokens_help="max_tokens of a request that sets none")
+    common.add_drafter_arg(serve)
+    common.add_sampling_args(serve, seed=False, about="Defaults for requests that set none (a request's `seed` fixes "
+                       "its sample; without one it is random).")
+    group = serve.add_argument_group("server")
+    group.add_argument("--host", default="127.0.0.1", help="address to listen on; 0.0.0.0 for every interface "
+                       "(default: %(default)s)")
+    group.add_argument("--port", type=common.non_negative_int, default=8000, help="(default: %(default)s)")
+    group.add_argument("--served-name", help="the model name clients use (default: the --model argument)")
+    group.add_argument("--max-batch", type=common.positive_int, default=8, help="requests decoded together at most "
+                       "(default: %(default)s)")
+    group.add_argument(
+        "--max-queue",
+        type=common.non_negative_int,
+        default=64,
+        help="requests waiting for a place in the batch at most; more get 429 with Retry-After (default: %(default)s)",
+    )
+    group.add_argument(
+        "--request-timeout",
+        type=common.positive_float,
+        default=300.0,
+        help="seconds a request may take from arrival, waiting included; then it ends with 504 (default: %(default)s)",
+    )
+    group.add_argument(
+        "--shutdown-grace",
+        type=common.non_negative_float,
+        default=30.0,
+        help="seconds running requests get to finish at shutdown (default: %(default)s)",
+    )
+    group.add_argument("--log-level", choices=["debug", "info", "warning", "error"], default="info",
+                       help="uvicorn's log level; debug also logs every request (default: %(default)s)")
+    common.add_model_args(serve, raw=False, engine_options=True)
+
+
+def add_chat(commands) -> None:
+    chat = commands.add_parser(
+        "chat",
+        help="chat with a model in the terminal (streaming; fast-forwarded text highlighted)",
+        description="An interactive chat with the model decoded in this process. Text that arrived several tokens "
+        "in one forward is highlighted. /reset forgets the conversation, /stats shows tokens per forward, "
+        "Ctrl-C stops a reply (not the program), Ctrl-D or /quit leaves.",
+    )
+    chat.add_argument("--decoder", choices=SERVED, default="jacobi", help="(default: %(default)s)")
+    chat.add_argument("--system", help="a system message that starts every conversation")
+    common.add_decoding_args(chat, max_new_tokens=512)
+    common.add_drafter_arg(chat)
+    common.add_sampling_args(chat)
+    common.add_model_args(chat, raw=False, engine_options=True)
+
+
+def add_serve_bench(commands) -> None:
+    load = commands.add_parser(
+        "serve-bench",
+        help="load-test cllm serve: throughput and latency percentiles at several concurrency levels",
+        description="For each decoder, starts `cllm serve` with it (or uses --url), sends streamed chat requests "
+        "through the openai client with --concurrency requests in flight, and reports total tokens/s, "
+        "requests/s, p50/p99 time to first token and end-to-end latency, and tokens per forward. Writes "
+        "serve-bench.json and serve-bench.md to --out.",
+    )
+    load.add_argument("--decoders", default="ar,jacobi:16,lookahead:3:3:3",
+                      help="comma-separated ar, jacobi:N[:INIT[:G]], lookahead:W:N:G (default: %(default)s)")
+    load.add_argument("--url", help="an already running server's base URL (e.g. http://127.0.0.1:8000/v1) "
+                      "instead of starting one per decoder; --decoders is then ignored")
+    load.add_argument("--concurrency", default="1,4,16", help="comma-separated levels (default: %(default)s)")
+    load.add_argument("--requests", type=common.positive_int, default=16,
+                      help="requests per level (at least the level's concurrency) (default: %(default)s)")
+    load.add_argument("--max-new-tokens", type=common.positive_int, default=128, help="max_tokens of every request "
+                      "(default: %(default)s)")
+    load.add_argument("--max-batch", type=common.positive_int, default=16, help="the servers' --max-batch "
+                      "(default: %(default)s)")
+    common.add_prompt_source_args(load)
+    load.add_argument("--limit", type=common.positive_int, help="use only the first N prompts")
+    load.add_argument(
+        "--out", type=Path, default=Path("runs/serve-bench"), help="report directory (default: %(default)s)"
+    )
+    common.add_model_args(load, raw=False, engine_options=True)
+
+
+def _engine(args: argparse.Namespace, max_batch: int):
+    from cllm.serving.engine import Engine
+
+    spec = common.spec(args, args.decoder)
+    loaded = common.load(args)
+    drafter = common.load_drafter(args, loaded)
+    if loaded.compile:  # compile before the first request, not during it
+        from cllm.bench import decode_once
+
+        with stderr.status("compiling the decoder (minutes on a CPU the first time) ..."):
+            decode_once(loaded, spec, loaded.encode_prompt("Hello"), args.max_new_tokens, drafter)
+    return Engine(loaded, spec, max_batch=max_batch, max_queue=getattr(args, "max_queue", 64), drafter=drafter)
+
+
+def cmd_serve(args: argparse.Namespace) -> None:
+    require_extra("serve", *SERVE_MODULES)
+    from cllm.serving.api import ServeSettings
+    from cllm.serving.server import serve
+
+    engine = _engine(args, args.max_batch)
+    settings = ServeSettings(served_name=args.served_name or args.model, decoder_label=engine.spec.label,
+                             default_max_tokens=args.max_new_tokens, sampling=common.sampling(args),
+                             request_timeout=args.request_timeout)
+    stderr.print(f"serving {settings.served_name!r} with {settings.decoder_label} on http://{args.host}:{args.port} "
+                 f"(OpenAI API under /v1, chat page at /, metrics at /metrics)", highlight=False, soft_wrap=True)
+    serve(engine, settings, args.host, args.port, grace=args.shutdown_grace, log_level=args.log_level)
+
+
+def cmd_chat(args: argparse.Namespace) -> None:
+    from cllm.serving.chat import Chat
+
+    engine = _engine(args, max_batch=1)
+    engine.start()
+    try:
+        Chat(engine, args.max_new_tokens, common.sampling(args), args.seed, args.system, Console()).run()
+    finally:
+        engine.stop()
+
+
+def _serve_args(args: argparse.Namespace, spec) -> list[str]:
+    """`cllm serve` flags for one decoder spec and this command's model settings."""
+    flags = ["--model", args.model, "--dtype", args.dtype, "--device", args.device, "--decoder", spec.kind,
+             "--max-batch", str(args.max_batch), "--max-queue", str(max(64, args.requests))]
+    if args.threads:
+        flags += ["--threads", str(args.threads)]
+    if args.quantize:
+        flags += ["--quantize", args.quantize]
+    if args.compile:
+        flags += ["--compile"]
+    if spec.kind == "jacobi":
+        flags += ["--block-size", str(spec.block_size), "--init", spec.init]
+    if spec.kind == "lookahead" or spec.verified:
+        flags += ["--window", str(spec.window), "--ngram", str(spec.ngram), "--candidates", str(spec.verified),
+                  "--draft", str(spec.draft)]
+    return flags
+
+
+def cmd_serve_bench(args: argparse.Namespace) -> None:
+    require_extra("serve", *SERVE_MODULES, "openai")
+    from cllm.decoding.spec import DecoderSpec
+    from cllm.serving.load import ServerProcess, bench_levels, write_report
+
+    levels = [_level(part) for part in args.concurrency.split(",") if part.strip()]
+    args.raw = False
+    prompts = common.bench_prompts(args)
+    reports = []
+
+    def show(report) -> None:
+        stderr.print(f"{report.label} concurrency {report.concurrency}: {report.tokens_per_second:.1f} tokens/s, "
+                     f"TTFT p50 {report.ttft_p50:.2f} s, latency p50 {report.latency_p50:.2f} s, "
+                     f"{report.errors} errors", highlight=False, soft_wrap=True)
+
+    if args.url:
+        reports = bench_levels(args.url, prompts, levels, args.requests, args.max_new_tokens, args.url, show)
+    else:
+        specs = [DecoderSpec.parse(part.strip()) for part in args.decoders.split(",") if part.strip()]
+        for spec in specs:
+            if spec.kind not in SERVED:
+                raise CllmError(f"cannot serve-bench {spec.label}: use {', '.join(SERVED)}")
+        for spec in specs:
+            server = ServerProcess(_serve_args(args, spec))
+            with stderr.status(f"starting cllm serve with {spec.label} ..."):
+                server.start()
+            try:
+                reports += bench_levels(server.base_url, prompts, levels, args.requests, args.max_new_tokens,
+                                        spec.label, show)
+            finally:
+                server.stop()
+    meta = {
+        "command": args.command_line,
+        "machine": f"{_cpu_name()}, {os.cpu_count()} cores",
+        "model": args.model,
+        "dtype": args.dtype,
+        "threads": args.threads,
+        "prompts": len(prompts),
+        "max_new_tokens": args.max_new_tokens,
+        "max_batch": args.max_batch,
+    }
+    print(write_report(args.out, reports, meta))
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "unknown CPU"
+
+
+def _level(text: str) -> int:
+    try:
+        return common.positive_int(text.strip())
+    except argparse.ArgumentTypeError as exc:
+        raise CllmError(f"--concurrency: {exc}") from None

@@ -1,0 +1,49 @@
+"""Autoregressive decoding with a KV cache: one forward per token, the reference."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from transformers import PreTrainedModel
+
+from cllm.decoding.batch import Batch
+from cllm.decoding.core import BatchControl, DecodeOutput, TokenCallback, _as_batch, _validate
+from cllm.decoding.sampling import GREEDY, Sampling
+
+
+@torch.inference_mode()
+def ar(
+    model: PreTrainedModel,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    *,
+    max_new_tokens: int | Sequence[int] = 128,
+    eos_token_id: int | Sequence[int] | None = None,
+    pad_token_id: int = 0,
+    on_tokens: TokenCallback | None = None,
+    sampling: Sampling | Sequence[Sampling] = GREEDY,
+    seed: int | Sequence[int] = 0,
+    control: BatchControl | None = None,
+    compile: bool | str = False,
+) -> DecodeOutput:
+    """Autoregressive decoding with a KV cache: one forward per new token, greedy or sampled
+    (`sampling`, with the per-row randomness fixed by `seed`: cllm.decoding.sampling).
+
+    input_ids, attention_mask: (B, P) left-padded prompts. Returns B outputs, each stopping after
+    its first EOS (included) or at `max_new_tokens` (one for all rows or one per row). `control`
+    lets rows join and leave while decoding (continuous batching; cllm.decoding.core.BatchControl).
+    `compile`: True (or a torch.compile backend's name) runs the compiled path (cllm.decoding.kv).
+    """
+    input_ids, attention_mask = _as_batch(input_ids, attention_mask)
+    _validate(input_ids, attention_mask, max_new_tokens, block_size=1)
+    batch = Batch(model, input_ids, attention_mask, max_new_tokens=max_new_tokens, slack=1, eos_token_id=eos_token_id,
+                  pad_token_id=pad_token_id, sampling=sampling, seed=seed, on_tokens=on_tokens, control=control,
+                  compile=compile, one_per_token=True)
+    while batch.admit():
+        one = torch.ones_like(batch.rows.n_out)  # (B,) every step accepts its one token
+        prediction = batch.forward(batch.rows.pending[:, None])  # (B, 1)
+        batch.keep_columns(one)
+        _, done = batch.emit(prediction, one)
+        batch.retire(done)
+    return batch.output()

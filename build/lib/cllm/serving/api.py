@@ -1,0 +1,398 @@
+"""The OpenAI-compatible HTTP API over an `Engine`: /v1/models, /v1/chat/completions,
+/v1/completions (JSON or SSE streams), /health, /metrics and the live page at /.
+
+Every error is an OpenAI error object `{"error": {"message", "type", "param", "code"}}` with a
+4xx status for a bad request; 500 is left to real faults of the server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import random
+import time
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from importlib.resources import files
+
+from fastapi import FastAPI
+from fastapi import Request as HttpRequest
+from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from cllm.decoding.sampling import GREEDY, Sampling
+from cllm.errors import CllmError
+from cllm.serving.engine import Engine, Failed, Finished, QueueFull, Request, ShuttingDown, Tokens
+from cllm.serving.metrics import Metrics
+from cllm.serving.schemas import ChatCompletionRequest, CompletionRequest, parse
+from cllm.serving.text import TextAssembler
+
+DISCONNECT_POLL_SECONDS = 0.5
+
+
+@dataclass(frozen=True)
+class ServeSettings:
+    served_name: str
+    decoder_label: str
+    default_max_tokens: int = 256
+    sampling: Sampling = GREEDY  # for requests that name no temperature / top_p / top_k
+    request_timeout: float = 300.0
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, kind: str = "invalid_request_error", headers: dict | None = None):
+        super().__init__(message)
+        self.status, self.message, self.kind, self.headers = status, message, kind, headers or {}
+
+    def response(self) -> JSONResponse:
+        return JSONResponse(_error_body(self.message, self.kind, self.status), self.status, headers=self.headers)
+
+
+def _error_body(message: str, kind: str, status: int) -> dict:
+    return {"error": {"message": message, "type": kind, "param": None, "code": status}}
+
+
+@dataclass
+class _Service:
+    """What every handler needs: the engine, the settings, the metrics."""
+
+    engine: Engine
+    settings: ServeSettings
+    metrics: Metrics
+    latency_average: float = 1.0  # seconds, a running mean for Retry-After
+
+
+def create_app(engine: Engine, settings: ServeSettings) -> FastAPI:
+    metrics = Metrics(engine)
+    service = _Service(engine, settings, metrics)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        engine.start()
+        yield
+        engine.stop()
+
+    app = FastAPI(title="cllm", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+
+    @app.exception_handler(ApiError)
+    async def api_error(_: HttpRequest, exc: ApiError) -> JSONResponse:
+        return exc.response()
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_: HttpRequest, exc: StarletteHTTPException) -> JSONResponse:
+        return JSONResponse(_error_body(str(exc.detail), "invalid_request_error", exc.status_code), exc.status_code)
+
+    @app.exception_handler(Exception)
+    async def fault(_: HttpRequest, exc: Exception) -> JSONResponse:  # ours, never the client's: a clean 500
+        return JSONResponse(_error_body("internal server error", "server_error", 500), 500)
+
+    app.add_middleware(_CountRequests, metrics=metrics)
+
+    @app.get("/health")
+    async def health() -> JSONResponse:
+        body = {"status": "ok" if engine.accepting else "shutting down", "model": settings.served_name,
+                "decoder": settings.decoder_label, "running": engine.running, "waiting": engine.queue_depth}
+        return JSONResponse(body, 200 if engine.accepting else 503)
+
+    @app.get("/metrics")
+    async def prometheus() -> Response:
+        return Response(metrics.text(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    @app.get("/", response_class=HTMLResponse)
+    async def page() -> HTMLResponse:
+        return HTMLResponse(files("cllm.serving").joinpath("page.html").read_text(encoding="utf-8"))
+
+    @app.get("/v1/models")
+    async def models() -> dict:
+        return {"object": "list", "data": [_model_card(settings.served_name)]}
+
+    @app.get("/v1/models/{name:path}")
+    async def model(name: str) -> dict:
+        if name != settings.served_name:
+            raise ApiError(404, f"the model {name!r} does not exist; this server serves {settings.served_name!r}",
+                           "not_found_error")
+        return _model_card(name)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(http: HttpRequest) -> Response:
+        body = _parse(ChatCompletionRequest, await http.body())
+        messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text} for m in body.messages]
+        prompt_ids = _chat_ids(engine, messages)
+        return await _generate(service, http, body, prompt_ids, chat=True)
+
+    @app.post("/v1/completions")
+    async def completions(http: HttpRequest) -> Response:
+        body = _parse(CompletionRequest, await http.body())
+        if not body.text:
+            raise ApiError(400, "prompt: empty")
+        prompt_ids = list(engine.loaded.tokenizer(body.text).input_ids)
+        return await _generate(service, http, body, prompt_ids, chat=False)
+
+    return app
+
+
+class _CountRequests:
+    """Counts responses by path and status (plain ASGI: it must not get in the way of streams)."""
+
+    def __init__(self, app, metrics: Metrics) -> None:
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+
+        async def counting_send(message) -> None:
+            if message["type"] == "http.response.start":
+                path = scope["path"] if scope["path"] in KNOWN_PATHS else "other"
+                self.metrics.requests.labels(path, str(message["status"])).inc()
+            await send(message)
+
+        await self.app(scope, receive, counting_send)
+
+
+KNOWN_PATHS = ("/", "/health", "/metrics", "/v1/models", "/v1/chat/completions", "/v1/completions")
+
+
+def _model_card(name: str) -> dict:
+    return {"id": name, "object": "model", "created": 0, "owned_by": "cllm"}
+
+
+def _parse(model, body: bytes):
+    try:
+        return parse(model, body)
+    except CllmError as exc:
+        raise ApiError(400, str(exc)) from None
+
+
+def _chat_ids(engine: Engine, messages: list[dict]) -> list[int]:
+    tokenizer = engine.loaded.tokenizer
+    if not tokenizer.chat_template:
+        raise ApiError(400, "this model has no chat template: use /v1/completions with a plain prompt")
+    try:
+        return engine.loaded.encode_messages(messages)
+    except Exception as exc:  # noqa: BLE001 -- templates raise what they like (e.g. roles out of order)
+        raise ApiError(400, f"messages: the chat template refused them: {exc}") from None
+
+
+def _request(settings: ServeSettings, context: int | None, body, prompt_ids: list[int], deliver) -> Request:
+    """The engine request of a validated body: the context and the sampling settings checked."""
+    if not prompt_ids:
+        raise ApiError(400, "the prompt encodes to zero tokens")
+    limit = body.token_limit
+    if context is not None:
+        room = context - len(prompt_ids)
+        if room < 1:
+            raise ApiError(400, f"the prompt has {len(prompt_ids)} tokens: it does not fit the model's context "
+                                f"of {context} tokens")
+        if limit is not None and limit > room:
+            raise ApiError(400, f"max_tokens {limit} + the prompt's {len(prompt_ids)} tokens exceed the model's "
+                                f"context of {context} tokens")
+        limit = limit if limit is not None else min(settings.default_max_tokens, room)
+    default = settings.sampling
+    try:
+        sampling = Sampling(
+            default.temperature if body.temperature is None else body.temperature,
+            default.top_k if body.top_k is None else body.top_k,
+            default.top_p if body.top_p is None else body.top_p,
+        )
+    except CllmError as exc:
+        raise ApiError(400, str(exc)) from None
+    if body.seed is not None:
+        seed = body.seed
+    else:  # greedy: the seed only picks Jacobi's first guesses; keep the statistics reproducible too
+        seed = 0 if sampling.greedy else random.randrange(2**63)
+    return Request(prompt_ids, limit or settings.default_max_tokens, sampling, seed, deliver)
+
+
+def _deliver_to(events: asyncio.Queue):
+    """A callback the engine thread may call: puts the event on `events` in this event loop."""
+    loop = asyncio.get_running_loop()
+
+    def deliver(event) -> None:
+        try:
+            loop.call_soon_threadsafe(events.put_nowait, event)
+        except RuntimeError:
+            pass  # the loop closed: nobody is listening any more
+
+    return deliver
+
+
+async def _generate(service: _Service, http: HttpRequest, body, prompt_ids: list[int], chat: bool) -> Response:
+    engine, settings = service.engine, service.settings
+    if body.model != settings.served_name:
+        raise ApiError(404, f"the model {body.model!r} does not exist; this server serves {settings.served_name!r}",
+                       "not_found_error")
+    events: asyncio.Queue = asyncio.Queue()
+    request = _request(settings, engine.loaded.context_length, body, prompt_ids, _deliver_to(events))
+    try:
+        engine.submit(request)
+    except QueueFull as exc:
+        retry = max(1, math.ceil(service.latency_average))
+        raise ApiError(429, f"the server is busy ({exc}); retry in {retry} s", "rate_limit_error",
+                       {"Retry-After": str(retry)}) from None
+    except ShuttingDown as exc:
+        raise ApiError(503, str(exc), "server_error") from None
+    run = _Run(service, request, events, body, chat)
+    if body.stream:
+        return StreamingResponse(run.stream(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+    return await run.whole(http)
+
+
+class _Run:
+    """One request from submission to its response: events turned into text, stats, metrics."""
+
+    def __init__(self, service: _Service, request: Request, queue: asyncio.Queue, body, chat: bool) -> None:
+        self.service, self.settings = service, service.settings
+        self.request, self.queue, self.body, self.chat = request, queue, body, chat
+        self.assembler = TextAssembler(service.engine.loaded.tokenizer, body.stop_strings)
+        self.id = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
+        self.created = int(time.time())
+        self.first_token_at: float | None = None
+
+    async def events(self, http: HttpRequest | None) -> AsyncIterator[Tokens | Finished | Failed]:
+        """The engine's events until the end, a timeout or (with `http`) the client leaving."""
+        request = self.request
+        deadline = request.arrived + self.settings.request_timeout
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                request.cancel("timeout")
+                yield Failed(f"the request timed out after {self.settings.request_timeout:g} s")
+                return
+            try:
+                event = await asyncio.wait_for(self.queue.get(), min(remaining, DISCONNECT_POLL_SECONDS))
+            except TimeoutError:
+                if http is not None and await http.is_disconnected():
+                    request.cancel("disconnected")
+                    return
+                continue
+            if isinstance(event, Tokens):
+                self.first_token_at = self.first_token_at or event.at
+                if self.assembler.stopped:
+                    continue
+            elif isinstance(event, Finished) and request.cancel_reason in ("shutdown", "timeout"):
+                event = Failed("the server is shutting down" if request.cancel_reason == "shutdown"
+                               else f"the request timed out after {self.settings.request_timeout:g} s")
+            yield event
+            if not isinstance(event, Tokens):
+                return
+
+    def add(self, tokens: Tokens) -> str:
+        piece = self.assembler.add(tokens.token_ids)
+        if self.assembler.stopped:
+            self.request.cancel("stop")
+        return piece
+
+    def failure_status(self) -> int:
+        return {"timeout": 504, "shutdown": 503}.get(self.request.cancel_reason or "", 500)
+
+    def finish_reason(self, finished: Finished) -> str:
+        return "length" if finished.reason == "length" and not self.assembler.stopped else "stop"
+
+    def stats(self, finished: Finished) -> dict:
+        request = self.request
+        return {
+            "decoder": self.settings.decoder_label,
+            "forward_passes": finished.stats.forward_passes,
+            "tokens_per_forward": round(finished.stats.tokens_per_forward, 4),
+            "fast_forward": finished.stats.fast_forward,
+            "queue_seconds": round((request.started or request.arrived) - request.arrived, 4),
+            "seconds": round(time.monotonic() - request.arrived, 4),
+        }
+
+    def usage(self, finished: Finished) -> dict:
+        prompt, completion = len(self.request.prompt_ids), len(finished.token_ids)
+        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+    def record(self, finished: Finished | None) -> None:
+        now = time.monotonic()
+        request = self.request
+        stats = finished.stats if finished is not None else None
+        self.service.metrics.finished(request.arrived, request.started, self.first_token_at, now,
+                                      stats.new_tokens if stats else 0, stats.forward_passes if stats else 0)
+        self.service.latency_average = 0.8 * self.service.latency_average + 0.2 * (now - request.arrived)
+
+    async def whole(self, http: HttpRequest) -> Response:
+        text: list[str] = []
+        async for event in self.events(http):
+            if isinstance(event, Tokens):
+                text.append(self.add(event))
+            elif isinstance(event, Failed):
+                self.record(None)
+                raise ApiError(self.failure_status(), event.message, "server_error")
+            else:
+                text.append(self.assembler.flush())
+                self.record(event)
+                return JSONResponse(self.response("".join(text), event))
+        self.record(None)
+        return Response(status_code=499)  # the client left; nobody reads this
+
+    def response(self, text: str, finished: Finished) -> dict:
+        reason = self.finish_reason(finished)
+        if self.chat:
+            choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
+                      "finish_reason": reason}
+        else:
+            choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": reason}
+        return {"id": self.id, "object": "chat.completion" if self.chat else "text_completion",
+                "created": self.created, "model": self.settings.served_name, "choices": [choice],
+                "usage": self.usage(finished), "cllm": self.stats(finished)}
+
+    def chunk(self, piece: str | None, reason: str | None = None, extra: dict | None = None) -> str:
+        if self.chat:
+            delta = {"role": "assistant", "content": ""} if piece is None else ({"content": piece} if piece else {})
+            choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": reason}
+        else:
+            choice = {"index": 0, "text": piece or "", "logprobs": None, "finish_reason": reason}
+        data = {"id": self.id, "object": "chat.completion.chunk" if self.chat else "text_completion",
+                "created": self.created, "model": self.settings.served_name, "choices": [choice]}
+        return _sse(data | (extra or {}))
+
+    async def stream(self) -> AsyncIterator[str]:
+        """SSE chunks: the role (chat), text pieces with how many tokens and forwards made them
+        (`cllm`), the finish reason with the request's stats, the usage if asked, then [DONE]."""
+        finished = None
+        try:
+            if self.chat:
+                yield self.chunk(None)
+            tokens = forwards = 0
+            async for event in self.events(None):
+                if isinstance(event, Tokens):
+                    piece = self.add(event)
+                    tokens, forwards = tokens + len(event.token_ids), forwards + 1
+                    if piece:
+                        yield self.chunk(piece, extra={"cllm": {"tokens": tokens, "forwards": forwards}})
+                        tokens = forwards = 0
+                elif isinstance(event, Failed):
+                    yield _sse(_error_body(event.message, "server_error", self.failure_status()))
+                    break
+                else:
+                    finished = event
+                    piece = self.assembler.flush()
+                    if piece:
+                        yield self.chunk(piece, extra={"cllm": {"tokens": tokens, "forwards": forwards}})
+                    yield self.chunk("", self.finish_reason(event), {"cllm": self.stats(event)})
+                    options = self.body.stream_options
+                    if options is not None and options.include_usage:
+                        yield _sse(
+                            {
+                                "id": self.id,
+                                "object": "chat.completion.chunk" if self.chat else "text_completion",
+                                "created": self.created,
+                                "model": self.settings.served_name,
+                                "choices": [],
+                                "usage": self.usage(event),
+                            }
+                        )
+            yield "data: [DONE]\n\n"
+        finally:
+            if not self.request.done:
+                self.request.cancel("disconnected")
+            self.record(finished)
+
+
+def _sse(data: dict) -> str:
+    return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
