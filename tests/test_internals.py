@@ -36,3 +36,20 @@ def test_the_attention_implementation_is_switched_for_one_call_only():
     with attention_implementation(model.config, "eager"):
         assert model.config._attn_implementation == "eager"
     assert model.config._attn_implementation == before
+
+
+def test_auto_device_is_each_rank_s_own_gpu(monkeypatch):
+    """Under torchrun / accelerate launch every rank loads onto its LOCAL_RANK's GPU, not all onto GPU 0."""
+    import torch
+
+    from cllm.models import resolve_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    assert resolve_device("auto") == torch.device("cuda", 0)
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    assert resolve_device("auto") == torch.device("cuda", 3)
+    assert resolve_device("cpu") == torch.device("cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_device("auto") == torch.device("cpu")

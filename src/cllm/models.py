@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import importlib.util
+import os
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -102,8 +103,12 @@ class LoadedModel:
 
 
 def resolve_device(device: str) -> torch.device:
+    """`auto`: the GPU if there is one; under torchrun / accelerate launch, this process's own
+    (LOCAL_RANK), so that each rank loads its model onto its GPU rather than all onto GPU 0."""
     if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if not torch.cuda.is_available():
+            return torch.device("cpu")
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise CllmError(f"device {device!r} requested but CUDA is not available; use --device cpu")
     return torch.device(device)

@@ -11,6 +11,8 @@ from cllm.errors import CllmError
 
 PACKING = ("prompt", "entry", "none")  # every block of a prompt in one row | one block per row | three forwards
 DISTANCES = ("forward_kl", "reverse_kl", "jsd", "argmax_ce")  # the divergences cllm.losses implements
+SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup", "cosine_with_restarts", "polynomial",
+              "inverse_sqrt", "warmup_stable_decay")  # transformers' SchedulerType values that need no extra kwargs
 
 
 def flag(default, help: str, name: str | None = None, choices: tuple[str, ...] | None = None):
@@ -66,6 +68,13 @@ class TrainConfig:
     states_per_block: int = flag(1, "with --pack prompt or entry: train up to K distinct states of each block in "
                                  "the same row (they share its prefix, so K states cost K x (n - 1) extra tokens, "
                                  "not K forwards)")
+    lr_scheduler: str = flag("linear", "learning-rate schedule after the warmup (transformers' lr_scheduler_type)",
+                             choices=SCHEDULERS)
+    weight_decay: float = flag(0.0, "AdamW weight decay")
+    report_to: str = flag("none", "where the Trainer logs besides the console: none, or comma-separated "
+                          "integrations it knows (tensorboard, wandb, ...; each needs its package installed)")
+    attn_implementation: str = flag("", "attention kernel to train with (sdpa, eager, flash_attention_2, ...; "
+                                    "default: the model's). Packed rows need sdpa or eager")
     warmup_steps: float = flag(0.0, "linear learning-rate warmup: a number of steps, or a fraction of all steps "
                                "when < 1")
     teacher: bool = flag(False, "keep a frozen copy of the target as teacher: consistency targets come from it, not "
@@ -97,6 +106,8 @@ class TrainConfig:
             (self.pack in PACKING, f"--pack must be one of {', '.join(PACKING)}"),
             (self.states_per_block >= 1, "--states-per-block must be >= 1"),
             (self.warmup_steps >= 0, "--warmup-steps must be >= 0"),
+            (self.weight_decay >= 0, "--weight-decay must be >= 0"),
+            (self.lr_scheduler in SCHEDULERS, f"--lr-scheduler must be one of {', '.join(SCHEDULERS)}"),
             (self.distill_weight >= 0, "--distill-weight must be >= 0"),
             (self.teacher or self.distill_weight == 0, "--distill-weight needs --teacher (the frozen target)"),
         ]

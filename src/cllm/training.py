@@ -295,6 +295,10 @@ def train(config: TrainConfig) -> Path:
         message = f"resuming from {last}" if last else f"no checkpoint in {checkpoints}: starting from the beginning"
         Console(stderr=True).print(message, highlight=False, soft_wrap=True)
     model = loaded.model
+    if config.attn_implementation:
+        _set_attention(model, config.attn_implementation)
+        if teacher is not None:
+            _set_attention(teacher, config.attn_implementation)
     if config.lora:
         model = _with_lora(model, config.lora_rank, config.lora_targets)
     args = TrainingArguments(
@@ -303,6 +307,8 @@ def train(config: TrainConfig) -> Path:
         gradient_accumulation_steps=config.grad_accum,
         learning_rate=config.learning_rate,
         warmup_steps=config.warmup_steps,
+        lr_scheduler_type=config.lr_scheduler,
+        weight_decay=config.weight_decay,
         num_train_epochs=config.epochs,
         max_steps=config.max_steps,
         logging_steps=config.logging_steps,
@@ -311,7 +317,7 @@ def train(config: TrainConfig) -> Path:
         bf16=config.bf16,
         activation_checkpointing=config.gradient_checkpointing,
         remove_unused_columns=False,
-        report_to=[],
+        report_to=[] if config.report_to == "none" else [name.strip() for name in config.report_to.split(",")],
         seed=config.seed,
         use_cpu=loaded.model.device.type == "cpu",
         dataloader_num_workers=0,
@@ -344,11 +350,15 @@ def train(config: TrainConfig) -> Path:
         result = trainer.train(resume_from_checkpoint=last if config.resume else None)
     except ValueError as exc:
         raise CllmError(f"training failed: {exc}") from exc
-    final = trainer.model.merge_and_unload() if config.lora and not config.adapter_only else trainer.model
-    if config.adapter_only and config.bf16:
-        final = final.to(torch.bfloat16)  # a drafter at half the size; it drafts in the decode dtype anyway
+    if trainer.is_fsdp_enabled or trainer.is_deepspeed_enabled:
+        _save_sharded(trainer, config, out)
+    else:
+        final = trainer.model.merge_and_unload() if config.lora and not config.adapter_only else trainer.model
+        if config.adapter_only and config.bf16:
+            final = final.to(torch.bfloat16)  # a drafter at half the size; it drafts in the decode dtype anyway
+        if trainer.is_world_process_zero():
+            final.save_pretrained(out)
     if trainer.is_world_process_zero():
-        final.save_pretrained(out)
         loaded.tokenizer.save_pretrained(out)
         if config.adapter_only:
             from cllm.drafters import write_drafter_kind
@@ -363,11 +373,38 @@ def train(config: TrainConfig) -> Path:
             "tokens_this_process": trainer.tokens_processed,
             "tokens_per_second_this_process": round(trainer.tokens_processed / seconds, 1) if seconds else None,
             "train_loss": result.metrics.get("train_loss"),
+            "processes": trainer.args.world_size,
+            "engine": "fsdp" if trainer.is_fsdp_enabled else "deepspeed" if trainer.is_deepspeed_enabled else
+            "ddp" if trainer.args.world_size > 1 else "single",
         }
         summary["seconds_per_step"] = round(seconds / max(1, summary["steps_this_run"]), 3)
         write_atomically(out / "train_summary.json", json.dumps(summary | {"config": asdict(config)}, indent=2))
     _leave_process_group()
     return out
+
+
+def _set_attention(model, implementation: str) -> None:
+    try:
+        model.set_attn_implementation(implementation)
+    except (ValueError, ImportError) as exc:
+        raise CllmError(f"--attn-implementation {implementation}: {str(exc).splitlines()[0]}") from None
+
+
+def _save_sharded(trainer: Trainer, config: TrainConfig, out: Path) -> None:
+    """FSDP / DeepSpeed hold the weights sharded across ranks: `Trainer.save_model` (on every rank)
+    gathers them into one checkpoint. A LoRA model is saved as its adapter that way, then merged
+    into the base weights on rank 0 unless --adapter-only asked for the adapter."""
+    trainer.save_model(str(out))
+    if not config.lora or config.adapter_only or not trainer.is_world_process_zero():
+        return
+    from peft import PeftModel
+
+    from cllm.models import ModelConfig, load_model
+
+    base = load_model(ModelConfig(name=config.model, dtype=config.dtype, device="cpu")).model
+    PeftModel.from_pretrained(base, str(out)).merge_and_unload().save_pretrained(out)
+    for name in ("adapter_config.json", "adapter_model.safetensors", "adapter_model.bin"):
+        (out / name).unlink(missing_ok=True)
 
 
 def _leave_process_group() -> None:
