@@ -43,3 +43,14 @@ def test_demo_finds_the_quick_cllm_in_cllm_home(tmp_path, monkeypatch, capsys):
     out = " ".join(capsys.readouterr().out.split())
     assert "same top token 100.0%, KL 0.000" in out
     assert out.count("drafted:4:lookup identical to AR") == 3  # the shipped drafter, float32: exact
+
+
+def test_demo_says_when_speed_comes_from_repetition(tmp_path, capsys, monkeypatch):
+    import cllm.bench
+
+    monkeypatch.setattr(cllm.bench, "is_degenerate", lambda tokens, span: True)  # as if every output looped
+    target = save_tiny_model(tmp_path / "target", seed=2, context=4096)
+    cllm_dir = save_tiny_model(tmp_path / "cllm", seed=3, context=4096)
+    assert main(["demo", "--model", str(target), "--cllm", str(cllm_dir), "--max-new-tokens", "8"]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "cllm jacobi:16:lookup: 3 of 3 outputs are repetition loops" in out

@@ -59,6 +59,9 @@ def test_train_saves_a_model_every_command_loads(collection, tmp_path, capsys, e
     assert main(["train", "--model", str(model), "--trajectories", str(trajectories), "--out", str(out),
                  "--max-steps", "4", "--batch-size", "2", "--grad-accum", "2", "--lr", "1e-3", *extra]) == 0
     assert (out / "config.json").is_file() and (out / "tokenizer.json").is_file()
+    facts = json.loads((out / "config.json").read_text())["cllm"]  # what the directory is, for other tools
+    assert (facts["kind"], facts["target"], facts["block_sizes"], facts["steps"]) == ("cllm", str(model), [4], 4)
+    assert "cllm eval fidelity --model THIS_DIR" in (out / "README.md").read_text()
     assert generate_ids(out, "jacobi", capsys) == generate_ids(out, "ar", capsys)
     trained, base = load_file(out / "model.safetensors"), load_file(model / "model.safetensors")
     assert any(not torch.equal(trained[name], base[name]) for name in base), "training changed no weight"
@@ -110,6 +113,8 @@ def test_train_adapter_only_saves_a_drafter(collection, tmp_path, capsys, kind, 
                  *extra]) == 0
     assert (out / "adapter_config.json").is_file() and not (out / "model.safetensors").exists()
     assert json.loads((out / "drafter.json").read_text()) == {"kind": kind}
+    card = (out / "README.md").read_text()
+    assert card.startswith("---\nbase_model: ") and "library_name: peft" in card and "--drafter THIS_DIR" in card
     adapter = load_file(out / "adapter_model.safetensors")
     assert adapter and all(t.dtype == torch.bfloat16 for t in adapter.values())
     assert any(float(t.abs().max()) > 0 for name, t in adapter.items() if "lora_B" in name), "training changed nothing"

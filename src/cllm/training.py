@@ -364,6 +364,11 @@ def train(config: TrainConfig) -> Path:
             from cllm.drafters import write_drafter_kind
 
             write_drafter_kind(out, "gated" if config.gated else "rows")
+        from cllm.card import describe, write_card
+        from cllm.trajectories import read_manifest
+
+        manifests = [read_manifest(Path(path)) for path in config.trajectories.split(",")]
+        write_card(out, describe(config, manifests, trainer.state.global_step))
         seconds = result.metrics["train_runtime"]
         summary = {
             "steps_this_run": trainer.state.global_step

@@ -270,17 +270,15 @@ def _decode_batch(
     return decode(loaded, spec, prompts, max_new_tokens=config.max_new_tokens, seed=seeds, return_trajectory=True)
 
 
-def process_shard(shard_index: int | None, num_shards: int | None, device: str) -> tuple[int, int, str]:
-    """This process's share (index, count) of a collection and its device: as given, else from
-    torchrun's / accelerate's RANK and WORLD_SIZE; each of several processes on a GPU machine
-    takes the GPU of its LOCAL_RANK when the device is "auto"."""
+def process_shard(shard_index: int | None, num_shards: int | None) -> tuple[int, int]:
+    """This process's share (index, count) of a collection: as given, else from torchrun's /
+    accelerate's RANK and WORLD_SIZE (each process's model goes to its LOCAL_RANK's GPU by itself:
+    cllm.models.resolve_device)."""
     num_shards = num_shards or int(os.environ.get("WORLD_SIZE", "1"))
     shard_index = shard_index if shard_index is not None else int(os.environ.get("RANK", "0"))
     if not 0 <= shard_index < num_shards:
         raise CllmError(f"--shard-index must be in [0, {num_shards}), got {shard_index}")
-    if device == "auto" and num_shards > 1 and "LOCAL_RANK" in os.environ and torch.cuda.is_available():
-        device = f"cuda:{os.environ['LOCAL_RANK']}"
-    return shard_index, num_shards, device
+    return shard_index, num_shards
 
 
 def shard_prompts(count: int, shard_index: int, num_shards: int) -> list[int]:

@@ -85,7 +85,7 @@ def cmd_collect(args: argparse.Namespace) -> None:
         limit=args.limit, init=args.init, seed=args.seed, augment=args.augment,
         drop_degenerate=args.drop_degenerate, engine=args.engine, max_prompt_chars=args.max_prompt_chars,
     )
-    shard_index, num_shards, args.device = process_shard(args.shard_index, args.num_shards, args.device)
+    shard_index, num_shards = process_shard(args.shard_index, args.num_shards)
     options = SourceOptions(
         path=args.path, prompt_field=args.prompt_field, label_field=args.label_field, split=args.split,
         max_prompt_chars=args.max_prompt_chars,

@@ -158,3 +158,7 @@ def _demo_target_vs_cllm(args: argparse.Namespace, cllm: str, target) -> None:
         "output; `cllm eval fidelity` measures this on more prompts.",
         highlight=False,
     )
+    for s in summaries:
+        if s.degenerate_runs:
+            out.print(f"[red]{s.model} {s.name}: {s.degenerate_runs} of {s.runs} outputs are repetition loops; "
+                      "speed from repeating itself is not a speedup.[/red]")

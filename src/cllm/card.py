@@ -1,0 +1,61 @@
+"""What a directory `cllm train` wrote is, for the rest of the ecosystem: a model card (README.md
+in the Hugging Face format) and, for a full model, a `cllm` entry in its config.json. A CLLM is
+a lossy fine-tune of its target, a drafter an adapter that only proposes tokens; both say which
+target, which block sizes and which objective made them, and how to measure their fidelity."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from cllm.files import write_atomically
+from cllm.train_config import TrainConfig
+
+DEFAULT_MODEL_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"  # the GGUF cllm embeds is a quantization of it
+
+
+def describe(config: TrainConfig, collections: list[dict], steps: int) -> dict:
+    """The card's facts: `collections` are the manifests of the trajectory collections trained on."""
+    kind = "drafter-gated" if config.gated else "drafter" if config.adapter_only else "cllm"
+    return {
+        "kind": kind,
+        "target": DEFAULT_MODEL_HUB_ID if config.model == "default" else config.model,
+        "block_sizes": sorted({c["config"]["block_size"] for c in collections}),
+        "datasets": sorted({c["config"]["dataset"] for c in collections}),
+        "objective": {"loss": config.loss_type, "distance": config.distance, "ar_weight": config.ar_weight,
+                      "teacher": config.teacher, "distill_weight": config.distill_weight},
+        "lora_rank": config.lora_rank if config.lora else None,
+        "steps": steps,
+    }
+
+
+def write_card(out: Path, facts: dict) -> None:
+    """README.md in `out`; a full model's config.json also gets the facts under `cllm`."""
+    config_path = out / "config.json"
+    if facts["kind"] == "cllm" and config_path.is_file():
+        config = json.loads(config_path.read_text())
+        write_atomically(config_path, json.dumps(config | {"cllm": facts}, indent=2) + "\n")
+    write_atomically(out / "README.md", _card(facts))
+
+
+def _card(facts: dict) -> str:
+    drafter = facts["kind"] != "cllm"
+    blocks = "/".join(map(str, facts["block_sizes"]))
+    use = (f"cllm generate PROMPT --model {facts['target']} --drafter THIS_DIR --decoder jacobi --block-size {blocks}"
+           if drafter else f"cllm generate PROMPT --model THIS_DIR --decoder jacobi --block-size {blocks}")
+    what = ("A drafter for exact drafted Jacobi decoding: the target verifies every token, so outputs are the "
+            "target's own; this adapter only proposes the next guesses." if drafter else
+            "A consistency LLM (CLLM): the target fine-tuned to jump to the Jacobi fixed point, decoding several "
+            "tokens per forward. It is a different model from its target (lossy): measure how closely it follows "
+            f"it with `cllm eval fidelity --model THIS_DIR --target {facts['target']}`.")
+    front = [
+        "---",
+        f"base_model: {facts['target']}",
+        f"library_name: {'peft' if drafter else 'transformers'}",
+        "tags: [cllm, consistency-llm, jacobi-decoding]",
+        "---",
+    ]
+    rows = [f"| {key} | {json.dumps(value)} |" for key, value in facts.items()]
+    return "\n".join([*front, "", f"# {facts['kind']} of {facts['target']}", "", what, "", "```bash", use, "```", "",
+                      "Made by `cllm train` (https://arxiv.org/abs/2403.00835):", "", "| | |", "|---|---|",
+                      *rows, ""])
