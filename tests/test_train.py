@@ -413,3 +413,23 @@ def test_resume_skips_a_checkpoint_killed_while_being_written(tmp_path):
     assert last_complete_checkpoint(tmp_path) == str(tmp_path / "checkpoint-20")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-20"]
     assert last_complete_checkpoint(tmp_path / "missing") is None
+
+
+def test_transformers_users_get_jacobi_from_the_saved_directory(collection, tmp_path):
+    """generate(custom_generate=OUT, trust_remote_code=True) on the saved CLLM runs cllm's Jacobi
+    decoder: the same ids as transformers' own greedy generate, prompts (left-padded) included."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model_dir, trajectories = collection
+    out = tmp_path / "cllm"
+    assert main(["train", "--model", str(model_dir), "--trajectories", str(trajectories), "--out", str(out),
+                 "--max-steps", "2", "--lr", "1e-3"]) == 0
+    model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float64).eval()
+    tokenizer = AutoTokenizer.from_pretrained(out, padding_side="left")
+    batch = tokenizer(["hello world", "abc xyz abc"], return_tensors="pt", padding=True)
+    greedy = model.generate(**batch, max_new_tokens=12, do_sample=False)
+    jacobi = model.generate(**batch, max_new_tokens=12, custom_generate=str(out), trust_remote_code=True,
+                            block_size=4)  # a keyword only the custom function takes
+    pad = model.generation_config.pad_token_id or 0
+    for want, got in zip(greedy.tolist(), jacobi.tolist()):
+        assert got[:len(want)] == want and set(got[len(want):]) <= {pad}

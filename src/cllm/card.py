@@ -36,6 +36,42 @@ def write_card(out: Path, facts: dict) -> None:
         config = json.loads(config_path.read_text())
         write_atomically(config_path, json.dumps(config | {"cllm": facts}, indent=2) + "\n")
     write_atomically(out / "README.md", _card(facts))
+    if facts["kind"] == "cllm":
+        (out / "custom_generate").mkdir(exist_ok=True)
+        write_atomically(out / "custom_generate" / "generate.py",
+                         GENERATE_PY.replace("BLOCK_SIZE_HERE", str(max(facts["block_sizes"]))))
+        write_atomically(out / "custom_generate" / "requirements.txt", "cllm\n")
+
+
+# `model.generate(custom_generate=DIR, trust_remote_code=True)` runs this file from the saved
+# directory: Jacobi decoding at the block size the CLLM was trained for, through cllm's own decoder.
+GENERATE_PY = '''"""Jacobi decoding of this CLLM for transformers'
+`generate(custom_generate=DIR, trust_remote_code=True)`, written by `cllm train`: cllm's decoder
+(pip install cllm), whose output is the model's own greedy one."""
+
+import torch
+
+BLOCK_SIZE = BLOCK_SIZE_HERE
+
+
+def generate(model, inputs=None, input_ids=None, attention_mask=None, generation_config=None, max_new_tokens=None,
+             block_size=BLOCK_SIZE, init="lookup", **kwargs):
+    """Like greedy `generate`: (batch, prompt + new) token ids, padded after EOS; `block_size` and
+    `init` (prompt, repeat, pad, lookup) choose the Jacobi decoder."""
+    from cllm.decoding import decode
+
+    ids = inputs if inputs is not None else input_ids
+    mask = torch.ones_like(ids) if attention_mask is None else attention_mask
+    config = generation_config or model.generation_config
+    new = max_new_tokens or config.max_new_tokens or 128
+    pad = config.pad_token_id if config.pad_token_id is not None else 0
+    prompts = [row[keep.bool()].tolist() for row, keep in zip(ids, mask)]
+    output = decode(model, f"jacobi:{block_size}:{init}", prompts, max_new_tokens=new,
+                    eos_token_id=config.eos_token_id, pad_token_id=pad)
+    width = max(len(tokens) for tokens in output.token_ids)
+    rows = [tokens + [pad] * (width - len(tokens)) for tokens in output.token_ids]
+    return torch.cat([ids, torch.tensor(rows, dtype=ids.dtype, device=ids.device)], dim=1)
+'''
 
 
 def _card(facts: dict) -> str:
