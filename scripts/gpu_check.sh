@@ -8,7 +8,7 @@
 #       wheels/ transformers, peft and gguf as pinned here; prompts/ GSM8K train and test, MT-bench,
 #       HumanEval, ShareGPT and stdlib-code prompts as JSONL.
 #   scripts/gpu_check.sh run DIR OUT      there, in a checkout: install the bundle, then (OUT/log.txt, and
-#       OUT/exactness.jsonl), in under 8 minutes on one GPU:
+#       OUT/exactness.jsonl), sized for under 8 minutes on one GPU (not yet run on one):
 #         1. scripts/gpu_exactness.py: float32 jacobi, multi-candidate, drafted (the shipped drafter) and
 #            lookahead == ar, greedy and sampled, batch 1 and 4, or exit 1; bf16 agreement rates beside
 #         2. cllm bench in bf16: ar, hf-pld, lookahead, the target's jacobi:16:lookup and drafted Jacobi,

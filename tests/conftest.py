@@ -1,6 +1,10 @@
+import json
 import os
 import sys
+from collections import Counter
 from pathlib import Path
+
+import pytest
 
 # Test helpers (tiny_models) live beside the tests.
 sys.path.insert(0, str(Path(__file__).parent))
@@ -17,5 +21,22 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
 def pytest_collection_modifyitems(items: list) -> None:
     """Files with slow or heavy tests first: `-n 2 --dist loadfile` hands out files in this order,
     so the longest ones start at once instead of leaving one worker alone at the end."""
-    heavy_files = {item.path for item in items if item.get_closest_marker("slow") or item.get_closest_marker("heavy")}
-    items.sort(key=lambda item: item.path not in heavy_files)  # stable: the order within a file stays
+    heavy = Counter(item.path for item in items if item.get_closest_marker("slow") or item.get_closest_marker("heavy"))
+    items.sort(key=lambda item: -heavy[item.path])  # most heavy tests first; stable: the order within a file stays
+
+
+@pytest.fixture(scope="module")
+def collection(tmp_path_factory) -> tuple[Path, Path]:
+    """A tiny qwen2 model and a small trajectory collection of it (blocks of 4), for training tests."""
+    from tiny_models import save_tiny_model
+
+    from cllm.cli import main
+
+    root = tmp_path_factory.mktemp("train")
+    model = save_tiny_model(root / "model", arch="qwen2", seed=3)
+    prompts = root / "prompts.jsonl"
+    prompts.write_text("\n".join(json.dumps({"prompt": p}) for p in ["abc", "hello world", "xyz", "jacobi"]) + "\n")
+    out = root / "trajectories"
+    assert main(["collect", "--model", str(model), "--dataset", "jsonl", "--path", str(prompts), "--out", str(out),
+                 "--block-size", "4", "--max-new-tokens", "16", "--augment"]) == 0
+    return model, out

@@ -8,37 +8,15 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
-from tiny_models import save_tiny_model, tiny_model
+from tiny_models import generate_ids, tiny_model
 
 from cllm.cli import main
 
 CLLM = [sys.executable, "-m", "cllm.cli"]
-
-
-@pytest.fixture(scope="module")
-def collection(tmp_path_factory) -> tuple[Path, Path]:
-    root = tmp_path_factory.mktemp("train")
-    model = save_tiny_model(root / "model", arch="qwen2", seed=3)
-    prompts = root / "prompts.jsonl"
-    prompts.write_text("\n".join(json.dumps({"prompt": p}) for p in ["abc", "hello world", "xyz", "jacobi"]) + "\n")
-    out = root / "trajectories"
-    assert main(["collect", "--model", str(model), "--dataset", "jsonl", "--path", str(prompts), "--out", str(out),
-                 "--block-size", "4", "--max-new-tokens", "16", "--augment"]) == 0
-    return model, out
-
-
-def generate_ids(model: Path, decoder: str, capsys) -> list[int]:
-    capsys.readouterr()  # drop what training printed
-    assert (
-        main(["generate", "hello", "--model", str(model), "--decoder", decoder, "--json", "--max-new-tokens", "20"])
-        == 0
-    )
-    return json.loads(capsys.readouterr().out)["token_ids"]
 
 
 @pytest.mark.parametrize(
@@ -173,43 +151,6 @@ def test_train_bad_input(collection, tmp_path):
                  "--beta", "1.5"]) == 2
     assert main(["train", "--model", str(model), "--trajectories", str(trajectories), "--out", str(tmp_path / "o"),
                  "--pack", "none", "--states-per-block", "2"]) == 2
-
-
-ACCELERATE = ["accelerate", "launch", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
-              "--dynamo_backend", "no"]
-LAUNCHERS = {  # launcher -> (command, the engine the Trainer runs)
-    "torchrun": (["torchrun", "--nproc_per_node", "2", "--master_port", "29533"], "ddp"),
-    # --multi_gpu starts torch.distributed processes, which join over gloo without a GPU (--cpu starts one)
-    "accelerate": ([*ACCELERATE, "--multi_gpu", "--main_process_port", "29534"], "ddp"),
-    # accelerate 1.16 applies FSDP on GPU-like devices only (accelerate/state.py): on CPUs the same
-    # launch runs DDP, and the model is saved the same way
-    "accelerate-fsdp": ([*ACCELERATE, "--use_fsdp", "--fsdp_version", "2", "--fsdp_auto_wrap_policy",
-                         "TRANSFORMER_BASED_WRAP", "--fsdp_state_dict_type", "FULL_STATE_DICT",
-                         "--main_process_port", "29535"], "ddp"),
-}
-
-
-@pytest.mark.heavy
-@pytest.mark.parametrize("launcher", LAUNCHERS)
-def test_two_process_cpu_training(collection, tmp_path, capsys, launcher):
-    """2 CPU processes (gloo) under torchrun and under accelerate launch: one saved model, which
-    decodes exactly (Jacobi == AR) like any other; scheduler and weight decay reach the Trainer."""
-    model, trajectories = collection
-    out = tmp_path / "cllm"
-    (program, *options), engine = LAUNCHERS[launcher]
-    command = [str(Path(sys.executable).parent / program), *options, "-m", "cllm.cli", "train",
-               "--model", str(model), "--trajectories", str(trajectories), "--out", str(out),
-               "--max-steps", "3", "--batch-size", "2", "--lr", "1e-3", "--logging-steps", "1",
-               "--lr-scheduler", "cosine", "--weight-decay", "0.1", "--attn-implementation", "eager"]
-    result = subprocess.run(command, capture_output=True, text=True, env=os.environ | {"OMP_NUM_THREADS": "1"})
-    assert result.returncode == 0, result.stderr[:3000] + " ... " + result.stderr[-1000:]
-    state = json.loads((out / "checkpoints" / "checkpoint-3" / "trainer_state.json").read_text())
-    assert state["global_step"] == 3 and state["train_batch_size"] == 2
-    summary = json.loads((out / "train_summary.json").read_text())
-    assert (summary["processes"], summary["engine"]) == (2, engine)
-    arguments = torch.load(out / "checkpoints" / "checkpoint-3" / "training_args.bin", weights_only=False)
-    assert (arguments.lr_scheduler_type.value, arguments.weight_decay, arguments.report_to) == ("cosine", 0.1, [])
-    assert generate_ids(out, "jacobi", capsys) == generate_ids(out, "ar", capsys)
 
 
 def test_gradient_accumulation_gives_the_gradient_of_one_big_batch(collection, tmp_path):

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import torch
 from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig, PreTrainedModel, Qwen2Config
 
@@ -117,3 +120,13 @@ def save_tiny_adapter(model_dir, path, seed: int = 0, rank: int = 4):
             weight.data.normal_(0, 0.5)
     adapted.save_pretrained(path)
     return path
+
+
+def generate_ids(model: Path, decoder: str, capsys) -> list[int]:
+    """`cllm generate hello --json` with `decoder` on the model in `model`: its token ids."""
+    from cllm.cli import main
+
+    capsys.readouterr()  # drop what came before
+    assert main(["generate", "hello", "--model", str(model), "--decoder", decoder, "--json",
+                 "--max-new-tokens", "20"]) == 0
+    return json.loads(capsys.readouterr().out)["token_ids"]

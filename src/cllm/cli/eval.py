@@ -204,7 +204,7 @@ def _summary_table(summaries) -> Table:
     # The decoder's name is the row's key: it is never cut, the headers wrap instead.
     table.add_column(columns[0], no_wrap=True, min_width=max(len(s.name) for s in summaries))
     for column in columns[1:]:
-        table.add_column(column, justify="right")
+        table.add_column(column, justify="right", overflow="fold")
     for s in summaries:
         speedup = s.speedup_vs_reference_ar if several else s.speedup_vs_ar
         row = [
