@@ -53,3 +53,13 @@ def test_auto_device_is_each_rank_s_own_gpu(monkeypatch):
     assert resolve_device("cpu") == torch.device("cpu")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert resolve_device("auto") == torch.device("cpu")
+
+
+def test_a_missing_extra_is_named_with_its_install_command():
+    import pytest
+
+    from cllm.errors import CllmError, require_extra
+
+    require_extra("serve", "json")  # present: nothing happens
+    with pytest.raises(CllmError, match=r"needs no_such_module_xyz, in cllm's 'serve' extra: pip install 'cllm\["):
+        require_extra("serve", "json", "no_such_module_xyz")
