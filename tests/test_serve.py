@@ -446,3 +446,55 @@ def test_live_page_chats_in_a_real_browser_and_colours_fast_forwarded_text(loade
                 browser.close()
     assert reply == expected["text"]
     assert coloured == [c.choices[0].delta.content for c in fast]
+
+
+def test_what_openai_clients_send_is_understood_or_refused_with_a_400_that_says_so(loaded):
+    hi = {"model": NAME, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3}
+    with running_server(loaded) as server:
+        url = server.url + "/v1/chat/completions"
+        # null means absent; top_k -1 is vLLM's "off"; response_format text is what the server does anyway
+        ok = httpx.post(url, json=hi | {"stream": None, "temperature": None, "n": None, "top_k": -1,
+                                        "stop": None, "response_format": {"type": "text"}, "tool_choice": "none"})
+        assert ok.status_code == 200 and ok.json()["system_fingerprint"] == "cllm-jacobi_8"
+        refused = [({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+                   ({"tool_choice": "auto"}, "tool_choice"), ({"functions": [{"name": "f"}]}, "functions"),
+                   ({"response_format": {"type": "json_object"}}, "response_format"),
+                   ({"max_tokens": "3"}, "max_tokens"), ({"top_k": -2}, "top_k"),
+                   ({"max_tokens": 100000}, "max_tokens")]
+        for extra, param in refused:
+            response = httpx.post(url, json=hi | extra)
+            error = response.json()["error"]
+            assert response.status_code == 400 and error["param"] == param and param in error["message"], extra
+        assert "no tool or function calling" in httpx.post(url, json=hi | {"tool_choice": "auto"}).text
+        with pytest.raises(openai.BadRequestError, match="response_format"):
+            server.client.chat.completions.create(model=NAME, messages=hi["messages"], max_tokens=3,
+                                                  response_format={"type": "json_object"})
+
+
+def test_large_bodies_get_413_before_parsing_and_the_server_goes_on(loaded):
+    hi = {"model": NAME, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+    with running_server(loaded, max_body_bytes=2000) as server:
+        url = server.url + "/v1/chat/completions"
+        big = hi | {"messages": [{"role": "user", "content": "x" * 5000}]}
+        declared = httpx.post(url, json=big)
+        assert declared.status_code == 413 and "at most 2000" in declared.json()["error"]["message"]
+        chunked = httpx.post(url, content=(b"x" * 500 for _ in range(10)))  # no Content-Length: counted as it comes
+        assert chunked.status_code == 413 and "passes 2000 bytes" in chunked.json()["error"]["message"]
+        assert httpx.post(url, json=hi).status_code == 200
+
+
+def test_an_api_key_guards_the_api_but_not_health(loaded):
+    hi = {"model": NAME, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+    with running_server(loaded, api_key="sekret") as server:
+        url = server.url + "/v1/chat/completions"
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "sekret"}):
+            response = httpx.post(url, json=hi, headers=headers)
+            assert response.status_code == 401 and "API key" in response.json()["error"]["message"], headers
+            assert response.headers["www-authenticate"] == "Bearer"
+        assert httpx.get(server.url + "/v1/models").status_code == 401
+        assert httpx.post(url, json=hi, headers={"Authorization": "Bearer sekret"}).status_code == 200
+        assert httpx.get(server.url + "/health").status_code == 200
+        keyed = openai.OpenAI(base_url=server.url + "/v1", api_key="sekret", max_retries=0)
+        assert keyed.chat.completions.create(model=NAME, messages=hi["messages"], max_tokens=2).choices
+        with pytest.raises(openai.AuthenticationError):
+            server.client.chat.completions.create(model=NAME, messages=hi["messages"], max_tokens=2)

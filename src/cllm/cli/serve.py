@@ -60,6 +60,11 @@ def add_serve(commands) -> None:
         default=30.0,
         help="seconds running requests get to finish at shutdown (default: %(default)s)",
     )
+    group.add_argument("--max-body-bytes", type=common.positive_int, default=1 << 20,
+                       help="larger request bodies get 413 before they are parsed (default: %(default)s)")
+    group.add_argument("--api-key", default=os.environ.get("CLLM_API_KEY"),
+                       help="require `Authorization: Bearer KEY` on /v1 (401 otherwise; default: $CLLM_API_KEY, "
+                       "else none)")
     group.add_argument("--log-level", choices=["debug", "info", "warning", "error"], default="info",
                        help="uvicorn's log level; debug also logs every request (default: %(default)s)")
     common.add_model_args(serve, raw=False, engine_options=True)
@@ -131,7 +136,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
     engine = _engine(args, args.max_batch)
     settings = ServeSettings(served_name=args.served_name or args.model, decoder_label=engine.spec.label,
                              default_max_tokens=args.max_new_tokens, sampling=common.sampling(args),
-                             request_timeout=args.request_timeout)
+                             request_timeout=args.request_timeout, max_body_bytes=args.max_body_bytes,
+                             api_key=args.api_key)
     stderr.print(f"serving {settings.served_name!r} with {settings.decoder_label} on http://{args.host}:{args.port} "
                  f"(OpenAI API under /v1, chat page at /, metrics at /metrics)", highlight=False, soft_wrap=True)
     serve(engine, settings, args.host, args.port, grace=args.shutdown_grace, log_level=args.log_level)

@@ -8,6 +8,7 @@ Every error is an OpenAI error object `{"error": {"message", "type", "param", "c
 from __future__ import annotations
 
 import asyncio
+import hmac
 import json
 import math
 import random
@@ -27,7 +28,7 @@ from cllm.decoding.sampling import GREEDY, Sampling
 from cllm.errors import CllmError
 from cllm.serving.engine import Engine, Failed, Finished, QueueFull, Request, ShuttingDown, Tokens
 from cllm.serving.metrics import Metrics
-from cllm.serving.schemas import ChatCompletionRequest, CompletionRequest, parse
+from cllm.serving.schemas import ChatCompletionRequest, CompletionRequest, RequestError, parse
 from cllm.serving.text import TextAssembler
 
 DISCONNECT_POLL_SECONDS = 0.5
@@ -40,19 +41,28 @@ class ServeSettings:
     default_max_tokens: int = 256
     sampling: Sampling = GREEDY  # for requests that name no temperature / top_p / top_k
     request_timeout: float = 300.0
+    max_body_bytes: int = 1 << 20  # checked before the body is parsed (or tokenized): 413 above it
+    api_key: str | None = None  # when set, /v1 needs `Authorization: Bearer <api_key>` (401 otherwise)
+
+    @property
+    def fingerprint(self) -> str:
+        """OpenAI's system_fingerprint: what produced the answer (the decoder shapes speed, not text)."""
+        return "cllm-" + "".join(c if c.isalnum() else "_" for c in self.decoder_label)
 
 
 class ApiError(Exception):
-    def __init__(self, status: int, message: str, kind: str = "invalid_request_error", headers: dict | None = None):
+    def __init__(self, status: int, message: str, kind: str = "invalid_request_error", headers: dict | None = None,
+                 param: str | None = None):
         super().__init__(message)
-        self.status, self.message, self.kind, self.headers = status, message, kind, headers or {}
+        self.status, self.message, self.kind, self.headers, self.param = status, message, kind, headers or {}, param
 
     def response(self) -> JSONResponse:
-        return JSONResponse(_error_body(self.message, self.kind, self.status), self.status, headers=self.headers)
+        return JSONResponse(_error_body(self.message, self.kind, self.status, self.param), self.status,
+                            headers=self.headers)
 
 
-def _error_body(message: str, kind: str, status: int) -> dict:
-    return {"error": {"message": message, "type": kind, "param": None, "code": status}}
+def _error_body(message: str, kind: str, status: int, param: str | None = None) -> dict:
+    return {"error": {"message": message, "type": kind, "param": param, "code": status}}
 
 
 @dataclass
@@ -106,11 +116,13 @@ def create_app(engine: Engine, settings: ServeSettings) -> FastAPI:
         return HTMLResponse(files("cllm.serving").joinpath("page.html").read_text(encoding="utf-8"))
 
     @app.get("/v1/models")
-    async def models() -> dict:
+    async def models(http: HttpRequest) -> dict:
+        _authorize(http, settings)
         return {"object": "list", "data": [_model_card(settings.served_name)]}
 
     @app.get("/v1/models/{name:path}")
-    async def model(name: str) -> dict:
+    async def model(name: str, http: HttpRequest) -> dict:
+        _authorize(http, settings)
         if name != settings.served_name:
             raise ApiError(404, f"the model {name!r} does not exist; this server serves {settings.served_name!r}",
                            "not_found_error")
@@ -118,16 +130,18 @@ def create_app(engine: Engine, settings: ServeSettings) -> FastAPI:
 
     @app.post("/v1/chat/completions")
     async def chat_completions(http: HttpRequest) -> Response:
-        body = _parse(ChatCompletionRequest, await http.body())
+        _authorize(http, settings)
+        body = _parse(ChatCompletionRequest, await _read_body(http, settings.max_body_bytes))
         messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text} for m in body.messages]
         prompt_ids = _chat_ids(engine, messages)
         return await _generate(service, http, body, prompt_ids, chat=True)
 
     @app.post("/v1/completions")
     async def completions(http: HttpRequest) -> Response:
-        body = _parse(CompletionRequest, await http.body())
+        _authorize(http, settings)
+        body = _parse(CompletionRequest, await _read_body(http, settings.max_body_bytes))
         if not body.text:
-            raise ApiError(400, "prompt: empty")
+            raise ApiError(400, "prompt: empty", param="prompt")
         prompt_ids = list(engine.loaded.tokenizer(body.text).input_ids)
         return await _generate(service, http, body, prompt_ids, chat=False)
 
@@ -160,11 +174,34 @@ def _model_card(name: str) -> dict:
     return {"id": name, "object": "model", "created": 0, "owned_by": "cllm"}
 
 
+def _authorize(http: HttpRequest, settings: ServeSettings) -> None:
+    if settings.api_key is None:
+        return
+    scheme, _, key = http.headers.get("authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(key.strip().encode(), settings.api_key.encode()):
+        raise ApiError(401, "missing or wrong API key: send the header `Authorization: Bearer <key>`",
+                       headers={"WWW-Authenticate": "Bearer"})
+
+
+async def _read_body(http: HttpRequest, limit: int) -> bytes:
+    """The request body, refused with 413 as soon as it passes `limit` bytes (before any parsing)."""
+    declared = http.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise ApiError(413, f"the request body has {int(declared)} bytes; this server takes at most {limit}")
+    chunks, size = [], 0
+    async for chunk in http.stream():
+        size += len(chunk)
+        if size > limit:
+            raise ApiError(413, f"the request body passes {limit} bytes, the most this server takes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
 def _parse(model, body: bytes):
     try:
         return parse(model, body)
-    except CllmError as exc:
-        raise ApiError(400, str(exc)) from None
+    except RequestError as exc:
+        raise ApiError(400, str(exc), param=exc.param) from None
 
 
 def _chat_ids(engine: Engine, messages: list[dict]) -> list[int]:
@@ -174,22 +211,22 @@ def _chat_ids(engine: Engine, messages: list[dict]) -> list[int]:
     try:
         return engine.loaded.encode_messages(messages)
     except Exception as exc:  # noqa: BLE001 -- templates raise what they like (e.g. roles out of order)
-        raise ApiError(400, f"messages: the chat template refused them: {exc}") from None
+        raise ApiError(400, f"messages: the chat template refused them: {exc}", param="messages") from None
 
 
 def _request(settings: ServeSettings, context: int | None, body, prompt_ids: list[int], deliver) -> Request:
     """The engine request of a validated body: the context and the sampling settings checked."""
     if not prompt_ids:
-        raise ApiError(400, "the prompt encodes to zero tokens")
+        raise ApiError(400, "the prompt encodes to zero tokens", param="prompt")
     limit = body.token_limit
     if context is not None:
         room = context - len(prompt_ids)
         if room < 1:
             raise ApiError(400, f"the prompt has {len(prompt_ids)} tokens: it does not fit the model's context "
-                                f"of {context} tokens")
+                                f"of {context} tokens", param="messages" if hasattr(body, "messages") else "prompt")
         if limit is not None and limit > room:
             raise ApiError(400, f"max_tokens {limit} + the prompt's {len(prompt_ids)} tokens exceed the model's "
-                                f"context of {context} tokens")
+                                f"context of {context} tokens", param="max_tokens")
         limit = limit if limit is not None else min(settings.default_max_tokens, room)
     default = settings.sampling
     try:
@@ -338,7 +375,8 @@ class _Run:
         else:
             choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": reason}
         return {"id": self.id, "object": "chat.completion" if self.chat else "text_completion",
-                "created": self.created, "model": self.settings.served_name, "choices": [choice],
+                "created": self.created, "model": self.settings.served_name,
+                "system_fingerprint": self.settings.fingerprint, "choices": [choice],
                 "usage": self.usage(finished), "cllm": self.stats(finished)}
 
     def chunk(self, piece: str | None, reason: str | None = None, extra: dict | None = None) -> str:
@@ -348,7 +386,8 @@ class _Run:
         else:
             choice = {"index": 0, "text": piece or "", "logprobs": None, "finish_reason": reason}
         data = {"id": self.id, "object": "chat.completion.chunk" if self.chat else "text_completion",
-                "created": self.created, "model": self.settings.served_name, "choices": [choice]}
+                "created": self.created, "model": self.settings.served_name,
+                "system_fingerprint": self.settings.fingerprint, "choices": [choice]}
         return _sse(data | (extra or {}))
 
     async def stream(self) -> AsyncIterator[str]:
@@ -383,6 +422,7 @@ class _Run:
                                 "object": "chat.completion.chunk" if self.chat else "text_completion",
                                 "created": self.created,
                                 "model": self.settings.served_name,
+                                "system_fingerprint": self.settings.fingerprint,
                                 "choices": [],
                                 "usage": self.usage(event),
                             }

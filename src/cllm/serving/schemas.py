@@ -10,9 +10,23 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from cllm.errors import CllmError
 
 
+class RequestError(CllmError):
+    """A refused request: its one-line message and the field it is about (the error's `param`)."""
+
+    def __init__(self, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
+
+
 class _Strict(BaseModel):
     # Unknown fields are ignored (clients send many); known ones must have the right JSON type.
     model_config = ConfigDict(strict=True, extra="ignore")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_is_absent(cls, data):
+        """`"stream": null` means what leaving `stream` out means (OpenAI's clients and others send it)."""
+        return {key: value for key, value in data.items() if value is not None} if isinstance(data, dict) else data
 
 
 class TextPart(_Strict):
@@ -39,7 +53,7 @@ class _Generation(_Strict):
     max_completion_tokens: int | None = Field(None, ge=1)
     temperature: float | None = Field(None, ge=0, allow_inf_nan=False)
     top_p: float | None = Field(None, gt=0, le=1, allow_inf_nan=False)
-    top_k: int | None = Field(None, ge=0)  # not OpenAI's; vLLM and llama.cpp take it too
+    top_k: int | None = Field(None, ge=-1)  # not OpenAI's; vLLM and llama.cpp take it too, -1 (vLLM's) is off
     seed: int | None = Field(None, ge=0, lt=2**63)
     stop: str | list[str] | None = None
     stream: bool = False
@@ -49,9 +63,25 @@ class _Generation(_Strict):
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
     logit_bias: dict | None = None
+    # Refused rather than ignored: each would change what the client gets back.
+    tools: list | None = None
+    tool_choice: str | dict | None = None
+    functions: list | None = None
+    function_call: str | dict | None = None
+    response_format: dict | None = None
 
     @model_validator(mode="after")
     def _supported(self):
+        if self.top_k == -1:
+            self.top_k = 0
+        for name in ("tools", "functions"):
+            if getattr(self, name):
+                raise ValueError(f"{name}: not supported: this server does no tool or function calling")
+        for name in ("tool_choice", "function_call"):
+            if getattr(self, name) not in (None, "none"):
+                raise ValueError(f"{name}: not supported: this server does no tool or function calling")
+        if self.response_format is not None and self.response_format.get("type") != "text":
+            raise ValueError("response_format: only {\"type\": \"text\"} is supported (no JSON mode or schema)")
         if self.n != 1:
             raise ValueError("n: only n = 1 is supported")
         if self.logprobs not in (None, False, 0):
@@ -109,5 +139,7 @@ def parse(model: type[_Strict], body: bytes):
         where = ".".join(str(part) for part in error["loc"])
         message = error["msg"].removeprefix("Value error, ")
         if error["type"] == "json_invalid":
-            raise CllmError(f"the body is not valid JSON: {error.get('ctx', {}).get('error', message)}") from None
-        raise CllmError(f"{where}: {message}" if where and not message.startswith(where) else message) from None
+            raise RequestError(f"the body is not valid JSON: {error.get('ctx', {}).get('error', message)}") from None
+        param = where or (message.split(":")[0] if ":" in message else None)  # checks across fields name theirs
+        raise RequestError(f"{where}: {message}" if where and not message.startswith(where) else message,
+                           param) from None
