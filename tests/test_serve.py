@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import shutil
 import signal
 import subprocess
@@ -498,3 +499,42 @@ def test_an_api_key_guards_the_api_but_not_health(loaded):
         assert keyed.chat.completions.create(model=NAME, messages=hi["messages"], max_tokens=2).choices
         with pytest.raises(openai.AuthenticationError):
             server.client.chat.completions.create(model=NAME, messages=hi["messages"], max_tokens=2)
+
+
+def _malformed_bodies(count: int, seed: int = 0) -> list[bytes]:
+    """Valid requests broken at random: fields of the wrong type or range, unknown roles and parts,
+    truncated or mangled JSON, non-UTF-8 bytes."""
+    rng = random.Random(seed)
+    values = [None, True, -1, 0, 2**70, 1e308, -0.5, float("nan"), "", "x" * 300, [], [1, "a"], {}, {"a": {"b": []}},
+              [{"role": "user"}], [{"type": "image_url"}]]
+    fields = ["model", "messages", "prompt", "max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "stream",
+              "stream_options", "n", "logprobs", "tools", "response_format", "max_completion_tokens", "echo"]
+    bodies = []
+    for number in range(count):
+        body = {"model": NAME, "messages": [{"role": "user", "content": "hi"}], "prompt": "hi", "max_tokens": 2}
+        for _ in range(rng.randint(1, 3)):
+            body[rng.choice(fields)] = rng.choice(values)
+        text = json.dumps(body, allow_nan=True).encode()
+        kind = number % 5
+        if kind == 1:
+            text = text[: rng.randint(0, len(text) - 1)]
+        elif kind == 2:
+            position = rng.randrange(len(text))
+            text = text[:position] + bytes([rng.randrange(256)]) + text[position + 1:]
+        elif kind == 3:
+            text = rng.choice([b"\xff\xfe", b"null", b"[]", b"1e999", b'{"messages": [[[[[[]]]]]]}']) + text[:5]
+        bodies.append(text)
+    return bodies
+
+
+def test_a_hundred_malformed_bodies_never_get_a_500_nor_stop_the_server(loaded):
+    with running_server(loaded) as server:
+        for number, body in enumerate(_malformed_bodies(100)):
+            path = "/v1/chat/completions" if number % 2 else "/v1/completions"
+            response = httpx.post(server.url + path, content=body, headers={"Content-Type": "application/json"},
+                                  timeout=60)
+            assert response.status_code < 500, (body, response.text)
+            if response.status_code >= 400:
+                assert response.json()["error"]["message"], body
+        assert httpx.get(server.url + "/health").json()["status"] == "ok"
+        assert chat(server.client, "hi", max_tokens=2).choices[0].message.content is not None
