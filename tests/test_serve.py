@@ -233,7 +233,12 @@ BAD_CHAT_BODIES = [
 ]
 BAD_COMPLETION_BODIES = [
     (b'{"model": "tiny", "prompt": 5}', "prompt"),
-    (b'{"model": "tiny", "prompt": ["a", "b"]}', "prompt"),
+    (b'{"model": "tiny", "prompt": ["a", "b"], "stream": true}', "stream one prompt at a time"),
+    (b'{"model": "tiny", "prompt": []}', "1 to 16 prompts"),
+    (('{"model": "tiny", "prompt": %s}' % json.dumps(["a"] * 17)).encode(), "1 to 16 prompts"),
+    (b'{"model": "tiny", "prompt": [1, "a"]}', "prompt"),
+    (b'{"model": "tiny", "prompt": [[]]}', "token ids"),
+    (b'{"model": "tiny", "prompt": [1, 99999999]}', "token ids"),
     (b'{"model": "tiny", "prompt": ""}', "prompt"),
     (b'{"model": "tiny", "prompt": "a", "echo": true}', "echo"),
 ]
@@ -538,3 +543,21 @@ def test_a_hundred_malformed_bodies_never_get_a_500_nor_stop_the_server(loaded):
                 assert response.json()["error"]["message"], body
         assert httpx.get(server.url + "/health").json()["status"] == "ok"
         assert chat(server.client, "hi", max_tokens=2).choices[0].message.content is not None
+
+
+def test_completions_take_token_ids_and_batches_of_prompts(loaded):
+    """OpenAI's prompt forms: a batch gets one choice per prompt (index = position), each the same
+    text as that prompt alone; token ids are the same prompt as their text."""
+    with running_server(loaded) as server:
+        def complete(prompt):
+            return server.client.completions.create(model=NAME, prompt=prompt, max_tokens=6)
+
+        singles = [complete(text) for text in ("hello world", "abc", "jacobi")]
+        alone = [single.choices[0].text for single in singles]
+        batch = complete(["hello world", "abc", "jacobi"])
+        assert [c.index for c in batch.choices] == [0, 1, 2] and [c.text for c in batch.choices] == alone
+        assert batch.usage.completion_tokens == sum(single.usage.completion_tokens for single in singles)
+        assert batch.usage.prompt_tokens == sum(single.usage.prompt_tokens for single in singles)
+        ids = [list(loaded.tokenizer(text).input_ids) for text in ("hello world", "abc")]
+        assert complete(ids[0]).choices[0].text == alone[0]
+        assert [c.text for c in complete(ids).choices] == alone[:2]

@@ -140,10 +140,11 @@ def create_app(engine: Engine, settings: ServeSettings) -> FastAPI:
     async def completions(http: HttpRequest) -> Response:
         _authorize(http, settings)
         body = _parse(CompletionRequest, await _read_body(http, settings.max_body_bytes))
-        if not body.text:
-            raise ApiError(400, "prompt: empty", param="prompt")
-        prompt_ids = list(engine.loaded.tokenizer(body.text).input_ids)
-        return await _generate(service, http, body, prompt_ids, chat=False)
+        prompts = [_completion_ids(engine, prompt) for prompt in body.prompts]
+        if len(prompts) == 1:
+            return await _generate(service, http, body, prompts[0], chat=False)
+        answers = await asyncio.gather(*(_generate(service, http, body, ids, chat=False) for ids in prompts))
+        return _one_answer(answers)
 
     return app
 
@@ -202,6 +203,27 @@ def _parse(model, body: bytes):
         return parse(model, body)
     except RequestError as exc:
         raise ApiError(400, str(exc), param=exc.param) from None
+
+
+def _completion_ids(engine: Engine, prompt: str | list[int]) -> list[int]:
+    if isinstance(prompt, str):
+        if not prompt:
+            raise ApiError(400, "prompt: empty", param="prompt")
+        return list(engine.loaded.tokenizer(prompt).input_ids)
+    vocabulary = engine.loaded.model.config.vocab_size
+    if not prompt or not all(0 <= token < vocabulary for token in prompt):
+        raise ApiError(400, f"prompt: token ids must be a non-empty list in [0, {vocabulary})", param="prompt")
+    return prompt
+
+
+def _one_answer(answers: list[Response]) -> Response:
+    """The answers to a batch of prompts as one completion: choice i for prompt i, usage summed."""
+    parts = [json.loads(answer.body) for answer in answers]
+    if any(answer.status_code != 200 for answer in answers):
+        return next(answer for answer in answers if answer.status_code != 200)
+    usage = {key: sum(part["usage"][key] for part in parts) for key in parts[0]["usage"]}
+    choices = [part["choices"][0] | {"index": index} for index, part in enumerate(parts)]
+    return JSONResponse(parts[0] | {"choices": choices, "usage": usage, "cllm": [part["cllm"] for part in parts]})
 
 
 def _chat_ids(engine: Engine, messages: list[dict]) -> list[int]:

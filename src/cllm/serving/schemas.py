@@ -110,15 +110,21 @@ class ChatCompletionRequest(_Generation):
     messages: list[Message] = Field(min_length=1)
 
 
+MAX_PROMPTS = 16  # prompts in one /v1/completions request
+
+
 class CompletionRequest(_Generation):
-    prompt: str | list[str]
+    # OpenAI's four forms: a string, token ids, and a batch of either
+    prompt: str | list[str] | list[int] | list[list[int]]
     echo: bool = False
     suffix: str | None = None
 
     @model_validator(mode="after")
-    def _one_prompt(self):
-        if isinstance(self.prompt, list) and len(self.prompt) != 1:
-            raise ValueError("prompt: give one prompt (a string or a list of one string)")
+    def _prompts(self):
+        if not 1 <= len(self.prompts) <= MAX_PROMPTS:
+            raise ValueError(f"prompt: give 1 to {MAX_PROMPTS} prompts")
+        if len(self.prompts) > 1 and self.stream:
+            raise ValueError("prompt: stream one prompt at a time (a batch of prompts is answered whole)")
         if self.echo:
             raise ValueError("echo: not supported")
         if self.suffix:
@@ -126,8 +132,13 @@ class CompletionRequest(_Generation):
         return self
 
     @property
-    def text(self) -> str:
-        return self.prompt if isinstance(self.prompt, str) else self.prompt[0]
+    def prompts(self) -> list[str | list[int]]:
+        """Each prompt: a text, or token ids."""
+        if isinstance(self.prompt, str):
+            return [self.prompt]
+        if self.prompt and all(isinstance(item, int) for item in self.prompt):
+            return [list(self.prompt)]
+        return list(self.prompt)
 
 
 def parse(model: type[_Strict], body: bytes):
