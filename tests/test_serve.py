@@ -561,3 +561,43 @@ def test_completions_take_token_ids_and_batches_of_prompts(loaded):
         ids = [list(loaded.tokenizer(text).input_ids) for text in ("hello world", "abc")]
         assert complete(ids[0]).choices[0].text == alone[0]
         assert [c.text for c in complete(ids).choices] == alone[:2]
+
+
+def test_cors_origins_and_keep_alive_comments(endless):
+    hi = {"model": NAME, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+    with running_server(endless, cors_origins=("http://app.example",)) as server:
+        url = server.url + "/v1/chat/completions"
+        preflight = httpx.options(url, headers={"Origin": "http://app.example", "Access-Control-Request-Method": "POST",
+                                                "Access-Control-Request-Headers": "content-type"})
+        assert preflight.status_code == 200
+        assert preflight.headers["access-control-allow-origin"] == "http://app.example"
+        answer = httpx.post(url, json=hi, headers={"Origin": "http://app.example"})
+        assert answer.status_code == 200 and answer.headers["access-control-allow-origin"] == "http://app.example"
+        assert "access-control-allow-origin" not in httpx.post(url, json=hi, headers={"Origin": "http://evil"}).headers
+    with running_server(endless, max_batch=1, keepalive_seconds=0.1) as server:
+        url = server.url + "/v1/chat/completions"
+        assert "access-control-allow-origin" not in httpx.post(url, json=hi, headers={"Origin": "http://a"}).headers
+        with ThreadPoolExecutor(1) as pool:  # one long request holds the only row: the next one waits, idle
+            long = pool.submit(httpx.post, url, json=hi | {"max_tokens": 200}, timeout=120)
+            deadline = time.monotonic() + 30
+            while not server.engine.running:
+                assert time.monotonic() < deadline and not long.done(), long.result().text
+                time.sleep(0.01)
+            with httpx.stream("POST", url, json=hi | {"stream": True}, timeout=120) as stream:
+                lines = [line for line in stream.iter_lines() if line]
+            assert long.result().status_code == 200
+        assert ": keep-alive" in lines and lines[-1] == "data: [DONE]"
+        assert all(line.startswith(("data: ", ": keep-alive")) for line in lines)
+
+
+def test_a_chat_template_file_replaces_the_model_s(loaded, tmp_path):
+    from cllm.cli.serve import _use_chat_template
+
+    template = tmp_path / "template.jinja"
+    template.write_text("{% for m in messages %}[{{ m['content'] }}]{% endfor %}")
+    model = load_model(ModelConfig(name=loaded.source))
+    _use_chat_template(model, template)
+    assert model.encode_messages([{"role": "user", "content": "hi"}]) == list(model.tokenizer("[hi]").input_ids)
+    template.write_text("{% for m in messages %}")
+    with pytest.raises(CllmError, match="--chat-template"):
+        _use_chat_template(model, template)

@@ -65,6 +65,11 @@ def add_serve(commands) -> None:
     group.add_argument("--api-key", default=os.environ.get("CLLM_API_KEY"),
                        help="require `Authorization: Bearer KEY` on /v1 (401 otherwise; default: $CLLM_API_KEY, "
                        "else none)")
+    group.add_argument("--cors-origin", action="append", default=[], help="a browser origin allowed to call the API "
+                       "(e.g. http://localhost:3000, or * for any); repeat for several (default: none)")
+    group.add_argument("--keepalive", type=common.positive_float, default=15.0,
+                       help="seconds without a chunk after which a stream gets an SSE comment (default: %(default)s)")
+    group.add_argument("--chat-template", type=Path, help="a Jinja chat template file to use instead of the model's")
     group.add_argument("--log-level", choices=["debug", "info", "warning", "error"], default="info",
                        help="uvicorn's log level; debug also logs every request (default: %(default)s)")
     common.add_model_args(serve, raw=False, engine_options=True)
@@ -119,6 +124,8 @@ def _engine(args: argparse.Namespace, max_batch: int):
 
     spec = common.spec(args, args.decoder)
     loaded = common.load(args)
+    if getattr(args, "chat_template", None) is not None:
+        _use_chat_template(loaded, args.chat_template)
     drafter = common.load_drafter(args, loaded)
     if loaded.compile:  # compile before the first request, not during it
         from cllm.bench import decode_once
@@ -126,6 +133,19 @@ def _engine(args: argparse.Namespace, max_batch: int):
         with stderr.status("compiling the decoder (minutes on a CPU the first time) ..."):
             decode_once(loaded, spec, loaded.encode_prompt("Hello"), args.max_new_tokens, drafter)
     return Engine(loaded, spec, max_batch=max_batch, max_queue=getattr(args, "max_queue", 64), drafter=drafter)
+
+
+def _use_chat_template(loaded, path: Path) -> None:
+    """The template in `path` instead of the model's, tried once on a conversation so a broken one
+    fails at start-up rather than on every request."""
+    from cllm.files import read_text
+
+    loaded.tokenizer.chat_template = read_text(path, "chat template")
+    try:
+        loaded.encode_messages([{"role": "user", "content": "hi"}])
+    except Exception as exc:  # noqa: BLE001 -- Jinja and the template itself raise many kinds
+        detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise CllmError(f"--chat-template {path}: {detail}") from None
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
@@ -137,7 +157,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
     settings = ServeSettings(served_name=args.served_name or args.model, decoder_label=engine.spec.label,
                              default_max_tokens=args.max_new_tokens, sampling=common.sampling(args),
                              request_timeout=args.request_timeout, max_body_bytes=args.max_body_bytes,
-                             api_key=args.api_key)
+                             api_key=args.api_key, cors_origins=tuple(args.cors_origin),
+                             keepalive_seconds=args.keepalive)
     stderr.print(f"serving {settings.served_name!r} with {settings.decoder_label} on http://{args.host}:{args.port} "
                  f"(OpenAI API under /v1, chat page at /, metrics at /metrics)", highlight=False, soft_wrap=True)
     serve(engine, settings, args.host, args.port, grace=args.shutdown_grace, log_level=args.log_level)

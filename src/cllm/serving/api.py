@@ -23,6 +23,7 @@ from fastapi import FastAPI
 from fastapi import Request as HttpRequest
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.middleware.cors import CORSMiddleware
 
 from cllm.decoding.sampling import GREEDY, Sampling
 from cllm.errors import CllmError
@@ -32,6 +33,7 @@ from cllm.serving.schemas import ChatCompletionRequest, CompletionRequest, Reque
 from cllm.serving.text import TextAssembler
 
 DISCONNECT_POLL_SECONDS = 0.5
+IDLE = object()  # what `_Run.events` yields when nothing came for `keepalive_seconds`
 
 
 @dataclass(frozen=True)
@@ -43,6 +45,8 @@ class ServeSettings:
     request_timeout: float = 300.0
     max_body_bytes: int = 1 << 20  # checked before the body is parsed (or tokenized): 413 above it
     api_key: str | None = None  # when set, /v1 needs `Authorization: Bearer <api_key>` (401 otherwise)
+    cors_origins: tuple[str, ...] = ()  # browser origins allowed to call the API ("*": any)
+    keepalive_seconds: float = 15.0  # an SSE comment after this long without a chunk (proxies drop idle streams)
 
     @property
     def fingerprint(self) -> str:
@@ -100,6 +104,9 @@ def create_app(engine: Engine, settings: ServeSettings) -> FastAPI:
         return JSONResponse(_error_body("internal server error", "server_error", 500), 500)
 
     app.add_middleware(_CountRequests, metrics=metrics)
+    if settings.cors_origins:
+        app.add_middleware(CORSMiddleware, allow_origins=list(settings.cors_origins), allow_methods=["*"],
+                           allow_headers=["*"])
 
     @app.get("/health")
     async def health() -> JSONResponse:
@@ -311,23 +318,30 @@ class _Run:
         self.created = int(time.time())
         self.first_token_at: float | None = None
 
-    async def events(self, http: HttpRequest | None) -> AsyncIterator[Tokens | Finished | Failed]:
-        """The engine's events until the end, a timeout or (with `http`) the client leaving."""
+    async def events(self, http: HttpRequest | None) -> AsyncIterator[Tokens | Finished | Failed | object]:
+        """The engine's events until the end, a timeout or (with `http`) the client leaving; IDLE
+        after each `keepalive_seconds` without one."""
         request = self.request
         deadline = request.arrived + self.settings.request_timeout
+        last = time.monotonic()
         while True:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 request.cancel("timeout")
                 yield Failed(f"the request timed out after {self.settings.request_timeout:g} s")
                 return
+            poll = min(remaining, DISCONNECT_POLL_SECONDS, self.settings.keepalive_seconds)
             try:
-                event = await asyncio.wait_for(self.queue.get(), min(remaining, DISCONNECT_POLL_SECONDS))
+                event = await asyncio.wait_for(self.queue.get(), poll)
             except TimeoutError:
                 if http is not None and await http.is_disconnected():
                     request.cancel("disconnected")
                     return
+                if time.monotonic() - last >= self.settings.keepalive_seconds:
+                    last = time.monotonic()
+                    yield IDLE
                 continue
+            last = time.monotonic()
             if isinstance(event, Tokens):
                 self.first_token_at = self.first_token_at or event.at
                 if self.assembler.stopped:
@@ -377,6 +391,8 @@ class _Run:
     async def whole(self, http: HttpRequest) -> Response:
         text: list[str] = []
         async for event in self.events(http):
+            if event is IDLE:
+                continue
             if isinstance(event, Tokens):
                 text.append(self.add(event))
             elif isinstance(event, Failed):
@@ -421,7 +437,9 @@ class _Run:
                 yield self.chunk(None)
             tokens = forwards = 0
             async for event in self.events(None):
-                if isinstance(event, Tokens):
+                if event is IDLE:
+                    yield ": keep-alive\n\n"  # an SSE comment: clients skip it, proxies see a live stream
+                elif isinstance(event, Tokens):
                     piece = self.add(event)
                     tokens, forwards = tokens + len(event.token_ids), forwards + 1
                     if piece:
