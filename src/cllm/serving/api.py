@@ -225,9 +225,10 @@ def _completion_ids(engine: Engine, prompt: str | list[int]) -> list[int]:
 
 def _one_answer(answers: list[Response]) -> Response:
     """The answers to a batch of prompts as one completion: choice i for prompt i, usage summed."""
+    failed = [answer for answer in answers if answer.status_code != 200]
+    if failed:  # the client left (499): nobody reads it
+        return failed[0]
     parts = [json.loads(answer.body) for answer in answers]
-    if any(answer.status_code != 200 for answer in answers):
-        return next(answer for answer in answers if answer.status_code != 200)
     usage = {key: sum(part["usage"][key] for part in parts) for key in parts[0]["usage"]}
     choices = [part["choices"][0] | {"index": index} for index, part in enumerate(parts)]
     return JSONResponse(parts[0] | {"choices": choices, "usage": usage, "cllm": [part["cllm"] for part in parts]})
