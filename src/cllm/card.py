@@ -77,13 +77,14 @@ def generate(model, inputs=None, input_ids=None, attention_mask=None, generation
 def _card(facts: dict) -> str:
     drafter = facts["kind"] != "cllm"
     blocks = "/".join(map(str, facts["block_sizes"]))
-    use = (f"cllm generate PROMPT --model {facts['target']} --drafter THIS_DIR --decoder jacobi --block-size {blocks}"
+    target = "default" if facts["target"] == DEFAULT_MODEL_HUB_ID else facts["target"]  # cllm's name for it
+    use = (f"cllm generate PROMPT --model {target} --drafter THIS_DIR --decoder jacobi --block-size {blocks}"
            if drafter else f"cllm generate PROMPT --model THIS_DIR --decoder jacobi --block-size {blocks}")
     what = ("A drafter for exact drafted Jacobi decoding: the target verifies every token, so outputs are the "
             "target's own; this adapter only proposes the next guesses." if drafter else
             "A consistency LLM (CLLM): the target fine-tuned to jump to the Jacobi fixed point, decoding several "
             "tokens per forward. It is a different model from its target (lossy): measure how closely it follows "
-            f"it with `cllm eval fidelity --model THIS_DIR --target {facts['target']}`.")
+            f"it with `cllm eval fidelity --model THIS_DIR --target {target}`.")
     front = [
         "---",
         f"base_model: {facts['target']}",
