@@ -14,6 +14,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.heavy
+RUN_FIRST = True  # one test of about 90 s: started first, beside the rest (conftest.py)
 
 
 def run(command: list[str], cwd: Path, timeout: int = 600) -> str:
