@@ -69,9 +69,9 @@ def test_a_collection_over_two_launched_processes_equals_the_single_process_one(
     common = ["collect", "--model", str(model_dir), "--dataset", "jsonl", "--path", str(prompts),
               "--block-size", "4", "--max-new-tokens", "24", "--batch-size", "2"]
     env = os.environ | {"HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    launch = [str(Path(sys.executable).parent / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2",
-              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
-              "29536", "-m", "cllm.cli"]
+    program, *options = ACCELERATE
+    launch = [str(Path(sys.executable).parent / program), *options, "--multi_gpu", "--main_process_port", "29536",
+              "-m", "cllm.cli"]
     for command in ([*launch, *common, "--out", str(tmp_path / "two")],
                     [*CLLM, *common, "--out", str(tmp_path / "one")]):
         result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
