@@ -228,7 +228,9 @@ BAD_CHAT_BODIES = [
     (b'{"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "stop": 7}', "stop"),
     (b'{"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "stop": ["a","b","c","d","e"]}', "stop"),
     (b'{"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "n": 2}', "n"),
-    (b'{"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "logprobs": true}', "logprobs"),
+    (b'{"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "logprobs": 1}', "logprobs"),
+    (b'{"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "logprobs": true, "top_logprobs": 21}',
+     "top_logprobs"),
     ('{"model": "tiny", "messages": [{"role": "user", "content": "%s"}]}' % ("long " * 200), "context"),
 ]
 BAD_COMPLETION_BODIES = [
@@ -240,7 +242,9 @@ BAD_COMPLETION_BODIES = [
     (b'{"model": "tiny", "prompt": [[]]}', "token ids"),
     (b'{"model": "tiny", "prompt": [1, 99999999]}', "token ids"),
     (b'{"model": "tiny", "prompt": ""}', "prompt"),
-    (b'{"model": "tiny", "prompt": "a", "echo": true}', "echo"),
+    (b'{"model": "tiny", "prompt": "a", "echo": true, "stream": true}', "echo"),
+    (b'{"model": "tiny", "prompt": "a", "logprobs": 6}', "logprobs"),
+    (b'{"model": "tiny", "prompt": "a", "max_tokens": 0}', "max_tokens"),
 ]
 
 

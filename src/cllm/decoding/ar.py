@@ -26,6 +26,7 @@ def ar(
     seed: int | Sequence[int] = 0,
     control: BatchControl | None = None,
     compile: bool | str = False,
+    logprobs: int | Sequence[int | None] | None = None,
 ) -> DecodeOutput:
     """Autoregressive decoding with a KV cache: one forward per new token, greedy or sampled
     (`sampling`, with the per-row randomness fixed by `seed`: cllm.decoding.sampling).
@@ -34,12 +35,14 @@ def ar(
     its first EOS (included) or at `max_new_tokens` (one for all rows or one per row). `control`
     lets rows join and leave while decoding (continuous batching; cllm.decoding.core.BatchControl).
     `compile`: True (or a torch.compile backend's name) runs the compiled path (cllm.decoding.kv).
+    `logprobs`: per row (or for all), report each token's log-probability with that many top
+    tokens (None: not; cllm.decoding.logprobs); every cached decoder takes it.
     """
     input_ids, attention_mask = _as_batch(input_ids, attention_mask)
     _validate(input_ids, attention_mask, max_new_tokens, block_size=1)
     batch = Batch(model, input_ids, attention_mask, max_new_tokens=max_new_tokens, slack=1, eos_token_id=eos_token_id,
                   pad_token_id=pad_token_id, sampling=sampling, seed=seed, on_tokens=on_tokens, control=control,
-                  compile=compile, one_per_token=True)
+                  compile=compile, one_per_token=True, logprobs=logprobs)
     while batch.admit():
         one = torch.ones_like(batch.rows.n_out)  # (B,) every step accepts its one token
         prediction = batch.forward(batch.rows.pending[:, None])  # (B, 1)

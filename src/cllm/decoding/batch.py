@@ -6,7 +6,7 @@ that the batch starts for joining rows and trims for leaving ones. Cache layout:
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Protocol, TypeVar
 
 import torch
@@ -26,6 +26,7 @@ from cllm.decoding.core import (
     left_pad,
 )
 from cllm.decoding.kv import new_store
+from cllm.decoding.logprobs import Scores, TokenLogprob, score
 from cllm.decoding.sampling import GREEDY, Sampling, row_seeds, uniforms
 
 
@@ -53,15 +54,16 @@ class Batch:
         max_new_tokens: int | list[int], slack: int, eos_token_id: int | list[int] | None, pad_token_id: int,
         sampling: Sampling | list[Sampling] = GREEDY, seed: int | list[int] = 0, on_tokens: TokenCallback | None = None,
         control: BatchControl | None = None, compile: bool | str = False, one_per_token: bool = False,
-        store: Callable[[int], KVStore] | None = None,
+        store: Callable[[int], KVStore] | None = None, logprobs: int | Sequence[int | None] | None = None,
     ) -> None:
         self.model, self.slack, self.pad_token_id, self.control = model, slack, pad_token_id, control
         self.eos = _eos_tensor(eos_token_id, input_ids.device)
         self.outputs = _Outputs(input_ids.shape[0], on_tokens, control, one_per_token)
-        self.cache, self.rows = _prefill(model, input_ids, attention_mask, max_new_tokens, slack, sampling, seed,
-                                         compile=compile, store=store)
+        self.scores: Scores | None = None  # of the last target forward, for the rows that want logprobs
+        self.cache, self.rows, logits = _prefill(model, input_ids, attention_mask, max_new_tokens, slack, sampling,
+                                                 seed, compile=compile, store=store, logprobs=logprobs)
         self.states: list[RowState] = []
-        self._emit_first_token(self.cache, self.rows)
+        self._emit_first_token(self.cache, self.rows, logits)
 
     @property
     def stats(self) -> list[DecodeStats]:
@@ -92,7 +94,14 @@ class Batch:
         """One forward of `tokens` (B, m), `pending` first, after the cache (`real` (B, m): which
         columns are not padding); the prediction (argmax or fixed sample) at every column (B, m)."""
         real = torch.ones_like(tokens, dtype=torch.bool) if real is None else real
-        return _forward_after(self.cache, self.rows.slot_mask, self.rows, tokens, real)
+        logits, out_index = _forward_after(self.cache, self.rows.slot_mask, self.rows, tokens, real)
+        return self.pick(logits, out_index)
+
+    def pick(self, logits: torch.Tensor, out_index: torch.Tensor) -> torch.Tensor:
+        """`_Rows.pick` for a forward of the target: also scores it for the rows that want logprobs."""
+        prediction = self.rows.pick(logits, out_index)
+        self.scores = score(logits, prediction, self.rows.logprobs)
+        return prediction
 
     def keep_columns(self, accepted: torch.Tensor) -> None:
         """After a forward, keep the KV of each row's first `accepted` (B,) columns."""
@@ -109,12 +118,14 @@ class Batch:
         self.rows.slot_mask = torch.cat([self.rows.slot_mask, torch.ones_like(first)[:, None], real.long()], dim=1)
         self.rows.n_real = self.rows.n_real + 1 + accepted
 
-    def emit(self, tokens: torch.Tensor, count: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def emit(self, tokens: torch.Tensor, count: torch.Tensor,
+             source: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Append each row's first `count` (B,) of `tokens` (B, m), cut after an EOS, to its output
-        and count the step's forward; the last one becomes `pending`. Returns (B,) how many were
-        emitted and (B,) which rows are done."""
+        and count the step's forward; the last one becomes `pending`. `source` (B, m): the column
+        of the last `pick` each token was chosen at (default: token j at column j), for logprobs.
+        Returns (B,) how many were emitted and (B,) which rows are done."""
         count, hit_eos = _truncate_at_eos(tokens, count, self.eos)
-        _emit(self.rows, tokens, count, self.outputs.on_tokens)
+        _emit(self.rows, tokens, count, self.outputs, self.scores, source)
         self.rows.pending = tokens.gather(1, (count - 1)[:, None]).squeeze(1)
         for row, emitted in zip(self.rows.index.tolist(), count.tolist()):
             self.stats[row].forward_passes += 1
@@ -131,11 +142,11 @@ class Batch:
     def output(self, trajectories: list[list[torch.Tensor]] | None = None) -> DecodeOutput:
         return self.outputs.output(trajectories)
 
-    def _emit_first_token(self, cache: KVStore, rows: _Rows) -> None:
-        """Emit the prefill's prediction and retire the rows it already finished."""
+    def _emit_first_token(self, cache: KVStore, rows: _Rows, logits: torch.Tensor) -> None:
+        """Emit the prefill's prediction (from its `logits` (B, 1, V)) and retire the rows it already finished."""
         first = rows.pending[:, None]  # (B, 1)
         count, hit_eos = _truncate_at_eos(first, torch.ones_like(rows.n_out), self.eos)
-        _emit(rows, first, count, self.outputs.on_tokens)
+        _emit(rows, first, count, self.outputs, score(logits, first, rows.logprobs))
         self.outputs.retire(rows, cache, hit_eos | (rows.n_out >= rows.limit))
 
     def _join(self, admission: Admission) -> int:
@@ -144,9 +155,10 @@ class Batch:
         device = self.rows.pending.device
         input_ids, attention_mask = left_pad(admission.prompts, self.pad_token_id)
         first = self.outputs.grow(len(admission.prompts))
-        cache, rows = _prefill(self.model, input_ids.to(device), attention_mask.to(device), admission.max_new_tokens,
-                               self.slack, admission.samplings, admission.seeds, first_index=first, like=self.cache)
-        self._emit_first_token(cache, rows)
+        cache, rows, logits = _prefill(self.model, input_ids.to(device), attention_mask.to(device),
+                                       admission.max_new_tokens, self.slack, admission.samplings, admission.seeds,
+                                       first_index=first, like=self.cache, logprobs=admission.logprobs)
+        self._emit_first_token(cache, rows, logits)
         joined = len(rows.index)
         if not len(self):
             self.cache, self.rows = cache, rows
@@ -156,15 +168,15 @@ class Batch:
 
 
 def _forward_after(store: KVStore, slot_mask: torch.Tensor, rows: _Rows, tokens: torch.Tensor,
-                   real: torch.Tensor) -> torch.Tensor:
-    """One forward of `tokens` (B, m) after `store` (whose real slots `slot_mask` marks); the
-    prediction (argmax or fixed sample) at every column (B, m)."""
+                   real: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """One forward of `tokens` (B, m) after `store` (whose real slots `slot_mask` marks): the
+    logits (B, m, V) and the output index each column predicts (B, m), for `pick`."""
     columns = torch.arange(tokens.shape[1], device=tokens.device)
     attention_mask = torch.cat([slot_mask, real.long()], dim=1)  # (B, S + m)
     if bool(attention_mask.all()):
         attention_mask = None  # no padding or holes: the plain causal mask, cheapest for the backend
     logits = store.forward(tokens, rows.n_real[:, None] + columns, attention_mask)  # (B, m, V)
-    return rows.pick(logits, rows.n_out[:, None] + columns)  # column j predicts output index n_out + j
+    return logits, rows.n_out[:, None] + columns  # column j predicts output index n_out + j
 
 
 def _keep_first(store: KVStore, slot_mask: torch.Tensor, accepted: torch.Tensor) -> torch.Tensor:
@@ -179,11 +191,11 @@ def _prefill(
     model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor,
     max_new_tokens: int | list[int], slack: int, sampling: Sampling | list[Sampling] = GREEDY,
     seed: int | list[int] = 0, first_index: int = 0, compile: bool | str = False, like: KVStore | None = None,
-    store: Callable[[int], KVStore] | None = None,
-) -> tuple[KVStore, _Rows]:
+    store: Callable[[int], KVStore] | None = None, logprobs: int | Sequence[int | None] | None = None,
+) -> tuple[KVStore, _Rows, torch.Tensor]:
     """Run the prompts into a fresh cache (of the kind `compile` picks, kv.new_store, or of the
-    kind of `like`); the prediction after the last prompt token is `pending`. Rows get indices
-    from `first_index` on."""
+    kind of `like`); the prediction after the last prompt token is `pending`, made from the
+    returned logits (B, 1, V). Rows get indices from `first_index` on."""
     batch = input_ids.shape[0]
     device = input_ids.device
     limits = torch.tensor(_per_row(max_new_tokens, batch, "max_new_tokens"), dtype=torch.long, device=device)
@@ -210,9 +222,10 @@ def _prefill(
         draws=uniforms(seeds, scratch).to(device),
         samplings=_per_row(sampling, batch, "sampling"),
         seeds=seeds,
+        logprobs=_per_row(logprobs, batch, "logprobs"),
     )
     rows.pending = rows.pick(logits, torch.zeros((batch, 1), dtype=torch.long, device=device))[:, 0]
-    return cache, rows
+    return cache, rows, logits
 
 
 def _truncate_at_eos(
@@ -226,13 +239,17 @@ def _truncate_at_eos(
     return torch.where(hit, first + 1, count), hit
 
 
-def _emit(rows: _Rows, new_tokens: torch.Tensor, count: torch.Tensor, on_tokens: TokenCallback | None) -> None:
-    """Append each row's first `count` tokens of `new_tokens` (B, m) to its output."""
+def _emit(rows: _Rows, new_tokens: torch.Tensor, count: torch.Tensor, outputs: _Outputs, scores: Scores | None,
+          source: torch.Tensor | None = None) -> None:
+    """Append each row's first `count` tokens of `new_tokens` (B, m) to its output, with their
+    logprobs (chosen at the `source` (B, m) columns of the scored forward) for the rows that asked."""
     columns = torch.arange(new_tokens.shape[1], device=new_tokens.device)
     rows.out.scatter_(1, rows.n_out[:, None] + columns, new_tokens)
-    if on_tokens is not None:
-        for row, tokens, k in zip(rows.index.tolist(), new_tokens.tolist(), count.tolist()):
-            on_tokens(row, tokens[:k])
+    if outputs.on_tokens is not None or scores is not None:
+        sources = (columns[None].expand_as(new_tokens) if source is None else source).tolist()
+        for i, (row, tokens, k) in enumerate(zip(rows.index.tolist(), new_tokens.tolist(), count.tolist())):
+            logprobs = scores.entries(i, tokens[:k], sources[i][:k]) if scores is not None else None
+            outputs.add(row, tokens[:k], logprobs)
     rows.n_out = rows.n_out + count
 
 
@@ -242,6 +259,7 @@ class _Outputs:
     def __init__(self, batch: int, on_tokens: TokenCallback | None, control: BatchControl | None, one_per_token: bool):
         self.results: list[list[int] | None] = [None] * batch
         self.stats = [DecodeStats(forward_passes=1) for _ in range(batch)]  # the prefill yields the first token
+        self.logprobs: dict[int, list[TokenLogprob]] = {}  # by row, for the rows that asked
         self.on_tokens, self.control, self.one_per_token = on_tokens, control, one_per_token
 
     def grow(self, count: int) -> int:
@@ -250,6 +268,13 @@ class _Outputs:
         self.results += [None] * count
         self.stats += [DecodeStats(forward_passes=1) for _ in range(count)]
         return first
+
+    def add(self, row: int, tokens: list[int], logprobs: list[TokenLogprob] | None) -> None:
+        """A row's output grew by `tokens`: keep their logprobs and tell the callback."""
+        if logprobs is not None:
+            self.logprobs.setdefault(row, []).extend(logprobs)
+        if self.on_tokens is not None:
+            self.on_tokens(row, tokens) if logprobs is None else self.on_tokens(row, tokens, logprobs)
 
     def retire(self, rows: _Rows, cache: KVStore, done: torch.Tensor) -> torch.Tensor | None:
         """Store the output of finished rows and drop them from the rows and the cache; returns
@@ -276,7 +301,9 @@ class _Outputs:
         return keep
 
     def output(self, trajectories: list[list[torch.Tensor]] | None = None) -> DecodeOutput:
-        return DecodeOutput(token_ids=[r or [] for r in self.results], stats=self.stats, trajectories=trajectories)
+        logprobs = [self.logprobs.get(row) for row in range(len(self.results))] if self.logprobs else None
+        return DecodeOutput(token_ids=[r or [] for r in self.results], stats=self.stats, trajectories=trajectories,
+                            logprobs=logprobs)
 
 
 def _merge_rows(first: _Rows, second: _Rows) -> _Rows:
@@ -292,4 +319,5 @@ def _merge_rows(first: _Rows, second: _Rows) -> _Rows:
         out=both("out", dim_pad=False), n_out=both("n_out"), prompt=both("prompt", dim_pad=True),
         prompt_len=both("prompt_len"), limit=both("limit"), draws=both("draws", dim_pad=False),
         samplings=first.samplings + second.samplings, seeds=first.seeds + second.seeds,
+        logprobs=first.logprobs + second.logprobs,
     )

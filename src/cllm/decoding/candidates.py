@@ -28,6 +28,7 @@ class CandidateStep:
     predictions: torch.Tensor  # (B, m) the block's new values at its unfixed positions
     emitted: torch.Tensor  # (B, E) accepted tokens first
     count: torch.Tensor  # (B,) accepted tokens, >= 1
+    source: torch.Tensor  # (B, E) the fed column each emitted token was predicted at
 
 
 def _mask(guess_real: torch.Tensor, present: torch.Tensor, length: int) -> torch.Tensor:
@@ -55,7 +56,7 @@ def candidate_step(batch: Batch, guesses: torch.Tensor, width: torch.Tensor, pro
     fed_mask = _mask(guess_real, present, length)
     allowed = torch.cat([rows.slot_mask.bool()[:, None, :].expand(-1, fed_mask.shape[1], -1), fed_mask], dim=2)
     logits = cache.forward(tokens, positions, allowed)
-    prediction = rows.pick(logits, positions - rows.n_real[:, None] + rows.n_out[:, None])  # `pending`: n_out - 1
+    prediction = batch.pick(logits, positions - rows.n_real[:, None] + rows.n_out[:, None])  # `pending`: n_out - 1
 
     # the block: position fixed + c is predicted at column c (`pending`, then the guesses)
     predictions = prediction[:, :fed]
@@ -76,9 +77,12 @@ def candidate_step(batch: Batch, guesses: torch.Tensor, width: torch.Tensor, pro
         torch.zeros((size, length), dtype=torch.long, device=device)
     from_candidate = torch.nn.functional.pad(torch.cat([predictions[:, :1], chosen], dim=1), (0, span - length - 1))
     emitted = torch.where(use_candidate[:, None], from_candidate, from_block)
+    offsets = torch.arange(span, device=device)
+    by_candidate_column = torch.where(offsets == 0, 0, fed + best[:, None] * length + offsets - 1)
+    source = torch.where(use_candidate[:, None], by_candidate_column, offsets.clamp(max=fed - 1)[None])
 
     # the winner's first count - 1 tokens were fed after a right prefix: the block's guesses from
     # column 1, or the candidate's
     first = torch.where(use_candidate, fed + best * length, 1)
     batch.keep_pending_and(first, count - 1)
-    return CandidateStep(predictions, emitted, count)
+    return CandidateStep(predictions, emitted, count, source.clamp(max=prediction.shape[1] - 1))

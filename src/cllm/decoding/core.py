@@ -19,12 +19,14 @@ from typing import Protocol
 import torch
 
 from cllm.decoding.kv import DynamicKV, StaticKV
+from cllm.decoding.logprobs import TokenLogprob
 from cllm.decoding.sampling import GREEDY, Sampling, sample
 
 KVStore = DynamicKV | StaticKV
 
-TokenCallback = Callable[[int, list[int]], None]
-"""Called as `callback(row, new_token_ids)` whenever a row's output grows (streaming)."""
+TokenCallback = Callable[..., None]
+"""Called as `callback(row, new_token_ids)` whenever a row's output grows (streaming); for a row
+that asked for log-probabilities, `callback(row, new_token_ids, logprobs)` (cllm.decoding.logprobs)."""
 
 
 @dataclass
@@ -75,6 +77,7 @@ class DecodeOutput:
     token_ids: list[list[int]]
     stats: list[DecodeStats]
     trajectories: list[list[torch.Tensor]] | None = None
+    logprobs: list[list[TokenLogprob] | None] | None = None  # per row that asked: one per token
 
 
 def left_pad(prompts: Sequence[Sequence[int]], pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -163,6 +166,7 @@ class _Rows:
     draws: torch.Tensor  # (B, T) the uniform that samples output index t
     samplings: list[Sampling]  # per row
     seeds: list[int]  # per row: what its draws and its guesses are seeded with
+    logprobs: list[int | None]  # per row: how many top tokens to report with each token's logprob (None: none)
 
     def select(self, keep: torch.Tensor) -> None:
         kept = keep.tolist()
@@ -183,7 +187,7 @@ class _Rows:
 
 def _per_row(value, batch: int, name: str) -> list:
     """A setting given once for the batch or once per row, as a list per row."""
-    if isinstance(value, (int, Sampling)):
+    if value is None or isinstance(value, (int, Sampling)):
         return [value] * batch
     values = list(value)
     if len(values) != batch:
@@ -228,6 +232,7 @@ class Admission:
     max_new_tokens: list[int]
     samplings: list[Sampling]
     seeds: list[int]
+    logprobs: list[int | None] | None = None  # per prompt (None: no row asks)
 
 
 class BatchControl(Protocol):

@@ -245,7 +245,8 @@ class Drafter:
 
     def forward(self, tokens: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
         """The drafter's prediction (B, m) at the columns the target is fed in this step."""
-        return _forward_after(self.store, self.slot_mask, self.batch.rows, tokens, real)
+        rows = self.batch.rows
+        return rows.pick(*_forward_after(self.store, self.slot_mask, rows, tokens, real))
 
     def keep_columns(self, accepted: torch.Tensor) -> None:
         """As `Batch.keep_columns`: the KV of each row's first `accepted` (B,) fed columns."""

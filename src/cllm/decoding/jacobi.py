@@ -173,6 +173,7 @@ def jacobi(
     control: BatchControl | None = None,
     compile: bool | str = False,
     drafter: DraftModel | None = None,
+    logprobs: int | Sequence[int | None] | None = None,
 ) -> DecodeOutput:
     """Jacobi decoding with a KV cache over blocks of `block_size` tokens.
 
@@ -195,7 +196,8 @@ def jacobi(
     shared = isinstance(drafter, ADAPTER_DRAFTERS)
     batch = Batch(model, input_ids, attention_mask, max_new_tokens=max_new_tokens, slack=max(block_size, ngram),
                   eos_token_id=eos_token_id, pad_token_id=pad_token_id, sampling=sampling, seed=seed,
-                  on_tokens=on_tokens, control=control, compile=compile, store=drafter.store if shared else None)
+                  on_tokens=on_tokens, control=control, compile=compile, store=drafter.store if shared else None,
+                  logprobs=logprobs)
     blocks = batch.attach(_Blocks(batch, block_size, _GuessMaker(init, pad_token_id), return_trajectory))
     pools = NgramPools(ngram, candidates) if candidates else None
     drafts = None
@@ -208,15 +210,15 @@ def jacobi(
             prediction = batch.forward(tokens, real)  # 2. forward: (B, m) the prediction after each fed token
             # 3. accept the longest prefix whose inputs were right, plus the token after it
             accepted = torch.minimum(accepted_prefix(prediction, guesses, real) + 1, width)  # (B,) >= 1
-            emitted = prediction
+            emitted, source = prediction, None
             if drafts is not None:  # the drafter's predictions at the same columns: the next guesses
                 prediction = drafts.forward(tokens, real)
                 drafts.keep_columns(accepted)
             batch.keep_columns(accepted)
         else:  # 2-3 with candidates verified alongside; the cache is committed inside
             step = candidate_step(batch, guesses, width, *pools.offer(batch.rows, pad_token_id))
-            prediction, emitted, accepted = step.predictions, step.emitted, step.count
-        _, done = batch.emit(emitted, accepted)  # 4. commit: the output, the new iterate, new blocks
+            prediction, emitted, accepted, source = step.predictions, step.emitted, step.count, step.source
+        _, done = batch.emit(emitted, accepted, source)  # 4. commit: the output, the new iterate, new blocks
         blocks.commit(prediction, emitted, accepted, done)
         if pools is not None:  # the iterate's unfixed part: the model's own guesses of what follows
             blocks.remember_unfixed(pools)

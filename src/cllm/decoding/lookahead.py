@@ -98,6 +98,7 @@ def lookahead(
     sampling: Sampling | Sequence[Sampling] = GREEDY,
     control: BatchControl | None = None,
     compile: bool | str = False,
+    logprobs: int | Sequence[int | None] | None = None,
 ) -> DecodeOutput:
     """Lookahead decoding: `window` W, n-gram size `ngram` N, up to `candidates` G verified
     n-grams per step, and a prompt-lookup draft of up to `draft` tokens (0: none). Returns exactly
@@ -109,7 +110,7 @@ def lookahead(
     _check_lookahead(model, input_ids, attention_mask, max_new_tokens, window, ngram, candidates, draft)
     batch = Batch(model, input_ids, attention_mask, max_new_tokens=max_new_tokens, slack=max(ngram, draft + 1),
                   eos_token_id=eos_token_id, pad_token_id=pad_token_id, sampling=sampling, seed=seed,
-                  on_tokens=on_tokens, control=control, compile=compile)
+                  on_tokens=on_tokens, control=control, compile=compile, logprobs=logprobs)
     trail = batch.attach(_Window(batch, ngram - 1, window))
     pools = NgramPools(ngram, candidates)
     while batch.admit():
@@ -117,7 +118,8 @@ def lookahead(
         step = _Step(batch, trail, *candidates_and_draft)
         prediction = step.forward()  # (B, 1 + W + G(N-1) + D) at `pending`, the last level, candidates, draft
         emitted, count, winner = step.verify(prediction)  # (B, E) right tokens first, (B,) how many, (B,) where fed
-        count, done = batch.emit(emitted, torch.minimum(count, batch.rows.limit - batch.rows.n_out))
+        count, done = batch.emit(emitted, torch.minimum(count, batch.rows.limit - batch.rows.n_out),
+                                 step.read_columns(winner, emitted.shape[1]))
         # the winner's accepted tokens were fed after a right prefix: their KV is kept, the rest cropped
         batch.keep_pending_and(winner, count - 1)
         trail.advance(pools, prediction[:, 1 : 1 + window])
@@ -190,7 +192,17 @@ class _Step:
         read = torch.cat([torch.zeros(1, dtype=torch.long), torch.arange(last_level, tokens.shape[1])]).to(device)
         logits = self.batch.cache.forward(tokens, positions, allowed, logits_to_keep=read)
         # the column at position q predicts output index n_out + q - last (`pending`, at `last`, is n_out - 1)
-        return rows.pick(logits, positions[:, read] - last[:, None] + rows.n_out[:, None])
+        return self.batch.pick(logits, positions[:, read] - last[:, None] + rows.n_out[:, None])
+
+    def read_columns(self, winner: torch.Tensor, emitted: int) -> torch.Tensor:
+        """(B, E) the column of the prediction each emitted token was read at: the one after
+        `pending`, then the winner's (fed from column `winner` (B,) on; the window's first levels
+        are not read)."""
+        skipped = (self.window.levels - 1) * self.window.window
+        offsets = torch.arange(emitted, device=winner.device)
+        columns = torch.where(offsets == 0, 0, winner[:, None] - skipped + offsets - 1)
+        width = 1 + self.window.window + self.proposals.shape[1] * self.window.levels + self.drafts.shape[1]
+        return columns.clamp(max=width - 1)
 
     def verify(self, prediction: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(B, E) the tokens to emit, right ones first, (B,) how many are right (>= 1: the

@@ -25,9 +25,11 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingRes
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.cors import CORSMiddleware
 
+from cllm.decoding.logprobs import TokenLogprob
 from cllm.decoding.sampling import GREEDY, Sampling
 from cllm.errors import CllmError
 from cllm.serving.engine import Engine, Failed, Finished, QueueFull, Request, ShuttingDown, Tokens
+from cllm.serving.logprobs import TokenStrings, chat_content, completion_logprobs
 from cllm.serving.metrics import Metrics
 from cllm.serving.schemas import ChatCompletionRequest, CompletionRequest, RequestError, parse
 from cllm.serving.text import TextAssembler
@@ -76,12 +78,13 @@ class _Service:
     engine: Engine
     settings: ServeSettings
     metrics: Metrics
+    strings: TokenStrings  # token texts and bytes, for logprobs
     latency_average: float = 1.0  # seconds, a running mean for Retry-After
 
 
 def create_app(engine: Engine, settings: ServeSettings) -> FastAPI:
     metrics = Metrics(engine)
-    service = _Service(engine, settings, metrics)
+    service = _Service(engine, settings, metrics, TokenStrings(engine.loaded.tokenizer))
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -148,9 +151,11 @@ def create_app(engine: Engine, settings: ServeSettings) -> FastAPI:
         _authorize(http, settings)
         body = _parse(CompletionRequest, await _read_body(http, settings.max_body_bytes))
         prompts = [_completion_ids(engine, prompt) for prompt in body.prompts]
+        echoes = [_echo_text(engine, prompt) if body.echo else "" for prompt in body.prompts]
         if len(prompts) == 1:
-            return await _generate(service, http, body, prompts[0], chat=False)
-        answers = await asyncio.gather(*(_generate(service, http, body, ids, chat=False) for ids in prompts))
+            return await _generate(service, http, body, prompts[0], chat=False, echo=echoes[0])
+        answers = await asyncio.gather(*(_generate(service, http, body, ids, chat=False, echo=echo)
+                                         for ids, echo in zip(prompts, echoes)))
         return _one_answer(answers)
 
     return app
@@ -223,6 +228,10 @@ def _completion_ids(engine: Engine, prompt: str | list[int]) -> list[int]:
     return prompt
 
 
+def _echo_text(engine: Engine, prompt: str | list[int]) -> str:
+    return prompt if isinstance(prompt, str) else engine.loaded.tokenizer.decode(prompt)
+
+
 def _one_answer(answers: list[Response]) -> Response:
     """The answers to a batch of prompts as one completion: choice i for prompt i, usage summed."""
     failed = [answer for answer in answers if answer.status_code != 200]
@@ -258,6 +267,8 @@ def _request(settings: ServeSettings, context: int | None, body, prompt_ids: lis
             raise ApiError(400, f"max_tokens {limit} + the prompt's {len(prompt_ids)} tokens exceed the model's "
                                 f"context of {context} tokens", param="max_tokens")
         limit = limit if limit is not None else min(settings.default_max_tokens, room)
+    if limit is None:
+        limit = settings.default_max_tokens
     default = settings.sampling
     try:
         sampling = Sampling(
@@ -271,7 +282,9 @@ def _request(settings: ServeSettings, context: int | None, body, prompt_ids: lis
         seed = body.seed
     else:  # greedy: the seed only picks Jacobi's first guesses; keep the statistics reproducible too
         seed = 0 if sampling.greedy else random.randrange(2**63)
-    return Request(prompt_ids, limit or settings.default_max_tokens, sampling, seed, deliver)
+    # max_tokens 0 (echo): the engine still makes one token (the prefill's), which is not answered
+    return Request(prompt_ids, max(limit, 1), sampling, seed, deliver, logprobs=body.top_logprobs_wanted,
+                   prompt_logprobs=body.prompt_logprobs_wanted)
 
 
 def _deliver_to(events: asyncio.Queue):
@@ -287,7 +300,8 @@ def _deliver_to(events: asyncio.Queue):
     return deliver
 
 
-async def _generate(service: _Service, http: HttpRequest, body, prompt_ids: list[int], chat: bool) -> Response:
+async def _generate(service: _Service, http: HttpRequest, body, prompt_ids: list[int], chat: bool,
+                    echo: str = "") -> Response:
     engine, settings = service.engine, service.settings
     if body.model != settings.served_name:
         raise ApiError(404, f"the model {body.model!r} does not exist; this server serves {settings.served_name!r}",
@@ -302,7 +316,7 @@ async def _generate(service: _Service, http: HttpRequest, body, prompt_ids: list
                        {"Retry-After": str(retry)}) from None
     except ShuttingDown as exc:
         raise ApiError(503, str(exc), "server_error") from None
-    run = _Run(service, request, events, body, chat)
+    run = _Run(service, request, events, body, chat, echo)
     if body.stream:
         return StreamingResponse(run.stream(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
     return await run.whole(http)
@@ -311,10 +325,15 @@ async def _generate(service: _Service, http: HttpRequest, body, prompt_ids: list
 class _Run:
     """One request from submission to its response: events turned into text, stats, metrics."""
 
-    def __init__(self, service: _Service, request: Request, queue: asyncio.Queue, body, chat: bool) -> None:
+    def __init__(self, service: _Service, request: Request, queue: asyncio.Queue, body, chat: bool,
+                 echo: str = "") -> None:
         self.service, self.settings = service, service.settings
-        self.request, self.queue, self.body, self.chat = request, queue, body, chat
+        self.request, self.queue, self.body, self.chat, self.echo = request, queue, body, chat, echo
+        self.generates = body.token_limit != 0  # max_tokens 0 (echo): the prompt only
         self.assembler = TextAssembler(service.engine.loaded.tokenizer, body.stop_strings)
+        self.logprobs: list[TokenLogprob] = []  # of the tokens the text so far was made from
+        self.unsent: list[TokenLogprob] = []  # of those not yet in a stream chunk
+        self.sent_chars = 0
         self.id = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
         self.created = int(time.time())
         self.first_token_at: float | None = None
@@ -355,6 +374,13 @@ class _Run:
                 return
 
     def add(self, tokens: Tokens) -> str:
+        if not self.generates:
+            return ""
+        if tokens.logprobs is not None:  # the EOS that ends the answer is not part of its text: nor of these
+            eos = self.service.engine.loaded.eos_token_ids
+            entries = [entry for entry in tokens.logprobs if entry.token not in eos]
+            self.logprobs += entries
+            self.unsent += entries
         piece = self.assembler.add(tokens.token_ids)
         if self.assembler.stopped:
             self.request.cancel("stop")
@@ -364,6 +390,8 @@ class _Run:
         return {"timeout": 504, "shutdown": 503}.get(self.request.cancel_reason or "", 500)
 
     def finish_reason(self, finished: Finished) -> str:
+        if not self.generates:
+            return "length"
         return "length" if finished.reason == "length" and not self.assembler.stopped else "stop"
 
     def stats(self, finished: Finished) -> dict:
@@ -378,7 +406,7 @@ class _Run:
         }
 
     def usage(self, finished: Finished) -> dict:
-        prompt, completion = len(self.request.prompt_ids), len(finished.token_ids)
+        prompt, completion = len(self.request.prompt_ids), len(finished.token_ids) if self.generates else 0
         return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
     def record(self, finished: Finished | None) -> None:
@@ -409,21 +437,35 @@ class _Run:
     def response(self, text: str, finished: Finished) -> dict:
         reason = self.finish_reason(finished)
         if self.chat:
-            choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
-                      "finish_reason": reason}
+            choice = {"index": 0, "message": {"role": "assistant", "content": text},
+                      "logprobs": self.logprobs_json(self.logprobs), "finish_reason": reason}
         else:
-            choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": reason}
+            choice = {"index": 0, "text": self.echo + text, "logprobs": self.logprobs_json(self.logprobs, echo=True),
+                      "finish_reason": reason}
         return {"id": self.id, "object": "chat.completion" if self.chat else "text_completion",
                 "created": self.created, "model": self.settings.served_name,
                 "system_fingerprint": self.settings.fingerprint, "choices": [choice],
                 "usage": self.usage(finished), "cllm": self.stats(finished)}
 
+    def logprobs_json(self, entries: list[TokenLogprob], echo: bool = False, offset: int = 0) -> dict | None:
+        """The choice's `logprobs` (None unless asked); with `echo`, the prompt's tokens first."""
+        if self.request.logprobs is None:
+            return None
+        strings = self.service.strings
+        if self.chat:
+            return {"content": chat_content(strings, entries), "refusal": None}
+        scores = self.request.prompt_scores if echo else None
+        ids = (self.request.prompt_ids if scores is not None else []) + [e.token for e in entries]
+        return completion_logprobs(strings, ids, (scores or []) + entries, offset)
+
     def chunk(self, piece: str | None, reason: str | None = None, extra: dict | None = None) -> str:
+        logprobs, self.unsent = (self.logprobs_json(self.unsent, offset=self.sent_chars) if self.unsent else None), []
+        self.sent_chars += len(piece or "")
         if self.chat:
             delta = {"role": "assistant", "content": ""} if piece is None else ({"content": piece} if piece else {})
-            choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": reason}
+            choice = {"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": reason}
         else:
-            choice = {"index": 0, "text": piece or "", "logprobs": None, "finish_reason": reason}
+            choice = {"index": 0, "text": piece or "", "logprobs": logprobs, "finish_reason": reason}
         data = {"id": self.id, "object": "chat.completion.chunk" if self.chat else "text_completion",
                 "created": self.created, "model": self.settings.served_name,
                 "system_fingerprint": self.settings.fingerprint, "choices": [choice]}

@@ -20,6 +20,7 @@ import torch
 
 from cllm.decoding import DecoderSpec, DecodeStats, decode
 from cllm.decoding.core import Admission
+from cllm.decoding.logprobs import TokenLogprob, prompt_logprobs
 from cllm.decoding.sampling import Sampling
 from cllm.decoding.spec import SERVABLE
 from cllm.errors import CllmError
@@ -36,10 +37,11 @@ class ShuttingDown(Exception):
 
 @dataclass
 class Tokens:
-    """Token ids a row gained in one forward."""
+    """Token ids a row gained in one forward (with their logprobs if the request asked)."""
 
     token_ids: list[int]
     at: float
+    logprobs: list[TokenLogprob] | None = None
 
 
 @dataclass
@@ -67,6 +69,9 @@ class Request:
     sampling: Sampling
     seed: int
     deliver: Callable[[Event], None]
+    logprobs: int | None = None  # top tokens to report with each generated token's logprob (None: no logprobs)
+    prompt_logprobs: int | None = None  # the same for the prompt's tokens (echo)
+    prompt_scores: list[TokenLogprob | None] | None = None  # set by the engine before the row starts
     arrived: float = field(default_factory=time.monotonic)
     started: float | None = None  # admitted into the batch
     cancel_reason: str | None = None  # set from any thread: the row leaves at the next iteration
@@ -189,13 +194,14 @@ class Engine:
 
     # -- the engine thread -----------------------------------------------------------------
 
-    def _on_tokens(self, row: int, token_ids: list[int]) -> None:
+    def _on_tokens(self, row: int, token_ids: list[int], logprobs: list[TokenLogprob] | None = None) -> None:
         request = self._rows.get(row)
         if request is not None and token_ids:
-            request.deliver(Tokens(token_ids, time.monotonic()))
+            request.deliver(Tokens(token_ids, time.monotonic(), logprobs))
 
     def _take(self, room: int) -> list[Request]:
-        """Up to `room` waiting requests, dropping those cancelled while they waited."""
+        """Up to `room` waiting requests, dropping those cancelled while they waited; the prompts
+        of those that asked are scored (outside the lock: submitting must not wait for a forward)."""
         taken: list[Request] = []
         with self._wake:
             while self._waiting and len(taken) < room:
@@ -207,13 +213,24 @@ class Engine:
                 self._rows[self._next_row] = request
                 self._next_row += 1
                 taken.append(request)
+        for request in taken:
+            if request.prompt_logprobs is not None:
+                self._score_prompt(request)
         return taken
+
+    def _score_prompt(self, request: Request) -> None:
+        try:
+            request.prompt_scores = prompt_logprobs(self.loaded.model, request.prompt_ids, request.prompt_logprobs)
+        except Exception as exc:  # noqa: BLE001 -- this request fails, not the batch
+            request.cancel("failed")  # its row leaves at the decoder's next iteration
+            self._end(request, Failed(f"scoring the prompt failed: {type(exc).__name__}: {exc}"))
 
     @staticmethod
     def _admission(requests: list[Request]) -> Admission:
         return Admission(
             prompts=[r.prompt_ids for r in requests], max_new_tokens=[r.max_new_tokens for r in requests],
             samplings=[r.sampling for r in requests], seeds=[r.seed for r in requests],
+            logprobs=[r.logprobs for r in requests],
         )
 
     def _serve_forever(self) -> None:
@@ -238,7 +255,7 @@ class Engine:
         try:
             decode(self.loaded, self.spec, first.prompts, max_new_tokens=first.max_new_tokens,
                    sampling=first.samplings, seed=first.seeds, on_tokens=self._on_tokens, control=self,
-                   draft_model=self.drafter)
+                   draft_model=self.drafter, logprobs=first.logprobs)
         except Exception as exc:  # noqa: BLE001 -- one failed batch must not take the server down
             message = f"decoding failed: {type(exc).__name__}: {exc}"
             with self._wake:

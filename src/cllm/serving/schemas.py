@@ -49,7 +49,7 @@ class StreamOptions(_Strict):
 
 class _Generation(_Strict):
     model: str
-    max_tokens: int | None = Field(None, ge=1)
+    max_tokens: int | None = Field(None, ge=0)  # 0: only with echo (the prompt scored, nothing generated)
     max_completion_tokens: int | None = Field(None, ge=1)
     temperature: float | None = Field(None, ge=0, allow_inf_nan=False)
     top_p: float | None = Field(None, gt=0, le=1, allow_inf_nan=False)
@@ -59,7 +59,6 @@ class _Generation(_Strict):
     stream: bool = False
     stream_options: StreamOptions | None = None
     n: int = 1
-    logprobs: bool | int | None = None
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
     logit_bias: dict | None = None
@@ -84,8 +83,8 @@ class _Generation(_Strict):
             raise ValueError("response_format: only {\"type\": \"text\"} is supported (no JSON mode or schema)")
         if self.n != 1:
             raise ValueError("n: only n = 1 is supported")
-        if self.logprobs not in (None, False, 0):
-            raise ValueError("logprobs: not supported")
+        if self.max_tokens == 0 and not getattr(self, "echo", False):
+            raise ValueError("max_tokens: must be at least 1 (0 only with echo on /v1/completions)")
         for name in ("presence_penalty", "frequency_penalty"):
             if getattr(self, name) not in (None, 0):
                 raise ValueError(f"{name}: not supported (only 0)")
@@ -105,9 +104,31 @@ class _Generation(_Strict):
     def token_limit(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
 
+    @property
+    def top_logprobs_wanted(self) -> int | None:
+        """How many top tokens to report beside each generated token's logprob (None: no logprobs)."""
+        return None
+
+    @property
+    def prompt_logprobs_wanted(self) -> int | None:
+        """The same for the prompt's tokens (echo)."""
+        return None
+
 
 class ChatCompletionRequest(_Generation):
     messages: list[Message] = Field(min_length=1)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=20)
+
+    @model_validator(mode="after")
+    def _logprobs(self):
+        if self.top_logprobs is not None and not self.logprobs:
+            raise ValueError("top_logprobs: needs logprobs: true")
+        return self
+
+    @property
+    def top_logprobs_wanted(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else None
 
 
 MAX_PROMPTS = 16  # prompts in one /v1/completions request
@@ -117,6 +138,7 @@ class CompletionRequest(_Generation):
     # OpenAI's four forms: a string, token ids, and a batch of either
     prompt: str | list[str] | list[int] | list[list[int]]
     echo: bool = False
+    logprobs: int | None = Field(None, ge=0, le=5)  # the legacy API's: how many top tokens, 0: the chosen only
     suffix: str | None = None
 
     @model_validator(mode="after")
@@ -125,11 +147,19 @@ class CompletionRequest(_Generation):
             raise ValueError(f"prompt: give 1 to {MAX_PROMPTS} prompts")
         if len(self.prompts) > 1 and self.stream:
             raise ValueError("prompt: stream one prompt at a time (a batch of prompts is answered whole)")
-        if self.echo:
-            raise ValueError("echo: not supported")
+        if self.echo and self.stream:
+            raise ValueError("echo: not with stream (ask without stream)")
         if self.suffix:
             raise ValueError("suffix: not supported")
         return self
+
+    @property
+    def top_logprobs_wanted(self) -> int | None:
+        return self.logprobs
+
+    @property
+    def prompt_logprobs_wanted(self) -> int | None:
+        return self.logprobs if self.echo else None
 
     @property
     def prompts(self) -> list[str | list[int]]:

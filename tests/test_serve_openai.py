@@ -1,0 +1,117 @@
+"""OpenAI fidelity of `cllm serve` with the official client (sync, async, streamed): logprobs and
+top_logprobs that are the target's own whichever decoder serves, echo with the prompt's logprobs
+(max_tokens 0, as evaluation harnesses ask), Predicted Outputs."""
+
+from __future__ import annotations
+
+import asyncio
+
+import httpx
+import openai
+import pytest
+import torch
+from test_serve import NAME, chat, running_server
+from tiny_models import save_tiny_model
+
+from cllm.decoding import decode
+from cllm.models import ModelConfig, load_model
+
+PROMPT = "Tell me a story about a cat."
+
+
+@pytest.fixture(scope="module")
+def loaded(tmp_path_factory):
+    return load_model(ModelConfig(name=str(save_tiny_model(tmp_path_factory.mktemp("tiny") / "model", eos_token_id=1,
+                                                           chat_template=True))))
+
+
+def target_logprobs(loaded, prompt_ids: list[int], output_ids: list[int]) -> list[float]:
+    """log p(token | everything before it) of each output token, from one plain forward of the target."""
+    with torch.no_grad():
+        logits = loaded.model(input_ids=torch.tensor([prompt_ids + output_ids])).logits[0].float()
+    logprobs = logits.log_softmax(-1)[len(prompt_ids) - 1 : -1]
+    return [float(row[token]) for row, token in zip(logprobs, output_ids)]
+
+
+def _drafter(loaded, tmp_path):
+    from tiny_models import save_tiny_adapter
+
+    from cllm.drafters import load_drafter
+
+    return load_drafter(str(save_tiny_adapter(loaded.source, tmp_path / "adapter", seed=4)), loaded)
+
+
+@pytest.mark.parametrize("decoder", ["ar", "jacobi:4", "lookahead:3:3:3:4", "drafted:4"])
+def test_logprobs_of_a_greedy_answer_are_the_targets_whichever_decoder_serves(loaded, decoder, tmp_path):
+    drafter = _drafter(loaded, tmp_path) if decoder.startswith("drafted") else None
+    with running_server(loaded, decoder, drafter=drafter) as server:
+        answer = chat(server.client, PROMPT, max_tokens=24, temperature=0, logprobs=True, top_logprobs=3)
+        streamed = list(chat(server.client, PROMPT, max_tokens=24, temperature=0, logprobs=True, top_logprobs=3,
+                             stream=True))
+        plain = chat(server.client, PROMPT, max_tokens=24, temperature=0)
+    content = answer.choices[0].logprobs.content
+    assert plain.choices[0].logprobs is None
+    prompt_ids = loaded.encode_messages([{"role": "user", "content": PROMPT}])
+    output_ids = decode(loaded, "ar", [prompt_ids], max_new_tokens=24).token_ids[0]  # greedy AR: what was served
+    output_ids = [token for token in output_ids if token not in loaded.eos_token_ids]
+    expected = target_logprobs(loaded, prompt_ids, output_ids)
+    assert [entry.token for entry in content] == [loaded.tokenizer.decode([token]) for token in output_ids]
+    assert len(content) == len(expected) > 0
+    for entry, logprob in zip(content, expected):
+        assert abs(entry.logprob - logprob) < 1e-5
+        assert len(entry.top_logprobs) == 3 and entry.top_logprobs[0].logprob >= entry.logprob - 1e-6  # greedy
+        assert bytes(entry.bytes).decode() == entry.token
+    in_chunks = [e for chunk in streamed if chunk.choices and chunk.choices[0].logprobs
+                 for e in chunk.choices[0].logprobs.content]
+    assert [(e.token, round(e.logprob, 6)) for e in in_chunks] == [(e.token, round(e.logprob, 6)) for e in content]
+
+
+def test_echo_with_logprobs_scores_the_prompt_as_evaluation_harnesses_ask(loaded):
+    """lm-eval's loglikelihood requests: echo, max_tokens 0, logprobs 1: the prompt's tokens with
+    the target's logprob of each after the ones before it (none for the first), nothing generated."""
+    text = "The cat sat on the mat."
+    ids = list(loaded.tokenizer(text).input_ids)
+    with running_server(loaded, "jacobi:4") as server:
+        scored = server.client.completions.create(model=NAME, prompt=text, max_tokens=0, echo=True, logprobs=1,
+                                                  temperature=0)
+        both = server.client.completions.create(model=NAME, prompt=ids, max_tokens=5, echo=True, logprobs=2,
+                                                temperature=0)
+        refused = httpx.post(server.url + "/v1/completions", json={"model": NAME, "prompt": text, "max_tokens": 0})
+        refused_chat = httpx.post(server.url + "/v1/chat/completions",
+                                  json={"model": NAME, "messages": [{"role": "user", "content": "hi"}],
+                                        "top_logprobs": 2})
+    choice = scored.choices[0]
+    assert choice.text == text and scored.usage.completion_tokens == 0
+    lp = choice.logprobs
+    assert len(lp.tokens) == len(ids) and "".join(lp.tokens) == text
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    expected = target_logprobs(loaded, ids[:1], ids[1:])
+    assert all(abs(a - b) < 1e-5 for a, b in zip(lp.token_logprobs[1:], expected))
+    assert lp.text_offset == [len("".join(lp.tokens[:i])) for i in range(len(ids))]
+    # echo with a completion: the prompt's entries, then the answer's (the target's too)
+    generated = both.choices[0].logprobs
+    assert both.choices[0].text.startswith(text) and len(generated.tokens) == len(ids) + 5
+    assert generated.token_logprobs[: len(ids)][1:] == pytest.approx(lp.token_logprobs[1:], abs=1e-6)
+    answer_ids = loaded.tokenizer(both.choices[0].text[len(text):], add_special_tokens=False).input_ids
+    assert generated.token_logprobs[len(ids):] == pytest.approx(target_logprobs(loaded, ids, answer_ids), abs=1e-5)
+    assert all(len(top) <= 2 for top in generated.top_logprobs[1:])
+    assert refused.status_code == 400 and refused.json()["error"]["param"] == "max_tokens"
+    assert refused_chat.status_code == 400 and "logprobs" in refused_chat.json()["error"]["message"]
+
+
+def test_the_async_client_streams_and_answers_like_the_sync_one(loaded):
+    with running_server(loaded, "jacobi:4") as server:
+        expected = chat(server.client, PROMPT, max_tokens=16, temperature=0).choices[0].message.content
+
+        async def ask() -> tuple[str, str]:
+            client = openai.AsyncOpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0)
+            whole = await client.chat.completions.create(model=NAME, messages=[{"role": "user", "content": PROMPT}],
+                                                         max_tokens=16, temperature=0)
+            stream = await client.chat.completions.create(model=NAME, messages=[{"role": "user", "content": PROMPT}],
+                                                          max_tokens=16, temperature=0, stream=True)
+            pieces = [chunk.choices[0].delta.content or "" async for chunk in stream if chunk.choices]
+            await client.close()
+            return whole.choices[0].message.content, "".join(pieces)
+
+        whole, joined = asyncio.run(ask())
+    assert whole == joined == expected
