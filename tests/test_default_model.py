@@ -47,9 +47,12 @@ def greedy_settings(loaded) -> dict:
 
 @pytest.fixture(scope="module")
 def greedy(loaded, twenty_prompts) -> list[list[int]]:
-    """Batched greedy AR on the twenty prompts: the reference every greedy test compares with."""
-    input_ids, attention_mask = left_pad(twenty_prompts, loaded.pad_token_id)
-    return ar(loaded.model, input_ids, attention_mask, **greedy_settings(loaded)).token_ids
+    """Batched greedy AR, the reference every greedy test compares with: the built-in prompts at
+    128 tokens, the GSM8K ones at the 48 their tests read."""
+    settings = greedy_settings(loaded)
+    chat, gsm8k = (left_pad(part, loaded.pad_token_id) for part in (twenty_prompts[:10], twenty_prompts[10:]))
+    return ar(loaded.model, *chat, **settings).token_ids + ar(loaded.model, *gsm8k, **settings | {
+        "max_new_tokens": 48}).token_ids
 
 
 def test_jacobi_equals_ar_on_ten_prompts_at_128_tokens(loaded, twenty_prompts, greedy):
@@ -60,7 +63,8 @@ def test_jacobi_equals_ar_on_ten_prompts_at_128_tokens(loaded, twenty_prompts, g
     assert plain.token_ids == expected
     assert all(stats.forward_passes <= len(reference) for stats, reference in zip(plain.stats, expected))
     # lookup guesses rewrite iterates mid-block; batched, so rows refresh at different iterations
-    with_lookup = jacobi(loaded.model, input_ids, attention_mask, block_size=16, init="lookup",
+    # (blocks of 8: a float32 forward costs its columns)
+    with_lookup = jacobi(loaded.model, input_ids, attention_mask, block_size=8, init="lookup",
                          **greedy_settings(loaded))
     assert with_lookup.token_ids == expected
 
@@ -86,5 +90,5 @@ def test_lookahead_multi_candidate_and_drafted_jacobi_equal_ar_on_twenty_prompts
     with_candidates = jacobi(loaded.model, *chat, block_size=8, candidates=2, **settings)
     assert with_candidates.token_ids == first_48[:10]
     adapter = tiny_adapter(loaded.model, seed=1, rank=4)
-    assert drafted(loaded.model, *gsm8k, draft_model=adapter, block_size=16, init="lookup",
+    assert drafted(loaded.model, *gsm8k, draft_model=adapter, block_size=8, init="lookup",
                    **settings).token_ids == first_48[10:]
