@@ -605,3 +605,33 @@ def test_a_chat_template_file_replaces_the_model_s(loaded, tmp_path):
     template.write_text("{% for m in messages %}")
     with pytest.raises(CllmError, match="--chat-template"):
         _use_chat_template(model, template)
+
+
+@pytest.mark.slow
+def test_the_text_grows_by_the_incremental_decoder_and_ends_as_the_whole_decode(loaded, monkeypatch):
+    """Random chunks of real-model tokens (multi-byte characters split across tokens, special
+    tokens): released text == tokenizer.decode of everything, and nothing is decoded whole
+    before the end (linear in the answer)."""
+    from cllm.models import load_model
+
+    tokenizer = load_model("default").tokenizer
+    text = "héllo → ok<|im_end|> 你好, wörld: ∑ 🙂 end " * 3
+    ids = list(tokenizer(text).input_ids)
+    rng = random.Random(0)
+    for _ in range(5):
+        calls = []
+        real = tokenizer.decode
+        monkeypatch.setattr(tokenizer, "decode", lambda *a, **k: calls.append(1) or real(*a, **k))
+        assembler = TextAssembler(tokenizer)
+        pieces, at = [], 0
+        while at < len(ids):
+            step = rng.randint(1, 4)
+            pieces.append(assembler.add(ids[at : at + step]))
+            at += step
+        assert calls == [], "the whole output was decoded again for a new token"
+        pieces.append(assembler.flush())
+        monkeypatch.undo()
+        assert "".join(pieces) == tokenizer.decode(ids, skip_special_tokens=True)
+        assert all("\ufffd" not in piece for piece in pieces)
+    tiny = TextAssembler(loaded.tokenizer)  # the tiny test tokenizer: a fallback or a stream, the same text
+    assert "".join(tiny.add([t]) for t in loaded.tokenizer("abc xyz").input_ids) + tiny.flush() == "abc xyz"

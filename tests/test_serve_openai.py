@@ -115,3 +115,24 @@ def test_the_async_client_streams_and_answers_like_the_sync_one(loaded):
 
         whole, joined = asyncio.run(ask())
     assert whole == joined == expected
+
+
+@pytest.mark.parametrize("decoder", ["jacobi:8", "lookahead:3:3:3"])
+def test_a_right_prediction_gives_the_same_text_in_fewer_forwards(loaded, decoder):
+    """OpenAI's Predicted Outputs: the prediction only guesses. The true answer as the prediction:
+    the same text, fewer forwards; a wrong one: still the same text."""
+    with running_server(loaded, decoder) as server:
+        def ask(prediction: str | None):
+            extra = {"prediction": {"type": "content", "content": prediction}} if prediction is not None else {}
+            return chat(server.client, PROMPT, max_tokens=40, temperature=0, **extra)
+
+        plain = ask(None)
+        text = plain.choices[0].message.content
+        right, wrong = ask(text), ask("Something else entirely, " * 3)
+        parts = server.client.chat.completions.create(
+            model=NAME, messages=[{"role": "user", "content": PROMPT}], max_tokens=40, temperature=0,
+            prediction={"type": "content", "content": [{"type": "text", "text": text}]})
+    assert right.choices[0].message.content == wrong.choices[0].message.content == text
+    assert parts.choices[0].message.content == text and len(text) > 20
+    forwards = [answer.model_extra["cllm"]["forward_passes"] for answer in (plain, right, parts)]
+    assert forwards[1] == forwards[2] < forwards[0] / 2, forwards

@@ -32,6 +32,7 @@ def decode(
     draft_model: DraftModel | None = None,
     return_trajectory: bool = False,
     logprobs: int | Sequence[int | None] | None = None,
+    predictions: Sequence[Sequence[int] | None] | None = None,
 ) -> DecodeOutput:
     """Decode `prompts` (token ids, unpadded) with the decoder `spec` names.
 
@@ -41,12 +42,13 @@ def decode(
     `compile` and `draft_model` only reach the decoders that take them. `logprobs` (the cached
     decoders: cllm.decoding.logprobs): per row or for all, how many top tokens to report beside
     each token's log-probability (None: none); they come in `DecodeOutput.logprobs` and as the
-    third argument of `on_tokens`.
+    third argument of `on_tokens`. `predictions` (the cached decoders): per row, token ids the
+    answer is expected to be close to (OpenAI's Predicted Outputs), guessed with and verified.
     """
     spec = DecoderSpec.parse(spec) if isinstance(spec, str) else spec
     kind = spec.kind_info
     network, eos_token_id, pad_token_id, compile = _resolve(model, eos_token_id, pad_token_id, compile)
-    _check(kind, spec, len(prompts), control, draft_model, return_trajectory, logprobs)
+    _check(kind, spec, len(prompts), control, draft_model, return_trajectory, logprobs, predictions)
     input_ids, attention_mask = left_pad(prompts, pad_token_id)
     seeds = row_seeds(seed, len(prompts))
     kwargs = dict(max_new_tokens=max_new_tokens, eos_token_id=eos_token_id, pad_token_id=pad_token_id,
@@ -62,6 +64,8 @@ def decode(
         kwargs["return_trajectory"] = True
     if logprobs is not None:
         kwargs["logprobs"] = logprobs
+    if predictions is not None:
+        kwargs["predictions"] = predictions
     device = network.device
     return decoder_function(kind)(network, input_ids.to(device), attention_mask.to(device), **kwargs)
 
@@ -82,11 +86,13 @@ def _resolve(model, eos_token_id, pad_token_id, compile) -> tuple[PreTrainedMode
 
 
 def _check(kind: DecoderKind, spec: DecoderSpec, batch: int, control: BatchControl | None,
-           draft_model: DraftModel | None, return_trajectory: bool, logprobs: object) -> None:
+           draft_model: DraftModel | None, return_trajectory: bool, logprobs: object, predictions: object) -> None:
     # the cached decoders (the servable ones) are the ones that run a `Batch`
-    if (control is not None or logprobs is not None) and not kind.servable:
-        what = "report logprobs" if control is None else "let rows join and leave a running batch"
-        raise CllmError(f"{kind.name} cannot {what}; use one of {', '.join(SERVABLE)}")
+    wanted = {"let rows join and leave a running batch": control, "report logprobs": logprobs,
+              "take predictions": predictions}
+    for what, value in wanted.items():
+        if value is not None and not kind.servable:
+            raise CllmError(f"{kind.name} cannot {what}; use one of {', '.join(SERVABLE)}")
     if kind.needs_draft and draft_model is None:
         raise CllmError(f"{kind.name} needs a drafter: --drafter (hf-assisted: --draft-model)")
     if return_trajectory and spec.kind != "jacobi":

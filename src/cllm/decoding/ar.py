@@ -27,6 +27,7 @@ def ar(
     control: BatchControl | None = None,
     compile: bool | str = False,
     logprobs: int | Sequence[int | None] | None = None,
+    predictions: Sequence[Sequence[int] | None] | None = None,
 ) -> DecodeOutput:
     """Autoregressive decoding with a KV cache: one forward per new token, greedy or sampled
     (`sampling`, with the per-row randomness fixed by `seed`: cllm.decoding.sampling).
@@ -36,13 +37,15 @@ def ar(
     lets rows join and leave while decoding (continuous batching; cllm.decoding.core.BatchControl).
     `compile`: True (or a torch.compile backend's name) runs the compiled path (cllm.decoding.kv).
     `logprobs`: per row (or for all), report each token's log-probability with that many top
-    tokens (None: not; cllm.decoding.logprobs); every cached decoder takes it.
+    tokens (None: not; cllm.decoding.logprobs); every cached decoder takes it. `predictions`
+    (per row, Predicted Outputs: cllm.decoding.prediction) are what the parallel decoders guess
+    with; AR has nothing to guess and ignores them.
     """
     input_ids, attention_mask = _as_batch(input_ids, attention_mask)
     _validate(input_ids, attention_mask, max_new_tokens, block_size=1)
     batch = Batch(model, input_ids, attention_mask, max_new_tokens=max_new_tokens, slack=1, eos_token_id=eos_token_id,
                   pad_token_id=pad_token_id, sampling=sampling, seed=seed, on_tokens=on_tokens, control=control,
-                  compile=compile, one_per_token=True, logprobs=logprobs)
+                  compile=compile, one_per_token=True, logprobs=logprobs, predictions=predictions)
     while batch.admit():
         one = torch.ones_like(batch.rows.n_out)  # (B,) every step accepts its one token
         prediction = batch.forward(batch.rows.pending[:, None])  # (B, 1)

@@ -55,13 +55,15 @@ class Batch:
         sampling: Sampling | list[Sampling] = GREEDY, seed: int | list[int] = 0, on_tokens: TokenCallback | None = None,
         control: BatchControl | None = None, compile: bool | str = False, one_per_token: bool = False,
         store: Callable[[int], KVStore] | None = None, logprobs: int | Sequence[int | None] | None = None,
+        predictions: Sequence[Sequence[int] | None] | None = None,
     ) -> None:
         self.model, self.slack, self.pad_token_id, self.control = model, slack, pad_token_id, control
         self.eos = _eos_tensor(eos_token_id, input_ids.device)
         self.outputs = _Outputs(input_ids.shape[0], on_tokens, control, one_per_token)
         self.scores: Scores | None = None  # of the last target forward, for the rows that want logprobs
         self.cache, self.rows, logits = _prefill(model, input_ids, attention_mask, max_new_tokens, slack, sampling,
-                                                 seed, compile=compile, store=store, logprobs=logprobs)
+                                                 seed, compile=compile, store=store, logprobs=logprobs,
+                                                 predictions=predictions)
         self.states: list[RowState] = []
         self._emit_first_token(self.cache, self.rows, logits)
 
@@ -157,7 +159,8 @@ class Batch:
         first = self.outputs.grow(len(admission.prompts))
         cache, rows, logits = _prefill(self.model, input_ids.to(device), attention_mask.to(device),
                                        admission.max_new_tokens, self.slack, admission.samplings, admission.seeds,
-                                       first_index=first, like=self.cache, logprobs=admission.logprobs)
+                                       first_index=first, like=self.cache, logprobs=admission.logprobs,
+                                       predictions=admission.predictions)
         self._emit_first_token(cache, rows, logits)
         joined = len(rows.index)
         if not len(self):
@@ -192,6 +195,7 @@ def _prefill(
     max_new_tokens: int | list[int], slack: int, sampling: Sampling | list[Sampling] = GREEDY,
     seed: int | list[int] = 0, first_index: int = 0, compile: bool | str = False, like: KVStore | None = None,
     store: Callable[[int], KVStore] | None = None, logprobs: int | Sequence[int | None] | None = None,
+    predictions: Sequence[Sequence[int] | None] | None = None,
 ) -> tuple[KVStore, _Rows, torch.Tensor]:
     """Run the prompts into a fresh cache (of the kind `compile` picks, kv.new_store, or of the
     kind of `like`); the prediction after the last prompt token is `pending`, made from the
@@ -223,6 +227,8 @@ def _prefill(
         samplings=_per_row(sampling, batch, "sampling"),
         seeds=seeds,
         logprobs=_per_row(logprobs, batch, "logprobs"),
+        predictions=[torch.tensor(list(p), dtype=torch.long, device=device) if p else None
+                     for p in _per_row(predictions, batch, "predictions")],
     )
     rows.pending = rows.pick(logits, torch.zeros((batch, 1), dtype=torch.long, device=device))[:, 0]
     return cache, rows, logits
@@ -319,5 +325,5 @@ def _merge_rows(first: _Rows, second: _Rows) -> _Rows:
         out=both("out", dim_pad=False), n_out=both("n_out"), prompt=both("prompt", dim_pad=True),
         prompt_len=both("prompt_len"), limit=both("limit"), draws=both("draws", dim_pad=False),
         samplings=first.samplings + second.samplings, seeds=first.seeds + second.seeds,
-        logprobs=first.logprobs + second.logprobs,
+        logprobs=first.logprobs + second.logprobs, predictions=first.predictions + second.predictions,
     )

@@ -167,6 +167,7 @@ class _Rows:
     samplings: list[Sampling]  # per row
     seeds: list[int]  # per row: what its draws and its guesses are seeded with
     logprobs: list[int | None]  # per row: how many top tokens to report with each token's logprob (None: none)
+    predictions: list[torch.Tensor | None]  # per row: its Predicted Output (cllm.decoding.prediction), or None
 
     def select(self, keep: torch.Tensor) -> None:
         kept = keep.tolist()
@@ -233,6 +234,7 @@ class Admission:
     samplings: list[Sampling]
     seeds: list[int]
     logprobs: list[int | None] | None = None  # per prompt (None: no row asks)
+    predictions: list[list[int] | None] | None = None  # per prompt: its Predicted Output's tokens (None: none)
 
 
 class BatchControl(Protocol):

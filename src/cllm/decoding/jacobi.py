@@ -35,6 +35,7 @@ from cllm.decoding.core import (
 )
 from cllm.decoding.drafting import ADAPTER_DRAFTERS, AdapterDrafts, Drafter, DraftModel
 from cllm.decoding.ngrams import NgramPools
+from cllm.decoding.prediction import predicted_continuation
 from cllm.decoding.sampling import GREEDY, Sampling, row_seeds
 from cllm.decoding.spec import INIT_STRATEGIES
 
@@ -64,12 +65,21 @@ class _GuessMaker:
         """Guesses (len(which), n) for the rows at batch positions `which`."""
         if len(which) == 0:
             return torch.empty((0, n), dtype=torch.long, device=rows.pending.device)
-        return torch.stack([self.guess(int(rows.index[i]), rows.seeds[i], _context(rows, i), int(rows.prompt_len[i]), n)
-                            for i in which.tolist()])
+        return torch.stack([self.guess(int(rows.index[i]), rows.seeds[i], _context(rows, i), int(rows.prompt_len[i]), n,
+                                       rows.predictions[i]) for i in which.tolist()])
 
-    def guess(self, row: int, seed: int, context: torch.Tensor, prompt_len: int, n: int) -> torch.Tensor:
+    def guess(self, row: int, seed: int, context: torch.Tensor, prompt_len: int, n: int,
+              prediction: torch.Tensor | None = None) -> torch.Tensor:
         """(n,) row `row`'s guess for the block after `context` (its prompt, `prompt_len` tokens, then
-        its output so far, ending with `pending`)."""
+        its output so far, ending with `pending`); where the row's `prediction` (Predicted Outputs)
+        aligns with its output, what the prediction says comes next."""
+        guess = self._guess(row, seed, context, prompt_len, n)
+        if prediction is not None:
+            found = predicted_continuation(prediction, context[prompt_len:], n)
+            guess[: len(found)] = torch.tensor(found, dtype=torch.long, device=context.device)
+        return guess
+
+    def _guess(self, row: int, seed: int, context: torch.Tensor, prompt_len: int, n: int) -> torch.Tensor:
         if self.strategy == "repeat":
             return context[-1:].expand(n).clone()
         if self.strategy == "pad":
@@ -87,18 +97,22 @@ class _GuessMaker:
         self, rows: _Rows, block: torch.Tensor, fixed: torch.Tensor, block_len: torch.Tensor, done: torch.Tensor
     ) -> None:
         """`refresh_row` for every row whose block goes on."""
-        if self.strategy == "lookup":
-            for i in ((fixed < block_len) & ~done).nonzero().flatten().tolist():
-                self.refresh_row(_context(rows, i), block[i], int(fixed[i]), int(block_len[i]))
+        for i in ((fixed < block_len) & ~done).nonzero().flatten().tolist():
+            if self.strategy == "lookup" or rows.predictions[i] is not None:
+                self.refresh_row(_context(rows, i), block[i], int(fixed[i]), int(block_len[i]),
+                                 rows.predictions[i], int(rows.prompt_len[i]))
 
-    def refresh_row(self, context: torch.Tensor, block: torch.Tensor, start: int, length: int) -> None:
-        """`lookup` only, after an iteration: where the verified `context`'s last 2-3 tokens recur
-        and what followed them disagrees with the iterate's first unfixed token `block[start]`,
-        overwrite the unfixed positions with it. The iterate there was computed from a rejected
-        token, the lookup from verified ones; the acceptance rule checks both alike."""
-        if self.strategy != "lookup":
-            return
-        found = lookup_continuation(context, length - start, min_ngram=LOOKUP_MIN_NGRAM_MID_BLOCK)
+    def refresh_row(self, context: torch.Tensor, block: torch.Tensor, start: int, length: int,
+                    prediction: torch.Tensor | None = None, prompt_len: int = 0) -> None:
+        """After an iteration (`lookup`, or a row with a `prediction`): where the verified
+        `context`'s last tokens recur (in the prediction first) and what followed them disagrees
+        with the iterate's first unfixed token `block[start]`, overwrite the unfixed positions with
+        it. The iterate there was computed from a rejected token, the lookup from verified ones;
+        the acceptance rule checks both alike."""
+        found = predicted_continuation(prediction, context[prompt_len:], length - start) if prediction is not None \
+            else []
+        if not found and self.strategy == "lookup":
+            found = lookup_continuation(context, length - start, min_ngram=LOOKUP_MIN_NGRAM_MID_BLOCK)
         if found and found[0] != int(block[start]):
             block[start : start + len(found)] = torch.tensor(found, dtype=torch.long, device=block.device)
 
@@ -174,6 +188,7 @@ def jacobi(
     compile: bool | str = False,
     drafter: DraftModel | None = None,
     logprobs: int | Sequence[int | None] | None = None,
+    predictions: Sequence[Sequence[int] | None] | None = None,
 ) -> DecodeOutput:
     """Jacobi decoding with a KV cache over blocks of `block_size` tokens.
 
@@ -197,7 +212,7 @@ def jacobi(
     batch = Batch(model, input_ids, attention_mask, max_new_tokens=max_new_tokens, slack=max(block_size, ngram),
                   eos_token_id=eos_token_id, pad_token_id=pad_token_id, sampling=sampling, seed=seed,
                   on_tokens=on_tokens, control=control, compile=compile, store=drafter.store if shared else None,
-                  logprobs=logprobs)
+                  logprobs=logprobs, predictions=predictions)
     blocks = batch.attach(_Blocks(batch, block_size, _GuessMaker(init, pad_token_id), return_trajectory))
     pools = NgramPools(ngram, candidates) if candidates else None
     drafts = None

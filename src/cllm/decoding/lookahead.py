@@ -59,6 +59,7 @@ from cllm.decoding.core import (
 )
 from cllm.decoding.jacobi import _GuessMaker, lookup_continuation
 from cllm.decoding.ngrams import NgramPools
+from cllm.decoding.prediction import predicted_continuation
 from cllm.decoding.sampling import GREEDY, Sampling
 
 
@@ -99,6 +100,7 @@ def lookahead(
     control: BatchControl | None = None,
     compile: bool | str = False,
     logprobs: int | Sequence[int | None] | None = None,
+    predictions: Sequence[Sequence[int] | None] | None = None,
 ) -> DecodeOutput:
     """Lookahead decoding: `window` W, n-gram size `ngram` N, up to `candidates` G verified
     n-grams per step, and a prompt-lookup draft of up to `draft` tokens (0: none). Returns exactly
@@ -110,11 +112,13 @@ def lookahead(
     _check_lookahead(model, input_ids, attention_mask, max_new_tokens, window, ngram, candidates, draft)
     batch = Batch(model, input_ids, attention_mask, max_new_tokens=max_new_tokens, slack=max(ngram, draft + 1),
                   eos_token_id=eos_token_id, pad_token_id=pad_token_id, sampling=sampling, seed=seed,
-                  on_tokens=on_tokens, control=control, compile=compile, logprobs=logprobs)
+                  on_tokens=on_tokens, control=control, compile=compile, logprobs=logprobs, predictions=predictions)
     trail = batch.attach(_Window(batch, ngram - 1, window))
     pools = NgramPools(ngram, candidates)
     while batch.admit():
-        candidates_and_draft = *pools.offer(batch.rows, pad_token_id), *_context_drafts(batch.rows, draft, pad_token_id)
+        # a prediction drafts as many tokens as the batch's slack holds
+        drafts = _context_drafts(batch.rows, draft, pad_token_id, predicted=max(draft, ngram - 1))
+        candidates_and_draft = *pools.offer(batch.rows, pad_token_id), *drafts
         step = _Step(batch, trail, *candidates_and_draft)
         prediction = step.forward()  # (B, 1 + W + G(N-1) + D) at `pending`, the last level, candidates, draft
         emitted, count, winner = step.verify(prediction)  # (B, E) right tokens first, (B,) how many, (B,) where fed
@@ -234,9 +238,15 @@ class _Step:
         return torch.cat([after_pending, chosen], dim=1), length + 1, winner
 
 
-def _context_drafts(rows: _Rows, length: int, pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(B, D) each row's prompt-lookup draft of `length` tokens and (B, D) which exist: D is 0 where
-    no row's context has a recurring suffix, so no column is fed for nothing."""
-    found = [lookup_continuation(_context(rows, i), length) for i in range(len(rows.index))] if length else \
-        [[]] * len(rows.index)
+def _context_drafts(rows: _Rows, length: int, pad_token_id: int,
+                    predicted: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, D) each row's draft and (B, D) which tokens exist: what its prediction (Predicted
+    Outputs) says follows, up to `predicted` tokens, else its prompt-lookup draft of `length`
+    tokens. D is 0 where no row has one, so no column is fed for nothing."""
+    found = []
+    for i in range(len(rows.index)):
+        context, prediction = _context(rows, i), rows.predictions[i]
+        draft = [] if prediction is None else \
+            predicted_continuation(prediction, context[int(rows.prompt_len[i]) :], predicted)
+        found.append(draft or (lookup_continuation(context, length) if length else []))
     return ragged(found, pad_token_id, device=rows.pending.device)

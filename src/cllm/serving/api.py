@@ -28,6 +28,7 @@ from starlette.middleware.cors import CORSMiddleware
 from cllm.decoding.logprobs import TokenLogprob
 from cllm.decoding.sampling import GREEDY, Sampling
 from cllm.errors import CllmError
+from cllm.models import LoadedModel
 from cllm.serving.engine import Engine, Failed, Finished, QueueFull, Request, ShuttingDown, Tokens
 from cllm.serving.logprobs import TokenStrings, chat_content, completion_logprobs
 from cllm.serving.metrics import Metrics
@@ -253,8 +254,9 @@ def _chat_ids(engine: Engine, messages: list[dict]) -> list[int]:
         raise ApiError(400, f"messages: the chat template refused them: {exc}", param="messages") from None
 
 
-def _request(settings: ServeSettings, context: int | None, body, prompt_ids: list[int], deliver) -> Request:
+def _request(settings: ServeSettings, loaded: LoadedModel, body, prompt_ids: list[int], deliver) -> Request:
     """The engine request of a validated body: the context and the sampling settings checked."""
+    context = loaded.context_length
     if not prompt_ids:
         raise ApiError(400, "the prompt encodes to zero tokens", param="prompt")
     limit = body.token_limit
@@ -283,8 +285,9 @@ def _request(settings: ServeSettings, context: int | None, body, prompt_ids: lis
     else:  # greedy: the seed only picks Jacobi's first guesses; keep the statistics reproducible too
         seed = 0 if sampling.greedy else random.randrange(2**63)
     # max_tokens 0 (echo): the engine still makes one token (the prefill's), which is not answered
+    prediction = body.prediction and loaded.tokenizer(body.prediction.text, add_special_tokens=False).input_ids
     return Request(prompt_ids, max(limit, 1), sampling, seed, deliver, logprobs=body.top_logprobs_wanted,
-                   prompt_logprobs=body.prompt_logprobs_wanted)
+                   prompt_logprobs=body.prompt_logprobs_wanted, prediction_ids=list(prediction) if prediction else None)
 
 
 def _deliver_to(events: asyncio.Queue):
@@ -307,7 +310,7 @@ async def _generate(service: _Service, http: HttpRequest, body, prompt_ids: list
         raise ApiError(404, f"the model {body.model!r} does not exist; this server serves {settings.served_name!r}",
                        "not_found_error")
     events: asyncio.Queue = asyncio.Queue()
-    request = _request(settings, engine.loaded.context_length, body, prompt_ids, _deliver_to(events))
+    request = _request(settings, engine.loaded, body, prompt_ids, _deliver_to(events))
     try:
         engine.submit(request)
     except QueueFull as exc:

@@ -72,6 +72,7 @@ class Request:
     logprobs: int | None = None  # top tokens to report with each generated token's logprob (None: no logprobs)
     prompt_logprobs: int | None = None  # the same for the prompt's tokens (echo)
     prompt_scores: list[TokenLogprob | None] | None = None  # set by the engine before the row starts
+    prediction_ids: list[int] | None = None  # Predicted Outputs: what the decoder guesses with
     arrived: float = field(default_factory=time.monotonic)
     started: float | None = None  # admitted into the batch
     cancel_reason: str | None = None  # set from any thread: the row leaves at the next iteration
@@ -230,7 +231,7 @@ class Engine:
         return Admission(
             prompts=[r.prompt_ids for r in requests], max_new_tokens=[r.max_new_tokens for r in requests],
             samplings=[r.sampling for r in requests], seeds=[r.seed for r in requests],
-            logprobs=[r.logprobs for r in requests],
+            logprobs=[r.logprobs for r in requests], predictions=[r.prediction_ids for r in requests],
         )
 
     def _serve_forever(self) -> None:
@@ -255,7 +256,7 @@ class Engine:
         try:
             decode(self.loaded, self.spec, first.prompts, max_new_tokens=first.max_new_tokens,
                    sampling=first.samplings, seed=first.seeds, on_tokens=self._on_tokens, control=self,
-                   draft_model=self.drafter, logprobs=first.logprobs)
+                   draft_model=self.drafter, logprobs=first.logprobs, predictions=first.predictions)
         except Exception as exc:  # noqa: BLE001 -- one failed batch must not take the server down
             message = f"decoding failed: {type(exc).__name__}: {exc}"
             with self._wake:

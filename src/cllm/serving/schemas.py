@@ -43,6 +43,17 @@ class Message(_Strict):
         return self.content if isinstance(self.content, str) else "".join(part.text for part in self.content)
 
 
+class Prediction(_Strict):
+    """OpenAI's Predicted Outputs: text the answer is expected to be close to (a file to edit)."""
+
+    type: Literal["content"]
+    content: str | list[TextPart]
+
+    @property
+    def text(self) -> str:
+        return self.content if isinstance(self.content, str) else "".join(part.text for part in self.content)
+
+
 class StreamOptions(_Strict):
     include_usage: bool = False
 
@@ -59,6 +70,7 @@ class _Generation(_Strict):
     stream: bool = False
     stream_options: StreamOptions | None = None
     n: int = 1
+    prediction: Prediction | None = None
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
     logit_bias: dict | None = None
