@@ -493,6 +493,20 @@ def test_large_bodies_get_413_before_parsing_and_the_server_goes_on(loaded):
         assert httpx.post(url, json=hi).status_code == 200
 
 
+def test_a_prompt_longer_than_the_context_can_hold_is_refused_before_it_is_tokenized(loaded, monkeypatch):
+    hi = {"model": NAME, "max_tokens": 2}
+    with running_server(loaded) as server:
+        monkeypatch.setattr(type(loaded.tokenizer), "__call__", lambda *a, **k: pytest.fail("tokenized"))
+        monkeypatch.setattr(type(loaded.tokenizer), "apply_chat_template", lambda *a, **k: pytest.fail("tokenized"))
+        long = "x" * 600_000  # under the body limit, over any context of 512 tokens
+        for path, body, param in (("/v1/completions", {"prompt": long}, "prompt"),
+                                  ("/v1/chat/completions", {"messages": [{"role": "user", "content": long}]},
+                                   "messages")):
+            response = httpx.post(server.url + path, json=hi | body)
+            error = response.json()["error"]
+            assert response.status_code == 400 and error["param"] == param and "context" in error["message"]
+
+
 def test_an_api_key_guards_the_api_but_not_health(loaded):
     hi = {"model": NAME, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
     with running_server(loaded, api_key="sekret") as server:

@@ -8,6 +8,7 @@ Every error is an OpenAI error object `{"error": {"message", "type", "param", "c
 from __future__ import annotations
 
 import asyncio
+import functools
 import hmac
 import json
 import math
@@ -144,6 +145,7 @@ def create_app(engine: Engine, settings: ServeSettings) -> FastAPI:
         _authorize(http, settings)
         body = _parse(ChatCompletionRequest, await _read_body(http, settings.max_body_bytes))
         messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text} for m in body.messages]
+        _check_length(engine, sum(len(m["content"]) for m in messages), "messages")
         prompt_ids = _chat_ids(engine, messages)
         return await _generate(service, http, body, prompt_ids, chat=True)
 
@@ -151,6 +153,8 @@ def create_app(engine: Engine, settings: ServeSettings) -> FastAPI:
     async def completions(http: HttpRequest) -> Response:
         _authorize(http, settings)
         body = _parse(CompletionRequest, await _read_body(http, settings.max_body_bytes))
+        for prompt in body.prompts:
+            _check_length(engine, len(prompt), "prompt")
         prompts = [_completion_ids(engine, prompt) for prompt in body.prompts]
         echoes = [_echo_text(engine, prompt) if body.echo else "" for prompt in body.prompts]
         if len(prompts) == 1:
@@ -216,6 +220,20 @@ def _parse(model, body: bytes):
         return parse(model, body)
     except RequestError as exc:
         raise ApiError(400, str(exc), param=exc.param) from None
+
+
+def _check_length(engine: Engine, size: int, param: str) -> None:
+    """Refuse a prompt of `size` characters (or token ids) that cannot fit the context, before
+    tokenizing it: no token is longer than the vocabulary's longest, so at least size / longest tokens."""
+    context = engine.loaded.context_length
+    if context is not None and size > context * _longest_token(engine.loaded.tokenizer):
+        raise ApiError(400, f"the prompt has {size} characters: more than the model's context of {context} "
+                            "tokens holds", param=param)
+
+
+@functools.cache
+def _longest_token(tokenizer) -> int:
+    return max(map(len, tokenizer.get_vocab()), default=1)
 
 
 def _completion_ids(engine: Engine, prompt: str | list[int]) -> list[int]:
