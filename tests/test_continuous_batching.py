@@ -85,12 +85,14 @@ DECODERS = {
 }
 
 
-def decode_scripted(model, decoder, settings: dict, requests: list[Request], eos: int | None, **extra):
-    """The requests through `decoder`, joining as scripted: (its output, the control, each request's
-    AR output decoded alone)."""
+def decode_scripted(model, decoder, settings: dict, requests: list[Request], eos: int | None,
+                    column_budget: int | None = None, **extra):
+    """The requests through `decoder`, joining as scripted (under a server's `column_budget` if
+    given): (its output, the control, each request's AR output decoded alone)."""
     alone = [ar(model, torch.tensor([r.prompt]), max_new_tokens=r.max_new_tokens, eos_token_id=eos,
                 sampling=r.sampling, seed=r.seed).token_ids[0] for r in requests]
     control = ScriptedControl(requests)
+    control.column_budget = column_budget
     first = [requests[i] for i in control.order]
     input_ids, attention_mask = left_pad([r.prompt for r in first], pad_token_id=0)
     out = decoder(model, input_ids, attention_mask, max_new_tokens=[r.max_new_tokens for r in first],
@@ -126,3 +128,23 @@ def test_rows_joining_and_leaving_get_their_own_output(arch, name):
         never = [i for i in range(len(requests)) if i not in control.order]
         assert all(requests[i].arrives > control.admits for i in never), "a due request was never admitted"
     assert joined_late > CASES_PER_ARCH and cancelled > 3, "too few joins or cancellations to prove much"
+
+
+@pytest.mark.parametrize("name", list(DECODERS))
+def test_a_column_budget_narrows_the_steps_as_rows_join_and_keeps_every_output(name):
+    """A server's column budget (Batch.column_cap): fewer fed columns per row as the batch grows,
+    AR steps at 1; every row still gets its own output."""
+    model = tiny_model("llama", seed=1)
+    for case in range(6):
+        rng = random.Random(f"budget-{name}-{case}")
+        requests = random_requests(rng)
+        budget = rng.choice([1, 3, 8, 40])
+        decoder, settings = DECODERS[name](model, rng)
+        out, control, alone = decode_scripted(model, decoder, settings, requests, None, column_budget=budget)
+        for row, number in enumerate(control.order):
+            tokens, stats = control.done[row]
+            expected = alone[number]
+            assert tokens == expected[: len(tokens)] and (requests[number].cancel_at is not None or
+                                                          tokens == expected), f"case {case}, budget {budget}"
+            if budget == 1:  # every step an AR step
+                assert stats.forward_passes == len(tokens), f"case {case}"

@@ -309,6 +309,7 @@ def test_health_models_metrics_and_page(loaded):
     with running_server(loaded) as server:
         health = httpx.get(server.url + "/health").json()
         assert health["status"] == "ok" and health["model"] == NAME and health["decoder"] == "jacobi:8"
+        assert health["column_budget"] == 8  # by default: one row at full width
         assert [m.id for m in server.client.models.list()] == [NAME]
         chat(server.client, "hi", max_tokens=12)
         streamed(server.client, "hello", max_tokens=12)

@@ -60,6 +60,11 @@ def add_serve(commands) -> None:
         default=30.0,
         help="seconds running requests get to finish at shutdown (default: %(default)s)",
     )
+    group.add_argument("--column-budget", type=common.non_negative_int,
+                       help="fed columns per forward across the batch: each row feeds at most budget / rows, so a "
+                       "parallel decoder narrows as requests join and takes AR steps at saturation (outputs do not "
+                       "change). Default: the decoder's columns for one row (on a CPU extra columns are not free; "
+                       "raise it on a GPU); 0: never narrow")
     group.add_argument("--max-body-bytes", type=common.positive_int, default=1 << 20,
                        help="larger request bodies get 413 before they are parsed (default: %(default)s)")
     group.add_argument("--api-key", default=os.environ.get("CLLM_API_KEY"),
@@ -111,6 +116,8 @@ def add_serve_bench(commands) -> None:
                       "(default: %(default)s)")
     load.add_argument("--max-batch", type=common.positive_int, default=16, help="the servers' --max-batch "
                       "(default: %(default)s)")
+    load.add_argument("--column-budget", type=common.non_negative_int,
+                      help="the servers' --column-budget (default: theirs)")
     common.add_prompt_source_args(load)
     load.add_argument("--limit", type=common.positive_int, help="use only the first N prompts")
     load.add_argument(
@@ -132,7 +139,8 @@ def _engine(args: argparse.Namespace, max_batch: int):
 
         with stderr.status("compiling the decoder (minutes on a CPU the first time) ..."):
             decode_once(loaded, spec, loaded.encode_prompt("Hello"), args.max_new_tokens, drafter)
-    return Engine(loaded, spec, max_batch=max_batch, max_queue=getattr(args, "max_queue", 64), drafter=drafter)
+    return Engine(loaded, spec, max_batch=max_batch, max_queue=getattr(args, "max_queue", 64), drafter=drafter,
+                  column_budget=getattr(args, "column_budget", None))
 
 
 def _use_chat_template(loaded, path: Path) -> None:
@@ -185,6 +193,8 @@ def _serve_args(args: argparse.Namespace, spec) -> list[str]:
         flags += ["--quantize", args.quantize]
     if args.compile:
         flags += ["--compile"]
+    if args.column_budget is not None:
+        flags += ["--column-budget", str(args.column_budget)]
     if spec.kind == "jacobi":
         flags += ["--block-size", str(spec.block_size), "--init", spec.init]
     if spec.kind == "lookahead" or spec.verified:

@@ -47,9 +47,5 @@ def ar(
                   pad_token_id=pad_token_id, sampling=sampling, seed=seed, on_tokens=on_tokens, control=control,
                   compile=compile, one_per_token=True, logprobs=logprobs, predictions=predictions)
     while batch.admit():
-        one = torch.ones_like(batch.rows.n_out)  # (B,) every step accepts its one token
-        prediction = batch.forward(batch.rows.pending[:, None])  # (B, 1)
-        batch.keep_columns(one)
-        _, done = batch.emit(prediction, one)
-        batch.retire(done)
+        batch.ar_step()
     return batch.output()

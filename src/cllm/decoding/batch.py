@@ -92,6 +92,14 @@ class Batch:
                     state.start(new)
         return len(self) > 0
 
+    def column_cap(self, full: int) -> int:
+        """How many columns each row may feed this step: `full`, or, under a control with a
+        `column_budget` (columns per forward the hardware affords, a server's), what the budget
+        leaves each running row, at least 1 (an AR step). Any width stays exact: every fed guess
+        is verified."""
+        budget = getattr(self.control, "column_budget", None)
+        return full if not budget else max(1, min(full, budget // max(1, len(self))))
+
     def forward(self, tokens: torch.Tensor, real: torch.Tensor | None = None) -> torch.Tensor:
         """One forward of `tokens` (B, m), `pending` first, after the cache (`real` (B, m): which
         columns are not padding); the prediction (argmax or fixed sample) at every column (B, m)."""
@@ -104,6 +112,14 @@ class Batch:
         prediction = self.rows.pick(logits, out_index)
         self.scores = score(logits, prediction, self.rows.logprobs)
         return prediction
+
+    def ar_step(self) -> None:
+        """One forward of every row's `pending`: its next token, as AR decodes; rows that end retire."""
+        one = torch.ones_like(self.rows.n_out)  # (B,) every row accepts its one token
+        prediction = self.forward(self.rows.pending[:, None])  # (B, 1)
+        self.keep_columns(one)
+        _, done = self.emit(prediction, one)
+        self.retire(done)
 
     def keep_columns(self, accepted: torch.Tensor) -> None:
         """After a forward, keep the KV of each row's first `accepted` (B,) columns."""

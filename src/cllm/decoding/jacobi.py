@@ -219,8 +219,9 @@ def jacobi(
     if drafter is not None:
         drafts = batch.attach(AdapterDrafts(batch) if shared else Drafter(batch, drafter, compile))
     while batch.admit():
-        guesses, width, real = blocks.unfixed()  # 1. guess: (B, m) the iterate's unfixed part
-        if pools is None:
+        cap = batch.column_cap(block_size)  # under a server's column budget: fewer columns as rows grow
+        guesses, width, real = blocks.unfixed(cap)  # 1. guess: (B, m) the iterate's unfixed part
+        if pools is None or cap < block_size:  # under load the candidates go first, then the block narrows
             tokens = torch.cat([batch.rows.pending[:, None], guesses[:, :-1]], dim=1).masked_fill(~real, pad_token_id)
             prediction = batch.forward(tokens, real)  # 2. forward: (B, m) the prediction after each fed token
             # 3. accept the longest prefix whose inputs were right, plus the token after it
@@ -234,7 +235,7 @@ def jacobi(
             step = candidate_step(batch, guesses, width, *pools.offer(batch.rows, pad_token_id))
             prediction, emitted, accepted, source = step.predictions, step.emitted, step.count, step.source
         _, done = batch.emit(emitted, accepted, source)  # 4. commit: the output, the new iterate, new blocks
-        blocks.commit(prediction, emitted, accepted, done)
+        blocks.commit(prediction, emitted, accepted, done, width)
         if pools is not None:  # the iterate's unfixed part: the model's own guesses of what follows
             blocks.remember_unfixed(pools)
         blocks.start_converged(done)
@@ -291,20 +292,23 @@ class _Blocks:
         """(B,) the block's length: n, or what is left before the row's limit."""
         return (self.batch.rows.limit - self.block_start).clamp(max=self.n)
 
-    def unfixed(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(B, m) the guesses at the unfixed positions, (B,) how many there are (>= 1), (B, m) which are real."""
+    def unfixed(self, cap: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(B, m) the guesses at the unfixed positions (the first `cap` of them), (B,) how many
+        there are (>= 1), (B, m) which are real."""
         width = self.block_len - self.fixed
+        if cap is not None:
+            width = width.clamp(max=cap)
         columns = torch.arange(int(width.max()), device=width.device)
         positions = (self.fixed[:, None] + columns).clamp(max=self.n - 1)  # (B, m) block positions predicted
         return self.block.gather(1, positions), width, columns < width[:, None]
 
     def commit(
-        self, prediction: torch.Tensor, emitted: torch.Tensor, accepted: torch.Tensor, done: torch.Tensor
+        self, prediction: torch.Tensor, emitted: torch.Tensor, accepted: torch.Tensor, done: torch.Tensor,
+        width: torch.Tensor,
     ) -> None:
-        """The new iterate: the predictions (B, m) at the unfixed positions, the emitted tokens
-        (B, E) at the `accepted` ones (where a candidate won, they differ)."""
+        """The new iterate: the predictions (B, m) at the `width` (B,) unfixed positions that were
+        fed, the emitted tokens (B, E) at the `accepted` ones (where a candidate won, they differ)."""
         block_len, n = self.block_len, self.n
-        width = block_len - self.fixed
         relative = torch.arange(n, device=accepted.device) - self.fixed[:, None]  # (B, n)
         updated = (relative >= 0) & (relative < width[:, None])
         block = torch.where(updated, prediction.gather(1, relative.clamp(0, prediction.shape[1] - 1)), self.block)

@@ -115,7 +115,11 @@ def lookahead(
                   on_tokens=on_tokens, control=control, compile=compile, logprobs=logprobs, predictions=predictions)
     trail = batch.attach(_Window(batch, ngram - 1, window))
     pools = NgramPools(ngram, candidates)
+    full = 1 + (window + candidates) * (ngram - 1) + draft  # columns of a row's step
     while batch.admit():
+        if batch.column_cap(full) < full:  # a server's column budget cannot afford a step for every row
+            batch.ar_step()
+            continue
         # a prediction drafts as many tokens as the batch's slack holds
         drafts = _context_drafts(batch.rows, draft, pad_token_id, predicted=max(draft, ngram - 1))
         candidates_and_draft = *pools.offer(batch.rows, pad_token_id), *drafts

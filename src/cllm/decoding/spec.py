@@ -36,6 +36,13 @@ class DecoderSpec:
         return self.candidates if self.candidates is not None else (5 if self.kind == "lookahead" else 0)
 
     @property
+    def row_columns(self) -> int:
+        """Columns one row feeds per step at full width (a server's column budget narrows it)."""
+        if self.kind == "lookahead":
+            return 1 + (self.window + self.verified) * (self.ngram - 1) + self.draft
+        return self.block_size if self.kind in ("jacobi", "drafted") else 1
+
+    @property
     def kind_info(self) -> DecoderKind:
         if self.kind not in KINDS:
             raise CllmError(f"unknown decoder {self.kind!r}; {USAGE}")

@@ -116,7 +116,8 @@ def create_app(engine: Engine, settings: ServeSettings) -> FastAPI:
     @app.get("/health")
     async def health() -> JSONResponse:
         body = {"status": "ok" if engine.accepting else "shutting down", "model": settings.served_name,
-                "decoder": settings.decoder_label, "running": engine.running, "waiting": engine.queue_depth}
+                "decoder": settings.decoder_label, "column_budget": engine.column_budget, "running": engine.running,
+                "waiting": engine.queue_depth}
         return JSONResponse(body, 200 if engine.accepting else 503)
 
     @app.get("/metrics")

@@ -97,11 +97,15 @@ class Engine:
 
     max_batch: rows decoding at once. max_queue: requests waiting beyond those (more: QueueFull).
     drafter: what a drafted spec drafts with (cllm.drafters); the output stays the model's.
+    column_budget: fed columns per forward across the batch: each row feeds at most
+    budget // rows (Batch.column_cap), so a parallel decoder narrows as the batch grows and takes
+    AR steps at saturation; outputs do not change. None: the spec's columns for one row (one
+    stream at full width: on a CPU extra columns are not free); 0: never narrow.
     """
 
     def __init__(
         self, loaded: LoadedModel, spec: DecoderSpec, *, max_batch: int = 8, max_queue: int = 64,
-        drafter: object | None = None,
+        drafter: object | None = None, column_budget: int | None = None,
     ) -> None:
         if spec.kind_info.needs_draft and drafter is None:
             raise CllmError(f"{spec.kind} needs a drafter (--drafter)")
@@ -112,6 +116,7 @@ class Engine:
             raise CllmError("max_batch must be >= 1 and max_queue >= 0")
         self.loaded, self.spec, self.drafter = loaded, spec, drafter
         self.max_batch, self.max_queue = max_batch, max_queue
+        self.column_budget = spec.row_columns if column_budget is None else column_budget  # read by the batch
         self.counters = EngineCounters()
         self._waiting: deque[Request] = deque()
         self._rows: dict[int, Request] = {}  # row index of the current decoder call -> request
