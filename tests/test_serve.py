@@ -29,10 +29,11 @@ from cllm.decoding import DecoderSpec
 from cllm.decoding.spec import SERVABLE
 from cllm.errors import CllmError
 from cllm.models import ModelConfig, load_model
-from cllm.serving.api import ServeSettings, create_app
+from cllm.serving.api import create_app
 from cllm.serving.engine import Engine
 from cllm.serving.load import free_port
 from cllm.serving.schemas import ChatCompletionRequest, parse
+from cllm.serving.settings import ServeSettings
 from cllm.serving.text import TextAssembler
 
 CLLM = [sys.executable, "-m", "cllm.cli"]

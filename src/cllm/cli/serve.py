@@ -158,8 +158,8 @@ def _use_chat_template(loaded, path: Path) -> None:
 
 def cmd_serve(args: argparse.Namespace) -> None:
     require_extra("serve", *SERVE_MODULES)
-    from cllm.serving.api import ServeSettings
     from cllm.serving.server import serve
+    from cllm.serving.settings import ServeSettings
 
     engine = _engine(args, args.max_batch)
     settings = ServeSettings(served_name=args.served_name or args.model, decoder_label=engine.spec.label,

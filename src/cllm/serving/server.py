@@ -7,8 +7,9 @@ import time
 
 import uvicorn
 
-from cllm.serving.api import ServeSettings, create_app
+from cllm.serving.api import create_app
 from cllm.serving.engine import Engine
+from cllm.serving.settings import ServeSettings
 
 
 class GracefulServer(uvicorn.Server):
