@@ -35,7 +35,7 @@ from cllm.decoding.core import (
 )
 from cllm.decoding.drafting import ADAPTER_DRAFTERS, AdapterDrafts, Drafter, DraftModel
 from cllm.decoding.ngrams import NgramPools
-from cllm.decoding.prediction import predicted_continuation
+from cllm.decoding.prediction import aligned_continuation
 from cllm.decoding.sampling import GREEDY, Sampling, row_seeds
 from cllm.decoding.spec import INIT_STRATEGIES
 
@@ -73,25 +73,27 @@ class _GuessMaker:
         """(n,) row `row`'s guess for the block after `context` (its prompt, `prompt_len` tokens, then
         its output so far, ending with `pending`); where the row's `prediction` (Predicted Outputs)
         aligns with its output, what the prediction says comes next."""
-        guess = self._guess(row, seed, context, prompt_len, n)
+        guess, matched = self._guess(row, seed, context, prompt_len, n)
         if prediction is not None:
-            found = predicted_continuation(prediction, context[prompt_len:], n)
-            guess[: len(found)] = torch.tensor(found, dtype=torch.long, device=context.device)
+            found, size = aligned_continuation(prediction, context[prompt_len:], n)
+            if found and size >= matched:  # the lookup's guess where the context matched longer
+                guess[: len(found)] = torch.tensor(found, dtype=torch.long, device=context.device)
         return guess
 
-    def _guess(self, row: int, seed: int, context: torch.Tensor, prompt_len: int, n: int) -> torch.Tensor:
+    def _guess(self, row: int, seed: int, context: torch.Tensor, prompt_len: int, n: int) -> tuple[torch.Tensor, int]:
+        """The strategy's guess and, for `lookup`, the length of the context suffix it matched."""
         if self.strategy == "repeat":
-            return context[-1:].expand(n).clone()
+            return context[-1:].expand(n).clone(), 0
         if self.strategy == "pad":
-            return torch.full((n,), self.pad_token_id, dtype=torch.long, device=context.device)
+            return torch.full((n,), self.pad_token_id, dtype=torch.long, device=context.device), 0
         if row not in self.generators:
             self.generators[row] = torch.Generator().manual_seed(seed)
         draws = torch.rand(n, generator=self.generators[row]).to(context.device)  # (n,) in [0, 1)
-        guess = context[(draws * prompt_len).long()]
+        guess, size = context[(draws * prompt_len).long()], 0
         if self.strategy == "lookup":
-            found = lookup_continuation(context, n)
+            found, size = matched_lookup(context, n)
             guess[: len(found)] = torch.tensor(found, dtype=torch.long, device=context.device)
-        return guess
+        return guess, size
 
     def refresh(
         self, rows: _Rows, block: torch.Tensor, fixed: torch.Tensor, block_len: torch.Tensor, done: torch.Tensor
@@ -105,14 +107,17 @@ class _GuessMaker:
     def refresh_row(self, context: torch.Tensor, block: torch.Tensor, start: int, length: int,
                     prediction: torch.Tensor | None = None, prompt_len: int = 0) -> None:
         """After an iteration (`lookup`, or a row with a `prediction`): where the verified
-        `context`'s last tokens recur (in the prediction first) and what followed them disagrees
-        with the iterate's first unfixed token `block[start]`, overwrite the unfixed positions with
-        it. The iterate there was computed from a rejected token, the lookup from verified ones;
-        the acceptance rule checks both alike."""
-        found = predicted_continuation(prediction, context[prompt_len:], length - start) if prediction is not None \
-            else []
-        if not found and self.strategy == "lookup":
-            found = lookup_continuation(context, length - start, min_ngram=LOOKUP_MIN_NGRAM_MID_BLOCK)
+        `context`'s last tokens recur (in the context, or in the prediction: the longer match
+        wins) and what followed them disagrees with the iterate's first unfixed token
+        `block[start]`, overwrite the unfixed positions with it. The iterate there was computed
+        from a rejected token, the lookup from verified ones; the acceptance rule checks both alike."""
+        found, size = [], 0
+        if self.strategy == "lookup":
+            found, size = matched_lookup(context, length - start, min_ngram=LOOKUP_MIN_NGRAM_MID_BLOCK)
+        if prediction is not None:
+            predicted, aligned = aligned_continuation(prediction, context[prompt_len:], length - start)
+            if predicted and aligned >= size:
+                found = predicted
         if found and found[0] != int(block[start]):
             block[start : start + len(found)] = torch.tensor(found, dtype=torch.long, device=block.device)
 
@@ -124,6 +129,12 @@ def lookup_continuation(
     trying size = max_ngram down to min_ngram (prompt lookup); [] when no suffix recurs. Where the
     context ends first, the copy goes on repeating what followed the occurrence (an overlapping
     copy, as in LZ77): a loop shorter than n is guessed to go on, which is what a looping model does."""
+    return matched_lookup(context, n, max_ngram, min_ngram)[0]
+
+
+def matched_lookup(context: torch.Tensor | Sequence[int], n: int, max_ngram: int = LOOKUP_MAX_NGRAM,
+                   min_ngram: int = 1) -> tuple[list[int], int]:
+    """`lookup_continuation` and the size of the suffix it matched (0: none)."""
     context = torch.as_tensor(context, dtype=torch.long)
     length = context.shape[0]
     for size in range(min(max_ngram, length - 1), min_ngram - 1, -1):
@@ -132,8 +143,8 @@ def lookup_continuation(
         hits = (earlier == context[length - size :]).all(dim=1).nonzero()
         if len(hits):
             followed = context[int(hits[-1]) + size :].tolist()
-            return [followed[k % len(followed)] for k in range(n)]
-    return []
+            return [followed[k % len(followed)] for k in range(n)], size
+    return [], 0
 
 
 def stationary_mask(states: torch.Tensor) -> torch.Tensor:

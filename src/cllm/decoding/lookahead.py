@@ -57,9 +57,9 @@ from cllm.decoding.core import (
     ragged,
     verify_candidates,
 )
-from cllm.decoding.jacobi import _GuessMaker, lookup_continuation
+from cllm.decoding.jacobi import _GuessMaker, matched_lookup
 from cllm.decoding.ngrams import NgramPools
-from cllm.decoding.prediction import predicted_continuation
+from cllm.decoding.prediction import aligned_continuation
 from cllm.decoding.sampling import GREEDY, Sampling
 
 
@@ -244,13 +244,17 @@ class _Step:
 
 def _context_drafts(rows: _Rows, length: int, pad_token_id: int,
                     predicted: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(B, D) each row's draft and (B, D) which tokens exist: what its prediction (Predicted
-    Outputs) says follows, up to `predicted` tokens, else its prompt-lookup draft of `length`
-    tokens. D is 0 where no row has one, so no column is fed for nothing."""
+    """(B, D) each row's draft and (B, D) which tokens exist: its prompt-lookup draft of `length`
+    tokens, or what its prediction (Predicted Outputs) says follows, up to `predicted` tokens,
+    where the output aligns with the prediction at least as long a suffix. D is 0 where no row
+    has one, so no column is fed for nothing."""
     found = []
     for i in range(len(rows.index)):
         context, prediction = _context(rows, i), rows.predictions[i]
-        draft = [] if prediction is None else \
-            predicted_continuation(prediction, context[int(rows.prompt_len[i]) :], predicted)
-        found.append(draft or (lookup_continuation(context, length) if length else []))
+        draft, size = matched_lookup(context, length) if length else ([], 0)
+        if prediction is not None:
+            predicted_draft, aligned = aligned_continuation(prediction, context[int(rows.prompt_len[i]) :], predicted)
+            if predicted_draft and aligned >= size:
+                draft = predicted_draft
+        found.append(draft)
     return ragged(found, pad_token_id, device=rows.pending.device)
