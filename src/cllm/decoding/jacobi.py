@@ -229,8 +229,16 @@ def jacobi(
     drafts = None
     if drafter is not None:
         drafts = batch.attach(AdapterDrafts(batch) if shared else Drafter(batch, drafter, compile))
+    stale = False  # AR steps ran since the blocks were last guessed
     while batch.admit():
         cap = batch.column_cap(block_size)  # under a server's column budget: fewer columns as rows grow
+        if cap == 1 and not isinstance(drafts, Drafter):  # no room for guesses: an AR step, no bookkeeping
+            batch.ar_step()
+            stale = True
+            continue
+        if stale:
+            blocks.restart()
+            stale = False
         guesses, width, real = blocks.unfixed(cap)  # 1. guess: (B, m) the iterate's unfixed part
         if pools is None or cap < block_size:  # under load the candidates go first, then the block narrows
             tokens = torch.cat([batch.rows.pending[:, None], guesses[:, :-1]], dim=1).masked_fill(~real, pad_token_id)
@@ -291,6 +299,17 @@ class _Blocks:
         self.fixed, self.iterations = torch.cat([self.fixed, zeros]), torch.cat([self.iterations, zeros])
         self.block_start = torch.cat([self.block_start, rows.n_out[which]])
         for i, state in zip(which.tolist(), guesses):
+            self.states[int(rows.index[i])] = [state]
+
+    def restart(self) -> None:
+        """Every row's block begins afresh where its output is (after AR steps, which the blocks did
+        not follow; only under a control, so no trajectory is kept)."""
+        rows = self.batch.rows
+        every = torch.arange(len(rows.index), device=rows.pending.device)
+        self.block = self.make_guess(rows, every, self.n)
+        self.fixed, self.iterations = torch.zeros_like(self.fixed), torch.zeros_like(self.iterations)
+        self.block_start = rows.n_out.clone()
+        for i, state in zip(every.tolist(), self.block):
             self.states[int(rows.index[i])] = [state]
 
     def keep(self, keep: torch.Tensor) -> None:
