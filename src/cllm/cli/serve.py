@@ -225,14 +225,21 @@ def cmd_serve_bench(args: argparse.Namespace) -> None:
         for spec in specs:
             if spec.kind not in SERVED:
                 raise CllmError(f"cannot serve-bench {spec.label}: use {', '.join(SERVED)}")
-        for spec in specs:
-            server = ServerProcess(_serve_args(args, spec))
-            with stderr.status(f"starting cllm serve with {spec.label} ..."):
-                server.start()
-            try:
-                reports += bench_levels(server.base_url, prompts, levels, args.requests, args.max_new_tokens,
-                                        spec.label, show)
-            finally:
+        # every server up first, then each level through every decoder back to back: the decoders of
+        # a level are measured minutes apart at most, not a whole run apart (this machine drifts)
+        servers = [ServerProcess(_serve_args(args, spec)) for spec in specs]
+        try:
+            for spec, server in zip(specs, servers):
+                with stderr.status(f"starting cllm serve with {spec.label} ..."):
+                    server.start()
+            by_decoder: dict[str, list] = {spec.label: [] for spec in specs}
+            for level in levels:
+                for spec, server in zip(specs, servers):
+                    by_decoder[spec.label] += bench_levels(server.base_url, prompts, [level], args.requests,
+                                                           args.max_new_tokens, spec.label, show)
+            reports = [report for label in by_decoder for report in by_decoder[label]]
+        finally:
+            for server in servers:
                 server.stop()
     meta = {
         "command": args.command_line,
@@ -243,6 +250,7 @@ def cmd_serve_bench(args: argparse.Namespace) -> None:
         "prompts": len(prompts),
         "max_new_tokens": args.max_new_tokens,
         "max_batch": args.max_batch,
+        "column_budget": "each decoder's own" if args.column_budget is None else args.column_budget,
     }
     print(write_report(args.out, reports, meta))
 
