@@ -10,6 +10,15 @@ VENV=.venv
 STAMP=$VENV/.cllm-setup-stamp
 fingerprint=$(cat pyproject.toml scripts/setup.sh scripts/constraints.txt | sha256sum | cut -d' ' -f1)
 
+# The live page's browser test needs a chromium: Debian's, where this user may install packages
+# (a fresh CI machine); elsewhere the test is skipped, except under CI=true, where it fails.
+if ! command -v chromium >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    echo "installing chromium for the browser test (one time) ..." >&2
+    { apt-get install -y -qq --no-install-recommends chromium >/dev/null 2>&1 \
+        || { apt-get update -qq && apt-get install -y -qq --no-install-recommends chromium; } >/dev/null 2>&1; } \
+        || echo "could not install chromium: the browser test will not run" >&2
+fi
+
 if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$fingerprint" ] && [ -x "$VENV/bin/cllm" ]; then
     exit 0
 fi

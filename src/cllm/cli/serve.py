@@ -118,6 +118,9 @@ def add_serve_bench(commands) -> None:
                       "(default: %(default)s)")
     load.add_argument("--column-budget", type=common.non_negative_int,
                       help="the servers' --column-budget (default: theirs)")
+    load.add_argument("--repeats", type=common.positive_int, default=1,
+                      help="measure each level this many times per decoder, the decoders' order reversed every "
+                      "other time, and report the run of median throughput (default: %(default)s)")
     common.add_prompt_source_args(load)
     load.add_argument("--limit", type=common.positive_int, help="use only the first N prompts")
     load.add_argument(
@@ -234,9 +237,14 @@ def cmd_serve_bench(args: argparse.Namespace) -> None:
                     server.start()
             by_decoder: dict[str, list] = {spec.label: [] for spec in specs}
             for level in levels:
-                for spec, server in zip(specs, servers):
-                    by_decoder[spec.label] += bench_levels(server.base_url, prompts, [level], args.requests,
-                                                           args.max_new_tokens, spec.label, show)
+                runs: dict[str, list] = {spec.label: [] for spec in specs}
+                for repeat in range(args.repeats):  # the order reversed every other time: drift cancels
+                    pairs = list(zip(specs, servers))
+                    for spec, server in pairs if repeat % 2 == 0 else reversed(pairs):
+                        runs[spec.label] += bench_levels(server.base_url, prompts, [level], args.requests,
+                                                         args.max_new_tokens, spec.label, show)
+                for label, measured in runs.items():  # the run of median throughput
+                    by_decoder[label].append(sorted(measured, key=lambda r: r.tokens_per_second)[len(measured) // 2])
             reports = [report for label in by_decoder for report in by_decoder[label]]
         finally:
             for server in servers:
@@ -251,6 +259,7 @@ def cmd_serve_bench(args: argparse.Namespace) -> None:
         "max_new_tokens": args.max_new_tokens,
         "max_batch": args.max_batch,
         "column_budget": "each decoder's own" if args.column_budget is None else args.column_budget,
+        "repeats": args.repeats,
     }
     print(write_report(args.out, reports, meta))
 
