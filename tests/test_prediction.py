@@ -55,9 +55,11 @@ def test_any_prediction_keeps_the_output_and_a_right_one_is_accepted_a_block_at_
         common = dict(max_new_tokens=rng.choice([5, 17, 30]), sampling=sampling, seed=case, draft_model=drafter,
                       eos_token_id=rng.choice([None, rng.randrange(1, VOCAB)]))
         expected = decode(model, "ar", prompts, **common).token_ids
-        kinds = {"none": None, "right": expected, "edited": [_edited(t, rng) for t in expected],
-                 "noise": [[rng.randrange(1, VOCAB) for _ in range(rng.randint(0, 20))] for _ in expected],
-                 "some": [t if rng.random() < 0.5 else None for t in expected]}
+        # some rows of the edited and noisy batches have no prediction at all
+        kinds = {"none": None, "right": expected,
+                 "edited": [_edited(t, rng) if rng.random() < 0.7 else None for t in expected],
+                 "noise": [[rng.randrange(1, VOCAB) for _ in range(rng.randint(0, 20))] if rng.random() < 0.7
+                           else None for t in expected]}
         for kind, predictions in kinds.items():
             out = decode(model, spec, prompts, predictions=predictions, **common)
             assert out.token_ids == expected, f"case {case}, {kind} prediction, {sampling}"
