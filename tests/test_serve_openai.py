@@ -100,21 +100,33 @@ def test_echo_with_logprobs_scores_the_prompt_as_evaluation_harnesses_ask(loaded
 
 
 def test_the_async_client_streams_and_answers_like_the_sync_one(loaded):
+    """The async client: whole, streamed, with logprobs, with a prediction, and a completion with
+    echo: the same as the sync client's answers."""
+    messages = [{"role": "user", "content": PROMPT}]
     with running_server(loaded, "jacobi:4") as server:
-        expected = chat(server.client, PROMPT, max_tokens=16, temperature=0).choices[0].message.content
+        sync = chat(server.client, PROMPT, max_tokens=16, temperature=0, logprobs=True, top_logprobs=2)
+        expected = sync.choices[0].message.content
+        echoed = server.client.completions.create(model=NAME, prompt="abc", max_tokens=4, echo=True, logprobs=1)
 
-        async def ask() -> tuple[str, str]:
+        async def ask() -> tuple:
             client = openai.AsyncOpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0)
-            whole = await client.chat.completions.create(model=NAME, messages=[{"role": "user", "content": PROMPT}],
-                                                         max_tokens=16, temperature=0)
-            stream = await client.chat.completions.create(model=NAME, messages=[{"role": "user", "content": PROMPT}],
-                                                          max_tokens=16, temperature=0, stream=True)
+            create = client.chat.completions.create
+            whole = await create(model=NAME, messages=messages, max_tokens=16, temperature=0, logprobs=True,
+                                 top_logprobs=2)
+            stream = await create(model=NAME, messages=messages, max_tokens=16, temperature=0, stream=True)
             pieces = [chunk.choices[0].delta.content or "" async for chunk in stream if chunk.choices]
+            predicted = await create(model=NAME, messages=messages, max_tokens=16, temperature=0,
+                                     prediction={"type": "content", "content": expected})
+            completion = await client.completions.create(model=NAME, prompt="abc", max_tokens=4, echo=True,
+                                                         logprobs=1)
             await client.close()
-            return whole.choices[0].message.content, "".join(pieces)
+            return whole, "".join(pieces), predicted, completion
 
-        whole, joined = asyncio.run(ask())
-    assert whole == joined == expected
+        whole, joined, predicted, completion = asyncio.run(ask())
+    assert whole.choices[0].message.content == joined == predicted.choices[0].message.content == expected
+    assert whole.choices[0].logprobs.content == sync.choices[0].logprobs.content
+    assert completion.choices[0].text == echoed.choices[0].text
+    assert completion.choices[0].logprobs.token_logprobs == echoed.choices[0].logprobs.token_logprobs
 
 
 @pytest.mark.parametrize("decoder", ["jacobi:8", "lookahead:3:3:3"])

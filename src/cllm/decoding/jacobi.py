@@ -232,7 +232,7 @@ def jacobi(
     stale = False  # AR steps ran since the blocks were last guessed
     while batch.admit():
         cap = batch.column_cap(block_size)  # under a server's column budget: fewer columns as rows grow
-        if cap == 1 and not isinstance(drafts, Drafter):  # no room for guesses: an AR step, no bookkeeping
+        if cap == 1 < block_size and not isinstance(drafts, Drafter):  # no room for guesses: an AR step
             batch.ar_step()
             stale = True
             continue
