@@ -80,6 +80,7 @@ def test_generate_samples_the_same_text_with_every_decoder_and_batch_size(model_
     )  # prompt i samples with seed + i: the same prompts one place earlier, seed one higher
 
 
+@pytest.mark.heavy
 def test_generate_streams_text_and_reads_stdin(model_dir):
     env = os.environ | {"HF_HUB_OFFLINE": "1"}
     args = ["generate", "-", "--model", model_dir, "--max-new-tokens", "9", "--stats"]
@@ -137,6 +138,7 @@ def test_bad_input_in_a_real_process_prints_no_traceback():
     assert result.stderr.strip() == "error: cllm generate: argument --block-size: must be >= 1, got -3"
 
 
+@pytest.mark.heavy
 def test_bad_model_files_are_clear_errors(model_dir, tmp_path):
     corrupt_gguf = tmp_path / "broken.gguf"
     corrupt_gguf.write_bytes(b"GGUF" + os.urandom(64))

@@ -507,6 +507,7 @@ def test_the_sweep_covers_every_command():
     assert {name.split()[0] for name, _, _ in CASES} == set(COMMANDS)
 
 
+@pytest.mark.heavy
 def test_stdout_on_a_full_disk_is_one_line(world):
     with open("/dev/full", "w") as full:
         result = subprocess.run(
@@ -520,6 +521,7 @@ def test_stdout_on_a_full_disk_is_one_line(world):
     assert result.stderr.strip().splitlines() == [result.stderr.strip()] and "No space left" in result.stderr
 
 
+@pytest.mark.heavy
 @pytest.mark.skipif(os.geteuid() != 0 or shutil.which("unshare") is None, reason="needs root to mount a small tmpfs")
 @pytest.mark.parametrize(
     "command",

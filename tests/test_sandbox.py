@@ -28,8 +28,11 @@ from cllm.sandbox import Limits, SandboxUnavailable, run_untrusted
 FAST = Limits(seconds=4, memory_mb=512)
 PRECIOUS = "keep me"
 
-pytestmark = pytest.mark.skipif(sandbox.unavailable_reason() is not None,
-                                reason=f"the kernel refuses the sandbox here: {sandbox.unavailable_reason()}")
+pytestmark = [
+    pytest.mark.skipif(sandbox.unavailable_reason() is not None,
+                       reason=f"the kernel refuses the sandbox here: {sandbox.unavailable_reason()}"),
+    pytest.mark.heavy,  # every test runs programs in namespaces, some until their time limit
+]
 
 
 @dataclass
