@@ -29,6 +29,10 @@ class _Strict(BaseModel):
         return {key: value for key, value in data.items() if value is not None} if isinstance(data, dict) else data
 
 
+def _joined(content: str | list[TextPart]) -> str:
+    return content if isinstance(content, str) else "".join(part.text for part in content)
+
+
 class TextPart(_Strict):
     type: Literal["text"]
     text: str
@@ -40,7 +44,7 @@ class Message(_Strict):
 
     @property
     def text(self) -> str:
-        return self.content if isinstance(self.content, str) else "".join(part.text for part in self.content)
+        return _joined(self.content)
 
 
 class Prediction(_Strict):
@@ -51,7 +55,7 @@ class Prediction(_Strict):
 
     @property
     def text(self) -> str:
-        return self.content if isinstance(self.content, str) else "".join(part.text for part in self.content)
+        return _joined(self.content)
 
 
 class StreamOptions(_Strict):
