@@ -65,7 +65,7 @@ def test_sampled_jacobi_and_lookahead_equal_sampled_ar_on_ten_prompts(loaded):
     greedy = ar(loaded.model, input_ids, attention_mask, **kwargs | {"sampling": Sampling()}).token_ids
     assert sum(a != b for a, b in zip(expected, greedy)) >= 5  # sampling really changes the outputs
     outputs = {
-        "jacobi": jacobi(loaded.model, input_ids, attention_mask, block_size=16, **kwargs).token_ids,
+        "jacobi": jacobi(loaded.model, input_ids, attention_mask, block_size=8, **kwargs).token_ids,
         "jacobi+candidates": jacobi(loaded.model, input_ids, attention_mask, block_size=8, candidates=2,
                                     **kwargs).token_ids,
         "lookahead": lookahead(loaded.model, input_ids, attention_mask, window=2, ngram=3, candidates=2, draft=6,
