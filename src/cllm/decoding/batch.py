@@ -268,9 +268,10 @@ def _emit(rows: _Rows, new_tokens: torch.Tensor, count: torch.Tensor, outputs: _
     columns = torch.arange(new_tokens.shape[1], device=new_tokens.device)
     rows.out.scatter_(1, rows.n_out[:, None] + columns, new_tokens)
     if outputs.on_tokens is not None or scores is not None:
-        sources = (columns[None].expand_as(new_tokens) if source is None else source).tolist()
+        sources = None if scores is None else \
+            (columns[None].expand_as(new_tokens) if source is None else source).tolist()
         for i, (row, tokens, k) in enumerate(zip(rows.index.tolist(), new_tokens.tolist(), count.tolist())):
-            logprobs = scores.entries(i, tokens[:k], sources[i][:k]) if scores is not None else None
+            logprobs = scores.entries(i, tokens[:k], sources[i][:k]) if sources is not None else None
             outputs.add(row, tokens[:k], logprobs)
     rows.n_out = rows.n_out + count
 

@@ -99,6 +99,8 @@ class _GuessMaker:
         self, rows: _Rows, block: torch.Tensor, fixed: torch.Tensor, block_len: torch.Tensor, done: torch.Tensor
     ) -> None:
         """`refresh_row` for every row whose block goes on."""
+        if self.strategy != "lookup" and all(p is None for p in rows.predictions):
+            return  # nothing to look up: no per-step work, no device sync
         for i in ((fixed < block_len) & ~done).nonzero().flatten().tolist():
             if self.strategy == "lookup" or rows.predictions[i] is not None:
                 self.refresh_row(_context(rows, i), block[i], int(fixed[i]), int(block_len[i]),

@@ -248,6 +248,8 @@ def _context_drafts(rows: _Rows, length: int, pad_token_id: int,
     tokens, or what its prediction (Predicted Outputs) says follows, up to `predicted` tokens,
     where the output aligns with the prediction at least as long a suffix. D is 0 where no row
     has one, so no column is fed for nothing."""
+    if not length and all(p is None for p in rows.predictions):  # no draft columns: no per-row work
+        return ragged([[]] * len(rows.index), pad_token_id, device=rows.pending.device)
     found = []
     for i in range(len(rows.index)):
         context, prediction = _context(rows, i), rows.predictions[i]
