@@ -46,7 +46,8 @@ def test_two_process_cpu_training(collection, tmp_path, capsys, launcher):
                "--model", str(model), "--trajectories", str(trajectories), "--out", str(out),
                "--max-steps", "3", "--batch-size", "2", "--lr", "1e-3", "--logging-steps", "1",
                "--lr-scheduler", "cosine", "--weight-decay", "0.1", "--attn-implementation", "eager"]
-    result = subprocess.run(command, capture_output=True, text=True, env=os.environ | {"OMP_NUM_THREADS": "1"})
+    result = subprocess.run(command, capture_output=True, text=True, env=os.environ | {"OMP_NUM_THREADS": "1"},
+                            timeout=300)  # a rank that hangs fails the test, not the suite
     assert result.returncode == 0, result.stderr[:3000] + " ... " + result.stderr[-1000:]
     state = json.loads((out / "checkpoints" / "checkpoint-3" / "trainer_state.json").read_text())
     assert state["global_step"] == 3 and state["train_batch_size"] == 2
