@@ -7,6 +7,8 @@ from __future__ import annotations
 import json
 import os
 import random
+import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -23,16 +25,36 @@ CLLM = [sys.executable, "-m", "cllm.cli"]
 
 ACCELERATE = ["accelerate", "launch", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
               "--dynamo_backend", "no"]
-LAUNCHERS = {  # launcher -> (command, the engine the Trainer runs)
-    "torchrun": (["torchrun", "--nproc_per_node", "2", "--master_port", "29533"], "ddp"),
+LAUNCHERS = {  # launcher -> (command, the engine the Trainer runs); the port follows the command
+    "torchrun": (["torchrun", "--nproc_per_node", "2", "--master_port"], "ddp"),
     # --multi_gpu starts torch.distributed processes, which join over gloo without a GPU (--cpu starts one)
-    "accelerate": ([*ACCELERATE, "--multi_gpu", "--main_process_port", "29534"], "ddp"),
+    "accelerate": ([*ACCELERATE, "--multi_gpu", "--main_process_port"], "ddp"),
     # accelerate 1.16 applies FSDP on GPU-like devices only (accelerate/state.py): on CPUs the same
     # launch runs DDP, and the model is saved the same way
     "accelerate-fsdp": ([*ACCELERATE, "--use_fsdp", "--fsdp_version", "2", "--fsdp_auto_wrap_policy",
                          "TRANSFORMER_BASED_WRAP", "--fsdp_state_dict_type", "FULL_STATE_DICT",
-                         "--main_process_port", "29535"], "ddp"),
+                         "--main_process_port"], "ddp"),
 }
+
+
+def free_port() -> str:
+    with socket.socket() as probe:  # a fixed port collides with a run that has not let go of it yet
+        probe.bind(("127.0.0.1", 0))
+        return str(probe.getsockname()[1])
+
+
+def launch(command: list[str], env: dict[str, str], timeout: float = 150) -> subprocess.CompletedProcess:
+    """Run a multi-process launch; a run that hangs gets SIGABRT on its whole process group, so that
+    faulthandler prints every rank's Python stack into the failure instead of a bare timeout."""
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               env=env | {"PYTHONFAULTHANDLER": "1"}, start_new_session=True)
+    try:
+        stdout, stderr = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGABRT)
+        stdout, stderr = process.communicate(timeout=30)
+        pytest.fail(f"the launch hung for {timeout} s; stacks at the abort:\n{stderr[-6000:]}")
+    return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
 
 
 @pytest.mark.parametrize("launcher", LAUNCHERS)
@@ -42,12 +64,11 @@ def test_two_process_cpu_training(collection, tmp_path, capsys, launcher):
     model, trajectories = collection
     out = tmp_path / "cllm"
     (program, *options), engine = LAUNCHERS[launcher]
-    command = [str(Path(sys.executable).parent / program), *options, "-m", "cllm.cli", "train",
+    command = [str(Path(sys.executable).parent / program), *options, free_port(), "-m", "cllm.cli", "train",
                "--model", str(model), "--trajectories", str(trajectories), "--out", str(out),
                "--max-steps", "3", "--batch-size", "2", "--lr", "1e-3", "--logging-steps", "1",
                "--lr-scheduler", "cosine", "--weight-decay", "0.1", "--attn-implementation", "eager"]
-    result = subprocess.run(command, capture_output=True, text=True, env=os.environ | {"OMP_NUM_THREADS": "1"},
-                            timeout=300)  # a rank that hangs fails the test, not the suite
+    result = launch(command, os.environ | {"OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr[:3000] + " ... " + result.stderr[-1000:]
     state = json.loads((out / "checkpoints" / "checkpoint-3" / "trainer_state.json").read_text())
     assert state["global_step"] == 3 and state["train_batch_size"] == 2
@@ -71,11 +92,11 @@ def test_a_collection_over_two_launched_processes_equals_the_single_process_one(
               "--block-size", "4", "--max-new-tokens", "24", "--batch-size", "2"]
     env = os.environ | {"HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     program, *options = ACCELERATE
-    launch = [str(Path(sys.executable).parent / program), *options, "--multi_gpu", "--main_process_port", "29536",
+    launcher = [str(Path(sys.executable).parent / program), *options, "--multi_gpu", "--main_process_port", free_port(),
               "-m", "cllm.cli"]
-    for command in ([*launch, *common, "--out", str(tmp_path / "two")],
+    for command in ([*launcher, *common, "--out", str(tmp_path / "two")],
                     [*CLLM, *common, "--out", str(tmp_path / "one")]):
-        result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+        result = launch(command, env)
         assert result.returncode == 0, result.stderr[-3000:]
     two, one = (read_entries(tmp_path / name).to_pylist() for name in ("two", "one"))
     assert len(one) > 9 and sorted(two, key=json.dumps) == sorted(one, key=json.dumps)
