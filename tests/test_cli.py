@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import json
+import multiprocessing
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from tiny_models import save_tiny_model
 
 from cllm.cli import main
+from cllm.errors import CllmError
+from cllm.files import check_output_dir
 
 CLLM = [sys.executable, "-m", "cllm.cli"]
 
@@ -78,6 +82,32 @@ def test_generate_samples_the_same_text_with_every_decoder_and_batch_size(model_
     assert (
         shifted == expected[1:]
     )  # prompt i samples with seed + i: the same prompts one place earlier, seed one higher
+
+
+def test_two_processes_checking_the_same_output_directory_both_pass(tmp_path):
+    """torchrun ranks check the same --out at once: a check that made and removed the directory
+    failed the other rank's check ("No such file or directory") about once in four."""
+    outs = [str(tmp_path / str(i) / "out") for i in range(200)]
+    with multiprocessing.get_context("fork").Pool(2) as pool:
+        failures = [f for f in pool.map(_check_output_dir_error, [o for o in outs for _ in range(2)], chunksize=1) if f]
+    assert failures == []
+    assert list(tmp_path.iterdir()) == []  # a check creates nothing
+
+
+def _check_output_dir_error(path: str) -> str | None:
+    try:
+        check_output_dir(Path(path), "--out")
+    except CllmError as exc:
+        return str(exc)
+    return None
+
+
+def test_an_output_directory_under_a_file_is_a_clear_error(tmp_path):
+    (tmp_path / "f.txt").write_text("x")
+    with pytest.raises(CllmError, match="f.txt is not a directory"):
+        check_output_dir(tmp_path / "f.txt" / "sub" / "out", "--out")
+    with pytest.raises(CllmError, match="--out .*f.txt is not a directory"):
+        check_output_dir(tmp_path / "f.txt", "--out")
 
 
 @pytest.mark.heavy

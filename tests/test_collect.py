@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import multiprocessing
 import os
 import random
 import signal
@@ -24,6 +25,7 @@ from cllm.metrics import is_degenerate, longest_repetition
 from cllm.models import load_model
 from cllm.trajectories import (
     CollectConfig,
+    CollectionDir,
     augment_states,
     collect,
     load_trajectories,
@@ -253,3 +255,25 @@ def test_a_larger_limit_extends_a_collection_and_a_smaller_one_is_refused(loaded
     with pytest.raises(CllmError, match="more prompts than this --limit"):
         collect(loaded, prompts[:3], config(model_dir, limit=3), grown)
     assert json.loads((grown / "cllm_manifest.json").read_text())["config"]["limit"] == 6
+
+
+def test_two_ranks_opening_one_collection_at_once_both_succeed(tmp_path):
+    """The ranks of a launch create, check and write the same directory at the same moment: rank 1
+    once saw rank 0's data/ before its manifest ("not a cllm trajectory collection", exit 2)."""
+    roots = [str(tmp_path / str(i)) for i in range(100)]
+    with multiprocessing.get_context("fork").Pool(2) as pool:
+        failures = [f for f in pool.map(_open_and_write_as_rank, [(r, rank) for r in roots for rank in (0, 1)],
+                                        chunksize=1) if f]
+    assert failures == []
+    assert all(len(list((Path(r) / "data").glob("train-*.parquet"))) == 2 for r in roots)
+
+
+def _open_and_write_as_rank(root_and_rank: tuple[str, int]) -> str | None:
+    root, rank = root_and_rank
+    try:
+        directory = CollectionDir(Path(root), config("model"), rank, 2)
+        directory.set_limit(config("model"), 1)
+        directory.write(0, [f"p{rank}"], [])
+    except (CllmError, OSError) as exc:
+        return repr(exc)
+    return None

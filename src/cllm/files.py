@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import stat
+import tempfile
 from pathlib import Path
 
 from cllm.errors import CllmError
@@ -36,30 +37,23 @@ def read_bytes(path: Path, what: str) -> bytes:
 
 
 def check_output_dir(path: Path, what: str) -> None:
-    """Fail now if `path` cannot become a directory to write into; creates nothing that stays."""
+    """Fail now if `path` cannot become a directory to write into. Creates nothing: torchrun ranks
+    check the same --out at once, and one rank's trial mkdir + rmdir raced the other's check."""
     if path.exists():
         if not path.is_dir():
             raise CllmError(f"{what} {path} is not a directory")
         if not os.access(path, os.W_OK | os.X_OK):
             raise CllmError(f"cannot write into {what} {path}: permission denied")
         return
-    created = []
-    try:
-        for directory in [*reversed(path.parents), path]:
-            try:
-                directory.mkdir()
-                created.append(directory)
-            except FileExistsError:  # already there, or made just now by another process
-                if not directory.is_dir():
-                    raise CllmError(f"cannot create {what} {path}: {directory} is not a directory") from None
+    ancestor = path.absolute().parent
+    while not ancestor.exists():  # also stops at a file standing where a directory should be
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise CllmError(f"cannot create {what} {path}: {ancestor} is not a directory")
+    try:  # a uniquely named probe: os.access says yes to root under /proc or on a read-only mount
+        os.rmdir(tempfile.mkdtemp(prefix=".cllm-probe-", dir=ancestor))
     except OSError as exc:
-        raise CllmError(f"cannot create {what} {path}: {exc.strerror}") from None
-    finally:
-        for directory in reversed(created):
-            try:
-                directory.rmdir()
-            except OSError:
-                pass  # another process (a torchrun rank) is already writing there
+        raise CllmError(f"cannot create {what} {path}: {exc.strerror} in {ancestor}") from None
 
 
 def check_output_file(path: Path, what: str) -> None:

@@ -206,13 +206,15 @@ class CollectionDir:
         self._open(config)
 
     def _open(self, config: CollectConfig) -> None:
+        # Every rank of a launch opens the same directory at once: the manifest comes first, so a
+        # directory without one never holds more than a manifest being written (.tmp-*), and each
+        # rank removes only its own strays, never a shard another rank is writing.
         if not check_collection(self.root, config):
-            self.data.mkdir(parents=True, exist_ok=True)
             expected = {"format": FORMAT, "version": FORMAT_VERSION, "config": asdict(config)}
             write_atomically(self.root / MANIFEST, json.dumps(expected, indent=2))
         self.data.mkdir(exist_ok=True)
-        for stray in self.data.glob(".tmp-*"):
-            stray.unlink()  # a temporary file of a killed run: its batch is redone
+        for stray in self.data.glob(f".tmp-train-{self.part}-b*"):
+            stray.unlink(missing_ok=True)  # a temporary file of a killed run: its batch is redone
 
     def shard_path(self, batch_number: int) -> Path:
         return self.data / f"train-{self.part}-b{batch_number:06d}.parquet"
@@ -346,8 +348,12 @@ def check_collection(root: Path, config: CollectConfig) -> bool:
     """Whether `root` holds a collection this config may resume (True) or is free for a new one
     (False); anything else is a CllmError. Writes nothing: `cllm collect` calls it before loading
     the model, so that a wrong --out fails at once."""
-    if not (root / MANIFEST).is_file():
-        if root.exists() and (not root.is_dir() or any(root.iterdir())):
+    if root.exists() and not root.is_dir():
+        raise CllmError(f"{root} exists and is not a directory")
+    # One listing, not an is_file() then a listing: another rank may write the manifest in between.
+    names = {p.name for p in root.iterdir()} if root.exists() else set()
+    if MANIFEST not in names:
+        if any(not name.startswith(".tmp-") for name in names):  # .tmp-*: a manifest being written
             raise CllmError(f"{root} exists, is not empty and is not a cllm trajectory collection")
         return False
     manifest = read_manifest(root, hint="use a new --out directory")
