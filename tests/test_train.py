@@ -123,10 +123,11 @@ def test_the_gated_student_is_the_gated_drafter_of_decoding(collection):
     entries = [load_trajectories(str(trajectories))[i] for i in (0, 1, 2)]
     inputs = TrajectoryCollator(pad_token_id=0, eos_token_ids=[1])(entries)
     target = tiny_model("qwen2", seed=3)
-    drafter = tiny_adapter(target, seed=4, gated=True)
+    drafter = tiny_adapter(target, seed=4, gated=True)  # as decoding loads it: PEFT's layers folded
+    trained = tiny_adapter(target, seed=4, gated=True, folded=False)  # the same weights, as training runs them
     trainer = GatedDrafterTrainer.__new__(GatedDrafterTrainer)  # only its forward, no training run
-    trainer.gate = drafter.gate
-    student, targets = trainer._gated_logits(drafter.model, inputs)
+    trainer.gate = trained.gate
+    student, targets = trainer._gated_logits(trained.model, inputs)
     n = inputs["block_mask"].shape[1]
     for row in range(len(entries)):
         real = inputs["student_mask"][row].bool()

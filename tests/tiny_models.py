@@ -83,13 +83,15 @@ def save_tiny_model(
     return path
 
 
-def tiny_adapter(model: PreTrainedModel, seed: int = 0, rank: int = 4, random: bool = True, gated: bool = False):
+def tiny_adapter(model: PreTrainedModel, seed: int = 0, rank: int = 4, random: bool = True, gated: bool = False,
+                 folded: bool = True):
     """A LoRA drafter of `model` (cllm.decoding.drafting.SharedAdapter, or GatedAdapter when
     `gated`): random weights (a bad drafter), or PEFT's initialisation (B = 0: the adapter changes
-    nothing, the drafter is the target)."""
+    nothing, the drafter is the target). A gated one is folded as decoding loads it, or, with
+    `folded=False`, PEFT's layers under the gate's hooks, as training runs it."""
     from peft import LoraConfig, get_peft_model
 
-    from cllm.decoding.drafting import GatedAdapter, SharedAdapter, TokenGate
+    from cllm.decoding.drafting import GatedAdapter, SharedAdapter, TokenGate, gated_drafter
     from cllm.drafters import ADAPTER_NAME, lora_targets, shared_copy
 
     torch.manual_seed(seed)
@@ -100,7 +102,8 @@ def tiny_adapter(model: PreTrainedModel, seed: int = 0, rank: int = 4, random: b
             if "lora_" in name:
                 weight.data.normal_(0, 0.5)
     if gated:
-        return GatedAdapter(adapted.eval(), TokenGate(adapted, ADAPTER_NAME))
+        return gated_drafter(adapted, ADAPTER_NAME) if folded else GatedAdapter(adapted.eval(),
+                                                                                TokenGate(adapted, ADAPTER_NAME))
     return SharedAdapter(adapted.eval(), ADAPTER_NAME)
 
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from transformers import PreTrainedModel
 
-from cllm.decoding.drafting import GatedAdapter, SharedAdapter, TokenGate
+from cllm.decoding.drafting import GatedAdapter, SharedAdapter, gated_drafter
 from cllm.errors import CllmError
 from cllm.models import LoadedModel
 
@@ -81,7 +81,7 @@ def load_drafter(path: str, target: LoadedModel) -> SharedAdapter | GatedAdapter
     from cllm.models import ModelConfig, load_model
 
     config = ModelConfig(name=str(directory), dtype=str(target.model.dtype).removeprefix("torch."),
-                         device=str(target.model.device))
+                         device=str(target.model.device), onednn=target.onednn)
     drafter = load_model(config)
     try:
         check_same_tokenizer(drafter, target)
@@ -116,7 +116,7 @@ def adapter_drafter(directory: Path, target: PreTrainedModel) -> SharedAdapter |
         detail = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise CllmError(f"cannot load the adapter in {directory}: {detail[:300]}") from None
     if kind == "gated":
-        return GatedAdapter(model.eval(), TokenGate(model, ADAPTER_NAME))
+        return gated_drafter(model, ADAPTER_NAME)
     return SharedAdapter(model.eval(), ADAPTER_NAME)
 
 

@@ -38,6 +38,7 @@ class ModelConfig:
     threads: int | None = None
     quantize: str | None = None  # "int8": weight-only int8 linear layers (cllm.quantize), CPU
     compile: bool = False  # ar, jacobi and lookahead run the compiled path (cllm.decoding.kv)
+    onednn: bool = False  # float32 on a CPU: every linear layer through oneDNN's kernel (cllm.onednn)
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
@@ -46,6 +47,9 @@ class ModelConfig:
             raise CllmError(f"unknown device {self.device!r}; choose cpu, cuda, cuda:N or auto")
         if self.threads is not None and self.threads < 1:
             raise CllmError(f"--threads must be >= 1, got {self.threads}")
+        if self.onednn and (self.quantize or self.compile):
+            other = "quantize" if self.quantize else "compile"
+            raise CllmError(f"--onednn is for the eager float32 path, not with --{other} (which makes its own kernels)")
 
 
 @dataclass
@@ -54,6 +58,7 @@ class LoadedModel:
     tokenizer: PreTrainedTokenizerBase
     source: str
     compile: bool = False
+    onednn: bool = False
 
     @property
     def eos_token_ids(self) -> list[int]:
@@ -230,4 +235,8 @@ def load_model(config: ModelConfig | str = ModelConfig()) -> LoadedModel:
         from cllm.quantize import quantize_weights
 
         quantize_weights(model, config.quantize)
-    return LoadedModel(model=model, tokenizer=tokenizer, source=source, compile=config.compile)
+    if config.onednn:
+        from cllm.onednn import use_onednn
+
+        use_onednn(model)
+    return LoadedModel(model=model, tokenizer=tokenizer, source=source, compile=config.compile, onednn=config.onednn)

@@ -89,6 +89,7 @@ def add_model_args(parser: argparse.ArgumentParser, several: bool = False, raw: 
     if raw:
         group.add_argument("--raw", action="store_true", help="feed prompts as plain text, without the chat template")
     if engine_options:
+        add_onednn_arg(group, default=False)
         group.add_argument("--quantize", choices=["int8"], help="int8 weights in every linear layer (CPU; "
                            "measured in docs/results-history.md). A different model: measure it with "
                            "`cllm eval fidelity --quantize int8 --target MODEL` (the target loads unquantized)")
@@ -102,6 +103,15 @@ def add_model_args(parser: argparse.ArgumentParser, several: bool = False, raw: 
             "$CLLM_HOME/compile/packages and loaded by later processes; elsewhere "
             "torch.compile in each process; eager when unavailable",
         )
+
+
+def add_onednn_arg(group, default: bool | None) -> None:
+    """default None: on wherever it applies (float32 on a CPU)."""
+    group.add_argument("--onednn", action=argparse.BooleanOptionalAction, default=default,
+                       help="float32 on a CPU: every linear layer through oneDNN's kernel, faster than torch's "
+                       "default there (docs/benchmarks.md); the same model up to float32 rounding, and every decoder "
+                       "still equals AR run with the same layers (default: "
+                       f"{'on for float32 on a CPU' if default is None else default})")
 
 
 SINGLE_MODEL_DECODERS = [name for name in DECODER_NAMES if not KINDS[name].needs_draft]  # no --draft-model here
@@ -201,8 +211,18 @@ def load(args: argparse.Namespace):
                 threads=args.threads,
                 quantize=getattr(args, "quantize", None),
                 compile=getattr(args, "compile", False),
+                onednn=_onednn(args),
             )
         )
+
+
+def _onednn(args: argparse.Namespace) -> bool:
+    from cllm.models import resolve_device
+
+    wanted = getattr(args, "onednn", False)
+    if wanted is None:
+        return args.dtype == "float32" and resolve_device(args.device).type == "cpu"
+    return wanted
 
 
 def load_named(args: argparse.Namespace, name: str, **changes):

@@ -163,6 +163,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
                         "dtype": args.dtype,
                         "quantize": args.quantize,
                         "compile": args.compile,
+                        "onednn": args.onednn,
                         "seconds": round(seconds, 4),
                         "stats": stats.to_dict(),
                     }

@@ -167,6 +167,7 @@ def run_bench(models: Sequence[tuple[str, object]], args, prompt_texts: Sequence
         "dtype": args.dtype,
         "quantize": getattr(args, "quantize", None),
         "compile": getattr(args, "compile", False),
+        "onednn": getattr(args, "onednn", False),
         "device": machine_description(models[0][1].model.device),
         "prompts": len(prompt_texts),
         "max_new_tokens": args.max_new_tokens,

@@ -52,6 +52,7 @@ def add_demo(commands) -> None:
     )
     common.add_drafter_arg(demo, what="(default for the default model: 'default'.) The demo then shows")
     common.add_model_args(demo)
+    common.add_onednn_arg(demo, default=None)
     demo.set_defaults(block_size=DEMO_BLOCK_SIZE, dtype=DEMO_DTYPE)
 
 
@@ -113,7 +114,8 @@ def cmd_demo(args: argparse.Namespace) -> None:
             same = "[green]identical to AR[/green]" if run.token_ids == reference.token_ids else "[red]differs[/red]"
             out.print(f"  {spec.label:<18} {same}, {run.new_tokens / run.forward_passes:.2f} tokens/forward, "
                       f"{reference.seconds / run.seconds:.2f}x AR's speed")
-    out.rule(f"speed: {len(DEMO_PROMPTS)} prompts, batch size 1, {args.dtype}, eager, "
+    kernels = ", oneDNN linear layers" if loaded.onednn else ""
+    out.rule(f"speed: {len(DEMO_PROMPTS)} prompts, batch size 1, {args.dtype}{kernels}, eager, "
              f"{torch.get_num_threads()} CPU threads, one process")
     summaries = summarize(records)
     out.print(_summary_table(summaries))

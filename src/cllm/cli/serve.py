@@ -196,6 +196,8 @@ def _serve_args(args: argparse.Namespace, spec) -> list[str]:
         flags += ["--quantize", args.quantize]
     if args.compile:
         flags += ["--compile"]
+    if args.onednn:
+        flags += ["--onednn"]
     if args.column_budget is not None:
         flags += ["--column-budget", str(args.column_budget)]
     if spec.kind == "jacobi":

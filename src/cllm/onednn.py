@@ -1,0 +1,61 @@
+"""oneDNN linear layers for float32 decoding on a CPU (`--onednn`; `cllm demo` uses it).
+
+In float32, torch's `F.linear` on a CPU takes a BLAS GEMM that is slow for the shapes decoding
+meets: 1 to 16 columns against a wide weight. oneDNN's kernel (`torch.ops.mkldnn._linear_pointwise`,
+the one torch itself picks in bfloat16) computes the same product 1.4-2.6x faster for the LM head
+(576 x 49152) and about as fast elsewhere; on the default model eager AR decodes 1.2-1.3x faster
+(docs/benchmarks.md, "oneDNN"). Every `nn.Linear` becomes a `OneDnnLinear` over the same
+parameters (tied weights stay tied; PEFT adapters wrap it as a linear layer).
+
+The product is the same up to float32 rounding (another accumulation order), so a model with
+oneDNN layers is the same model, not bit for bit: decoders stay exact against AR run with the same
+layers, which is how bench and demo compare them.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from cllm.errors import CllmError
+
+
+class OneDnnLinear(torch.nn.Linear):
+    """An `nn.Linear` whose inference forward runs oneDNN's kernel. Where gradients are wanted it
+    falls back to torch's own (the oneDNN op has no backward)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.is_grad_enabled() and self.weight.requires_grad:
+            return super().forward(x)
+        return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
+
+
+def check_onednn(model: torch.nn.Module) -> None:
+    """CllmError unless `model`'s linear layers can run through oneDNN here."""
+    parameter = next(model.parameters())
+    if parameter.device.type != "cpu":
+        raise CllmError(f"--onednn is a CPU kernel; the model is on {parameter.device}")
+    if parameter.dtype != torch.float32:
+        raise CllmError(f"--onednn is for float32 (in {str(parameter.dtype).removeprefix('torch.')} torch's "
+                        "linear already runs oneDNN where it helps)")
+    if not torch.backends.mkldnn.is_available() or not hasattr(torch.ops.mkldnn, "_linear_pointwise"):
+        raise CllmError("--onednn: this torch build has no oneDNN (mkldnn) linear kernel")
+
+
+def use_onednn(model: torch.nn.Module) -> int:
+    """Turn every `nn.Linear` of `model` into a `OneDnnLinear` in place; returns how many."""
+    check_onednn(model)
+    return _replace(model)
+
+
+def _replace(module: torch.nn.Module) -> int:
+    count = 0
+    for name, child in module.named_children():
+        if type(child) is torch.nn.Linear:
+            replacement = OneDnnLinear(child.in_features, child.out_features, bias=child.bias is not None,
+                                       device="meta")
+            replacement.weight, replacement.bias = child.weight, child.bias  # the same tensors: ties hold
+            setattr(module, name, replacement.train(child.training))
+            count += 1
+        else:
+            count += _replace(child)
+    return count
