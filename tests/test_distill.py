@@ -50,6 +50,11 @@ def test_tiny_recipe_end_to_end_then_skipped(tmp_path, capsys):
         assert row["identical_to_target"] is not None and row["kl_vs_target"] is not None
     assert report["eval"]["gsm8k-cllm"]["n"] == 3
     assert (out / "bench" / "gsm8k" / "bench.png").is_file() and (out / "report.md").is_file()
+    facts = json.loads((out / "cllm" / "config.json").read_text())["cllm"]  # the directory says what made it
+    assert facts["recipe"] == str(path)
+    measured = report["eval"]["fidelity"]["gsm8k"]["same_top1"]
+    assert facts["fidelity"]["domains"]["gsm8k"]["same_top1"] == measured
+    assert f"| gsm8k | 2 | {measured:.1%} |" in (out / "cllm" / "README.md").read_text()
     capsys.readouterr()
 
     stamps = {p: p.stat().st_mtime_ns for p in out.rglob("*.json") if p.name != "report.json"}

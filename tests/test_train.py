@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -103,6 +104,8 @@ def test_train_adapter_only_saves_a_drafter(collection, tmp_path, capsys, kind, 
     assert main(["generate", "hello", "--model", str(model), "--drafter", str(out), "--json",
                  "--max-new-tokens", "20"]) == 0
     assert json.loads(capsys.readouterr().out)["token_ids"] == generate_ids(model, "ar", capsys)
+    assert repr(str(out.resolve())) in (out / "custom_generate" / "generate.py").read_text()  # drafts with it
+    _check_custom_generate(model, out)  # transformers users: the target's generate, drafted by this adapter
     assert main(["train", "--model", str(model), "--trajectories", str(trajectories), "--out", str(tmp_path / "o"),
                  "--adapter-only"]) == 2
     assert main(["train", "--model", str(model), "--trajectories", str(trajectories), "--out", str(tmp_path / "o"),
@@ -360,14 +363,20 @@ def test_resume_skips_a_checkpoint_killed_while_being_written(tmp_path):
 def test_transformers_users_get_jacobi_from_the_saved_directory(collection, tmp_path):
     """generate(custom_generate=OUT, trust_remote_code=True) on the saved CLLM runs cllm's Jacobi
     decoder: the same ids as transformers' own greedy generate, prompts (left-padded) included."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     model_dir, trajectories = collection
     out = tmp_path / "cllm"
     assert main(["train", "--model", str(model_dir), "--trajectories", str(trajectories), "--out", str(out),
                  "--max-steps", "2", "--lr", "1e-3"]) == 0
-    model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float64).eval()
-    tokenizer = AutoTokenizer.from_pretrained(out, padding_side="left")
+    _check_custom_generate(out, out)
+
+
+def _check_custom_generate(model_dir: Path, out: Path) -> None:
+    """The model in `model_dir`, generating through `out`'s custom_generate, gives the ids of
+    transformers' own greedy generate, prompts (left-padded) included."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float64).eval()
+    tokenizer = AutoTokenizer.from_pretrained(model_dir, padding_side="left")
     batch = tokenizer(["hello world", "abc xyz abc"], return_tensors="pt", padding=True)
     greedy = model.generate(**batch, max_new_tokens=12, do_sample=False)
     jacobi = model.generate(**batch, max_new_tokens=12, custom_generate=str(out), trust_remote_code=True,

@@ -89,8 +89,10 @@ def flags(options: dict) -> list[str]:
     return result
 
 
-def run_distill(recipe: dict, run: Callable[[list[str]], None], say: Callable[[str], None]) -> dict:
-    """Runs the missing stages through `run(argv)` (the cllm command line) and returns the report."""
+def run_distill(recipe: dict, run: Callable[[list[str]], None], say: Callable[[str], None],
+                source: str | None = None) -> dict:
+    """Runs the missing stages through `run(argv)` (the cllm command line) and returns the report.
+    `source`: the recipe's file, which a CLLM's model card then names."""
     out = Path(recipe["out"])
     target = str(recipe.get("model", "default"))
     cllm = out / "cllm"
@@ -149,6 +151,10 @@ def run_distill(recipe: dict, run: Callable[[list[str]], None], say: Callable[[s
             report = out / "eval" / f"{task}-{label}.json"
             argv = ["eval", task, "--model", model, "--out", str(report), *common, *flags(options)]
             _run_unless_done(f"eval {task} {label}", report, argv, run, say)
+    if source is not None:
+        from cllm.card import record
+
+        record(cllm, recipe=source)
     return write_report(out)
 
 

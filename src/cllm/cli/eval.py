@@ -313,7 +313,19 @@ def _run_fidelity(args: argparse.Namespace, out: Path, settings) -> dict:
     common.write_json(out, report)
     write_atomically(out.with_suffix(".md"), f"`{args.command_line}`\n\n" + markdown_table(report) + "\n")
     print(markdown_table(report), file=sys.stderr)
+    _record_fidelity(Path(args.model), report)
     return report
+
+
+def _record_fidelity(model: Path, report: dict) -> None:
+    """A CLLM that `cllm train` wrote keeps its measured fidelity in its config.json and model card."""
+    from cllm.card import fidelity_facts, record
+
+    try:
+        if record(model, fidelity=fidelity_facts(report)):
+            stderr.print(f"recorded in {model / 'config.json'} and {model / 'README.md'}", highlight=False)
+    except CllmError as exc:  # a read-only model directory: the report itself is written
+        stderr.print(f"[yellow]could not record the fidelity in {model}: {exc}[/yellow]")
 
 
 def cmd_eval(args: argparse.Namespace) -> None:

@@ -66,7 +66,8 @@ def cmd_distill(args: argparse.Namespace) -> None:
         return
     if args.recipe is None:
         raise CllmError("give a recipe (a YAML file or a shipped recipe's name), or --list")
-    recipe = load_recipe(resolve_recipe(args.recipe))
+    path = resolve_recipe(args.recipe)
+    recipe = load_recipe(path)
 
     def run(argv: list[str]) -> None:
         # A fresh process per stage: decoding right after training in the same process measured
@@ -76,7 +77,7 @@ def cmd_distill(args: argparse.Namespace) -> None:
         if code != 0:
             raise CllmError(f"stage failed (exit status {code}): {command_line(argv)}")
 
-    report = run_distill(recipe, run, lambda message: stderr.print(message, highlight=False))
+    report = run_distill(recipe, run, lambda message: stderr.print(message, highlight=False), source=str(path))
     stderr.print(f"report: {Path(report['out']) / 'report.md'}")
     print(json.dumps(report))
 
