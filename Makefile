@@ -9,9 +9,13 @@ demo: setup
 	.venv/bin/cllm demo
 
 # Two workers (pytest-xdist), a test file each at a time: most tests are bound by Python overhead
-# on tiny models, so two run side by side on two cores at nearly the speed of one.
+# on tiny models, so two run side by side on two cores at nearly the speed of one. Files go out in
+# the order tests/conftest.py gives them (longest first); xdist's own reorder (most tests first)
+# left the one-test wheel file, the longest, to the end.
+PYTEST = .venv/bin/python -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder
+
 test: setup
-	.venv/bin/python -m pytest -q -n 2 --dist loadfile
+	$(PYTEST)
 
 test-fast: setup
-	.venv/bin/python -m pytest -q -n 2 --dist loadfile -m "not slow and not heavy"
+	$(PYTEST) -m "not slow and not heavy"

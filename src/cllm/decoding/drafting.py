@@ -132,7 +132,7 @@ class GatedLora(torch.nn.Module):
     """A PEFT LoRA linear layer folded for decoding: `base(x) + (x A^T)(s B)^T * gate`, read off the
     `TokenGate` (None: the base layer alone, the target exactly). PEFT's own layer does the same in
     about twice the eager ops, and a gated drafted step runs 210 of them (7 projections x 30 layers
-    of the default model): folded, the step measured about a quarter cheaper (docs/decoding.md)."""
+    of the default model): folded, the step measured about 15 % cheaper (docs/decoding.md)."""
 
     def __init__(self, layer: torch.nn.Module, adapter: str, gate: TokenGate) -> None:
         super().__init__()
