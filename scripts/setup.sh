@@ -25,9 +25,7 @@ fi
 
 echo "setting up $VENV (one time) ..." >&2
 [ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
-# --no-compile: pip byte-compiles every file of every package, one at a time (torch's 18 s install
-# takes 6 s without); Python compiles the modules it imports on first use instead.
-PIP=("$VENV/bin/python" -m pip install --quiet --disable-pip-version-check --no-compile)
+PIP=("$VENV/bin/python" -m pip install --quiet --disable-pip-version-check)
 # torch first and pinned: a CPU build from local disk here; an unpinned torch would pull a CUDA build.
 "${PIP[@]}" torch==2.13.0
 "${PIP[@]}" -c scripts/constraints.txt -e '.[test]'
