@@ -22,9 +22,11 @@ def pytest_collection_modifyitems(items: list) -> None:
     """Files with slow or heavy tests first: `-n 2 --dist loadfile` hands out files in this order,
     so the longest ones start at once instead of leaving one worker alone at the end."""
     heavy = Counter(item.path for item in items if item.get_closest_marker("slow") or item.get_closest_marker("heavy"))
+    tests = Counter(item.path for item in items)
     # RUN_FIRST marks a file that is one long test (a wheel built and installed): it starts at once,
-    # so the other worker runs the rest beside it. Then the most heavy tests first; stable within a file.
-    items.sort(key=lambda item: (not getattr(item.module, "RUN_FIRST", False), -heavy[item.path]))
+    # so the other worker runs the rest beside it. Then the most heavy tests first, then the most
+    # tests (xdist's own order, which `make test` turns off for this one); stable within a file.
+    items.sort(key=lambda item: (not getattr(item.module, "RUN_FIRST", False), -heavy[item.path], -tests[item.path]))
 
 
 @pytest.fixture(scope="module")
