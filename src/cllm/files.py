@@ -37,8 +37,9 @@ def read_bytes(path: Path, what: str) -> bytes:
 
 
 def check_output_dir(path: Path, what: str) -> None:
-    """Fail now if `path` cannot become a directory to write into. Creates nothing: torchrun ranks
-    check the same --out at once, and one rank's trial mkdir + rmdir raced the other's check."""
+    """Fail now if `path` cannot become a directory to write into. Creates nothing another process
+    could see: torchrun ranks check the same --out at once, and one rank's trial mkdir + rmdir of
+    the path itself raced the other's check; the probe is a uniquely named directory beside it."""
     if path.exists():
         if not path.is_dir():
             raise CllmError(f"{what} {path} is not a directory")

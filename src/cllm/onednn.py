@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 
 from cllm.errors import CllmError
+from cllm.layers import replace_layers
 
 
 class OneDnnLinear(torch.nn.Linear):
@@ -44,18 +45,12 @@ def check_onednn(model: torch.nn.Module) -> None:
 def use_onednn(model: torch.nn.Module) -> int:
     """Turn every `nn.Linear` of `model` into a `OneDnnLinear` in place; returns how many."""
     check_onednn(model)
-    return _replace(model)
+    return replace_layers(model, _onednn)
 
 
-def _replace(module: torch.nn.Module) -> int:
-    count = 0
-    for name, child in module.named_children():
-        if type(child) is torch.nn.Linear:
-            replacement = OneDnnLinear(child.in_features, child.out_features, bias=child.bias is not None,
-                                       device="meta")
-            replacement.weight, replacement.bias = child.weight, child.bias  # the same tensors: ties hold
-            setattr(module, name, replacement.train(child.training))
-            count += 1
-        else:
-            count += _replace(child)
-    return count
+def _onednn(layer: torch.nn.Module) -> OneDnnLinear | None:
+    if type(layer) is not torch.nn.Linear:
+        return None
+    replacement = OneDnnLinear(layer.in_features, layer.out_features, bias=layer.bias is not None, device="meta")
+    replacement.weight, replacement.bias = layer.weight, layer.bias  # the same tensors: ties hold
+    return replacement.train(layer.training)

@@ -17,6 +17,7 @@ import torch
 from transformers.pytorch_utils import Conv1D
 
 from cllm.errors import CllmError
+from cllm.layers import replace_layers
 
 QUANTIZATIONS = ("int8",)
 
@@ -58,18 +59,12 @@ def quantize_weights(model: torch.nn.Module, scheme: str) -> int:
     dtype = next(model.parameters()).dtype
     if dtype not in (torch.float32, torch.bfloat16):
         raise CllmError(f"--quantize {scheme} runs with float32 or bfloat16 activations, not {dtype}")
-    return _replace_linears(model)
+    return replace_layers(model, _int8)
 
 
-def _replace_linears(module: torch.nn.Module) -> int:
-    count = 0
-    for name, child in module.named_children():
-        if isinstance(child, torch.nn.Linear):
-            setattr(module, name, Int8Linear(child.weight, child.bias))
-            count += 1
-        elif isinstance(child, Conv1D):  # GPT-2's linear layers, weight stored (in, out)
-            setattr(module, name, Int8Linear(child.weight.t(), child.bias))
-            count += 1
-        else:
-            count += _replace_linears(child)
-    return count
+def _int8(layer: torch.nn.Module) -> Int8Linear | None:
+    if isinstance(layer, torch.nn.Linear):
+        return Int8Linear(layer.weight, layer.bias)
+    if isinstance(layer, Conv1D):  # GPT-2's linear layers, weight stored (in, out)
+        return Int8Linear(layer.weight.t(), layer.bias)
+    return None

@@ -196,7 +196,8 @@ class GatedKV:
         unseen = torch.zeros((batch, m, m), dtype=torch.bool, device=tokens.device)
         verify = torch.cat([allowed, unseen], dim=2)
         draft = torch.cat([allowed[..., :cached], unseen, allowed[..., cached:]], dim=2)
-        gate = torch.cat([torch.zeros(m), torch.ones(m)]).to(tokens.device)[None, :, None]
+        # in the model's dtype: each of the layers that reads it would otherwise convert it again
+        gate = torch.cat([torch.zeros(m), torch.ones(m)]).to(tokens.device, self.inner.model.dtype)[None, :, None]
         with self.gate.on(gate):
             logits = self.inner.forward(torch.cat([tokens, tokens], dim=1), torch.cat([positions, positions], dim=1),
                                         torch.cat([verify, draft], dim=1), logits_to_keep)
