@@ -30,6 +30,25 @@ def test_a_onednn_layer_is_the_linear_product_and_trains_through_torchs():
     torch.testing.assert_close(layer.weight.grad, plain.weight.grad)
 
 
+def test_the_packed_weight_follows_the_layers_weight():
+    """The layer multiplies by a packed copy of its weight: the copy is made again when the weight
+    is written in place or replaced, and a deep copy of the layer packs its own."""
+    import copy
+
+    torch.manual_seed(0)
+    layer, x = OneDnnLinear(40, 24), torch.randn(2, 3, 40)
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), torch.nn.functional.linear(x, layer.weight, layer.bias))
+        layer.weight.mul_(2)  # in place, as merging a LoRA adapter does
+        torch.testing.assert_close(layer(x), torch.nn.functional.linear(x, layer.weight, layer.bias))
+        layer.weight = torch.nn.Parameter(torch.randn(24, 40))
+        torch.testing.assert_close(layer(x), torch.nn.functional.linear(x, layer.weight, layer.bias))
+        twin = copy.deepcopy(layer)
+        twin.weight.add_(1)
+        torch.testing.assert_close(twin(x), torch.nn.functional.linear(x, twin.weight, twin.bias))
+        torch.testing.assert_close(layer(x), torch.nn.functional.linear(x, layer.weight, layer.bias))
+
+
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt2"])
 def test_decoders_equal_ar_of_a_model_with_onednn_layers(arch):
     model = tiny_model(arch, seed=3, dtype=torch.float32)
