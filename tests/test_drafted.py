@@ -39,6 +39,8 @@ def test_drafted_equals_ar_with_a_random_drafter(arch, kind):
             eos = common["eos_token_id"] = rng.choice(expected[0])
             expected = [tokens[: tokens.index(eos) + 1] if eos in tokens else tokens for tokens in expected]
         block_size, init = rng.choice([1, 2, 4, 8, 16]), rng.choice(["prompt", "repeat", "lookup"])
+        if kind != "model" and rng.random() < 0.5:  # n-gram candidates beside the block: adapter drafters
+            common |= dict(candidates=rng.choice([1, 3]), ngram=rng.choice([2, 4]))
         out = drafted(target, input_ids, attention_mask, draft_model=drafter, block_size=block_size, init=init,
                       **common)
         assert out.token_ids == expected, f"case {case}: n={block_size} {init} B={len(prompts)} {common}"
@@ -106,6 +108,31 @@ def test_the_gate_switches_the_adapter_per_column():
     torch.testing.assert_close(store.draft_logits, expected_drafts, rtol=0, atol=1e-12)
     store.keep(2)
     assert store.inner.cache.get_seq_length() == 7  # the context and two verify columns, no draft column
+    narrow = drafter.store(8, draft_width=2)  # the block's two columns drafted, the one after only verified
+    narrow.forward(context, torch.arange(5)[None], None)
+    torch.testing.assert_close(narrow.forward(fed, torch.arange(5, 8)[None], None), target[:, 5:], rtol=0, atol=1e-12)
+    torch.testing.assert_close(narrow.draft_logits, expected_drafts[:, :2], rtol=0, atol=1e-12)
+
+
+def test_a_bfloat16_target_drafts_through_its_float32_adapter_folded():
+    """PEFT keeps a LoRA adapter's weights in float32 under a bfloat16 model; the folded drafter
+    runs them in the model's dtype and drafts what PEFT's own layers draft (bfloat16 rounding
+    apart: this random adapter's deltas are as large as the model's own)."""
+    import torch
+
+    model = tiny_model("llama", seed=1, dtype=torch.bfloat16)
+    folded = tiny_adapter(model, seed=3, gated=True)
+    hooked = tiny_adapter(model, seed=3, gated=True, folded=False)
+    assert {p.dtype for name, p in hooked.model.named_parameters() if "lora_" in name} == {torch.float32}
+    context, fed = torch.tensor([[4, 9, 2, 7, 1]]), torch.tensor([[3, 8, 6]])
+    drafts = []
+    for drafter in (folded, hooked):
+        store = drafter.store(8)
+        store.forward(context, torch.arange(5)[None], None)
+        store.forward(fed, torch.arange(5, 8)[None], None)
+        drafts.append(store.draft_logits.float())
+    assert torch.equal(drafts[0].argmax(-1), drafts[1].argmax(-1))
+    assert (drafts[0] - drafts[1]).norm() < 0.25 * drafts[1].norm()
 
 
 def test_an_adapter_drafter_leaves_the_target_unchanged():
@@ -130,3 +157,7 @@ def test_decode_runs_drafted_by_name_and_needs_a_draft_model():
 
     with pytest.raises(CllmError, match="needs a drafter"):
         decode(target, "drafted:8", prompts, max_new_tokens=20)
+    with pytest.raises(CllmError, match="candidates go with an adapter drafter"):
+        decode(target, "drafted:8:lookup:3", prompts, max_new_tokens=20, draft_model=drafter)
+    adapter = tiny_adapter(target, seed=2, gated=True)
+    assert decode(target, "drafted:8:lookup:3", prompts, max_new_tokens=20, draft_model=adapter).token_ids == expected

@@ -33,7 +33,7 @@ def add_bench(commands) -> None:
     bench.add_argument(
         "--decoders", default="hf,ar,jacobi:8,jacobi:16,jacobi:32",
         help="comma-separated: hf, ar, jacobi:N, jacobi:N:INIT with INIT one of --init's, jacobi:N:INIT:G "
-        "(G n-gram candidates verified alongside the block), drafted:N[:INIT] (Jacobi whose guesses --drafter "
+        "(G n-gram candidates verified alongside the block), drafted:N[:INIT[:G]] (Jacobi whose guesses --drafter "
         "drafts and the first --model verifies: its exact output; that model's rows only), lookahead:W:N:G "
         "(window, n-gram size, candidates; plain lookahead = 5:4:5), hf-pld[:K] (transformers' prompt lookup, "
         "K tokens, default 10), hf-assisted (transformers' assisted generation, with --draft-model), llamacpp "
@@ -41,7 +41,7 @@ def add_bench(commands) -> None:
         "(default: %(default)s)",
     )
     bench.add_argument("--draft-model", help="hf-assisted: the draft model (same tokenizer as every --model)")
-    common.add_drafter_arg(bench, what="Drafted rows (drafted:N[:INIT]) of the first --model are")
+    common.add_drafter_arg(bench, what="Drafted rows (drafted:N[:INIT[:G]]) of the first --model are")
     bench.add_argument(
         "--max-new-tokens",
         type=common.positive_int,
@@ -232,7 +232,7 @@ def cmd_bench(args: argparse.Namespace) -> None:
     if any(s.kind == "hf-assisted" for s in specs) != bool(args.draft_model):
         raise CllmError("--draft-model goes with hf-assisted and only then")
     if any(s.kind == "drafted" for s in specs) != bool(args.drafter):
-        raise CllmError("--drafter goes with drafted:N[:INIT] rows and only then")
+        raise CllmError("--drafter goes with drafted:N[:INIT[:G]] rows and only then")
     prompts = common.bench_prompts(args)
     names = args.model or ["default"]
     if len(set(names)) != len(names):

@@ -9,7 +9,7 @@ from collections.abc import Callable, Sequence
 from transformers import PreTrainedModel
 
 from cllm.decoding.core import BatchControl, DecodeOutput, TokenCallback, left_pad
-from cllm.decoding.drafting import DraftModel
+from cllm.decoding.drafting import ADAPTER_DRAFTERS, DraftModel
 from cllm.decoding.sampling import GREEDY, Sampling, row_seeds
 from cllm.decoding.spec import SERVABLE, DecoderKind, DecoderSpec
 from cllm.errors import CllmError
@@ -95,6 +95,9 @@ def _check(kind: DecoderKind, spec: DecoderSpec, batch: int, control: BatchContr
             raise CllmError(f"{kind.name} cannot {what}; use one of {', '.join(SERVABLE)}")
     if kind.needs_draft and draft_model is None:
         raise CllmError(f"{kind.name} needs a drafter: --drafter (hf-assisted: --draft-model)")
+    if spec.kind == "drafted" and spec.verified and not isinstance(draft_model, ADAPTER_DRAFTERS):
+        raise CllmError(f"{spec.label}: n-gram candidates go with an adapter drafter (a LoRA adapter of the "
+                        f"target); with a full model as the drafter use drafted:{spec.block_size}:{spec.init}")
     if return_trajectory and spec.kind != "jacobi":
         raise CllmError("trajectories are Jacobi iterates: decode them with jacobi")
     if batch < 1:

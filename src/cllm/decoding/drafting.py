@@ -46,7 +46,8 @@ class SharedAdapter:
     model: PreTrainedModel
     name: str = "drafter"
 
-    def store(self, capacity: int) -> PairedKV:
+    def store(self, capacity: int, draft_width: int | None = None) -> PairedKV:
+        """`draft_width` is GatedKV's; here the drafter's row is fed every column the target's is."""
         return PairedKV(DynamicKV(self.model), self.name)
 
 
@@ -137,8 +138,10 @@ class GatedLora(torch.nn.Module):
     def __init__(self, layer: torch.nn.Module, adapter: str, gate: TokenGate) -> None:
         super().__init__()
         self.base_layer, self.gate = layer.base_layer, gate
-        self.register_buffer("lora_a", layer.lora_A[adapter].weight.detach(), persistent=False)
-        self.register_buffer("lora_b", (layer.lora_B[adapter].weight * layer.scaling[adapter]).detach(),
+        # PEFT keeps adapter weights in float32 under a bfloat16 model; the fold runs in the model's dtype
+        dtype = layer.base_layer.weight.dtype
+        self.register_buffer("lora_a", layer.lora_A[adapter].weight.detach().to(dtype), persistent=False)
+        self.register_buffer("lora_b", (layer.lora_B[adapter].weight * layer.scaling[adapter]).detach().to(dtype),
                              persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -171,8 +174,8 @@ class GatedAdapter:
     model: PreTrainedModel
     gate: TokenGate
 
-    def store(self, capacity: int) -> GatedKV:
-        return GatedKV(DynamicKV(self.model), self.gate)
+    def store(self, capacity: int, draft_width: int | None = None) -> GatedKV:
+        return GatedKV(DynamicKV(self.model), self.gate, draft_width)
 
 
 class GatedKV:
@@ -181,9 +184,12 @@ class GatedKV:
     draft columns' in `draft_logits`. Only verify columns come first, so keeping the first
     columns (`keep`, `keep_columns`) never keeps a draft column."""
 
-    def __init__(self, inner: DynamicKV, gate: TokenGate) -> None:
+    def __init__(self, inner: DynamicKV, gate: TokenGate, draft_width: int | None = None) -> None:
         self.inner, self.gate = inner, gate
-        self.draft_logits: torch.Tensor | None = None  # (B, m, V) of the last forward
+        # only the first `draft_width` fed columns are drafted (the block's: n-gram candidates that
+        # follow them are verified, not drafted); None: every column
+        self.draft_width = draft_width
+        self.draft_logits: torch.Tensor | None = None  # (B, min(m, draft_width), V) of the last forward
 
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor, mask: Mask,
                 logits_to_keep: int | torch.Tensor = 0) -> torch.Tensor:
@@ -192,20 +198,22 @@ class GatedKV:
             self.draft_logits = None
             return self.inner.forward(tokens, positions, mask, logits_to_keep)
         batch, m = tokens.shape
+        k = m if self.draft_width is None else min(m, self.draft_width)
         allowed = _as_3d(mask, batch, m, cached, tokens.device)  # (B, m, S + m)
-        unseen = torch.zeros((batch, m, m), dtype=torch.bool, device=tokens.device)
-        verify = torch.cat([allowed, unseen], dim=2)
-        draft = torch.cat([allowed[..., :cached], unseen, allowed[..., cached:]], dim=2)
+        verify = torch.cat([allowed, allowed.new_zeros((batch, m, k))], dim=2)
+        draft = torch.cat([allowed[:, :k, :cached], allowed.new_zeros((batch, k, m)),
+                           allowed[:, :k, cached : cached + k]], dim=2)
         # in the model's dtype: each of the layers that reads it would otherwise convert it again
-        gate = torch.cat([torch.zeros(m), torch.ones(m)]).to(tokens.device, self.inner.model.dtype)[None, :, None]
+        gate = torch.cat([torch.zeros(m), torch.ones(k)]).to(tokens.device, self.inner.model.dtype)[None, :, None]
         with self.gate.on(gate):
-            logits = self.inner.forward(torch.cat([tokens, tokens], dim=1), torch.cat([positions, positions], dim=1),
+            logits = self.inner.forward(torch.cat([tokens, tokens[:, :k]], dim=1),
+                                        torch.cat([positions, positions[:, :k]], dim=1),
                                         torch.cat([verify, draft], dim=1), logits_to_keep)
         self.draft_logits = logits[:, m:]
         return logits[:, :m]
 
     def empty(self, capacity: int) -> GatedKV:
-        return GatedKV(self.inner.empty(capacity), self.gate)
+        return GatedKV(self.inner.empty(capacity), self.gate, self.draft_width)
 
     def keep(self, count: int) -> None:
         self.inner.keep(count)
@@ -217,7 +225,7 @@ class GatedKV:
         self.inner.select(rows)
 
     def merge(self, other: GatedKV) -> GatedKV:
-        return GatedKV(self.inner.merge(other.inner), self.gate)
+        return GatedKV(self.inner.merge(other.inner), self.gate, self.draft_width)
 
     def contents(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         return self.inner.contents()
@@ -241,10 +249,11 @@ class AdapterDrafts:
         pass  # the store dropped both rows of each leaving one
 
     def forward(self, tokens: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
-        """The drafter's prediction (B, m) at the columns of the forward the batch just ran."""
-        rows = self.batch.rows
-        columns = torch.arange(tokens.shape[1], device=tokens.device)
-        return rows.pick(self.batch.cache.draft_logits, rows.n_out[:, None] + columns)
+        """The drafter's prediction (B, m) at the first m columns of the forward the batch just ran
+        (m = tokens.shape[1]: the block's; n-gram candidates may follow them)."""
+        rows, m = self.batch.rows, tokens.shape[1]
+        columns = torch.arange(m, device=tokens.device)
+        return rows.pick(self.batch.cache.draft_logits[:, :m], rows.n_out[:, None] + columns)
 
     def keep_columns(self, accepted: torch.Tensor) -> None:
         pass  # the batch's keep kept the drafter's rows too

@@ -219,12 +219,14 @@ def jacobi(
     """
     input_ids, attention_mask = _as_batch(input_ids, attention_mask)
     _check_jacobi(input_ids, attention_mask, max_new_tokens, block_size, candidates, ngram, return_trajectory, control)
-    if drafter is not None and candidates:
-        raise ValueError("a drafter drafts the block's guesses: decode without candidates")
     shared = isinstance(drafter, ADAPTER_DRAFTERS)
+    if drafter is not None and candidates and not shared:
+        # a second model's store would have to keep a winning candidate's columns too
+        raise ValueError("candidates go with an adapter drafter (in the target's forward), not a second model")
+    store = (lambda capacity: drafter.store(capacity, draft_width=block_size)) if shared else None
     batch = Batch(model, input_ids, attention_mask, max_new_tokens=max_new_tokens, slack=max(block_size, ngram),
                   eos_token_id=eos_token_id, pad_token_id=pad_token_id, sampling=sampling, seed=seed,
-                  on_tokens=on_tokens, control=control, compile=compile, store=drafter.store if shared else None,
+                  on_tokens=on_tokens, control=control, compile=compile, store=store,
                   logprobs=logprobs, predictions=predictions)
     blocks = batch.attach(_Blocks(batch, block_size, _GuessMaker(init, pad_token_id), return_trajectory))
     pools = NgramPools(ngram, candidates) if candidates else None
@@ -255,6 +257,8 @@ def jacobi(
         else:  # 2-3 with candidates verified alongside; the cache is committed inside
             step = candidate_step(batch, guesses, width, *pools.offer(batch.rows, pad_token_id))
             prediction, emitted, accepted, source = step.predictions, step.emitted, step.count, step.source
+            if drafts is not None:  # the drafter's predictions at the block's columns: the next guesses
+                prediction = drafts.forward(guesses, real)
         _, done = batch.emit(emitted, accepted, source)  # 4. commit: the output, the new iterate, new blocks
         blocks.commit(prediction, emitted, accepted, done, width)
         if pools is not None:  # the iterate's unfixed part: the model's own guesses of what follows

@@ -1,5 +1,5 @@
 """One decoder and its settings, as written on the command line: `hf`, `ar`, `jacobi:N[:INIT[:G]]`,
-`drafted:N[:INIT]` (Jacobi verified by the model, its guesses drafted by a second one),
+`drafted:N[:INIT[:G]]` (Jacobi verified by the model, its guesses drafted by a second one),
 `lookahead:W:N:G[:D]`, `hf-pld[:K]` (transformers' prompt-lookup decoding), `hf-assisted`
 (transformers' assisted generation with a draft model) and `llamacpp` (llama.cpp on the model's
 GGUF file, a reference row of `cllm bench`).
@@ -50,10 +50,8 @@ class DecoderSpec:
 
     @property
     def label(self) -> str:
-        if self.kind == "drafted":
-            return f"drafted:{self.block_size}" + ("" if self.init == "prompt" else f":{self.init}")
-        if self.kind == "jacobi":
-            label = f"jacobi:{self.block_size}"
+        if self.kind in ("jacobi", "drafted"):
+            label = f"{self.kind}:{self.block_size}"
             if self.verified:
                 return f"{label}:{self.init}:{self.verified}"
             return label + ("" if self.init == "prompt" else f":{self.init}")
@@ -65,9 +63,7 @@ class DecoderSpec:
 
     def decoder_kwargs(self) -> dict:
         """The keyword arguments of this decoder's function beyond the common ones."""
-        if self.kind == "drafted":
-            return {"block_size": self.block_size, "init": self.init}
-        if self.kind == "jacobi":
+        if self.kind in ("jacobi", "drafted"):
             extra = {"candidates": self.verified, "ngram": self.ngram} if self.verified else {}
             return {"block_size": self.block_size, "init": self.init} | extra
         if self.kind == "lookahead":
@@ -112,22 +108,19 @@ def _parse_plain(text: str, fields: list[str]) -> DecoderSpec:
     return DecoderSpec(text)
 
 
-def _parse_jacobi(text: str, fields: list[str]) -> DecoderSpec:
+def _parse_jacobi(text: str, fields: list[str], kind: str = "jacobi") -> DecoderSpec:
     if len(fields) > 3:
-        raise CllmError(f"too many fields in {text!r}; jacobi:N[:INIT[:G]]")
+        raise CllmError(f"too many fields in {text!r}; {kind}:N[:INIT[:G]]")
     block_size = _number(fields[0] if fields else "16", text, "block size")
     init = fields[1] if len(fields) > 1 and fields[1] else "prompt"
     if init not in INIT_STRATEGIES:
         raise CllmError(f"unknown initial guess {init!r} in {text!r}; choose one of {', '.join(INIT_STRATEGIES)}")
     candidates = _number(fields[2], text, "number of candidates") if len(fields) > 2 else 0
-    return DecoderSpec("jacobi", block_size, init, candidates=candidates or None)
+    return DecoderSpec(kind, block_size, init, candidates=candidates or None)
 
 
 def _parse_drafted(text: str, fields: list[str]) -> DecoderSpec:
-    if len(fields) > 2:
-        raise CllmError(f"too many fields in {text!r}; drafted:N[:INIT]")
-    jacobi = _parse_jacobi(text, fields)
-    return DecoderSpec("drafted", jacobi.block_size, jacobi.init)
+    return _parse_jacobi(text, fields, "drafted")
 
 
 def _parse_lookahead(text: str, fields: list[str]) -> DecoderSpec:
@@ -172,5 +165,5 @@ KINDS: dict[str, DecoderKind] = {kind.name: kind for kind in (
 )}
 DECODER_NAMES = tuple(name for name, kind in KINDS.items() if kind.function is not None)
 SERVABLE = tuple(name for name, kind in KINDS.items() if kind.servable)
-USAGE = ("use hf, ar, jacobi:N[:INIT[:G]], drafted:N[:INIT] (with a drafter), lookahead:W:N:G[:D], hf-pld[:K], "
+USAGE = ("use hf, ar, jacobi:N[:INIT[:G]], drafted:N[:INIT[:G]] (with a drafter), lookahead:W:N:G[:D], hf-pld[:K], "
          "hf-assisted or llamacpp")
