@@ -25,7 +25,7 @@ from cllm.models import LoadedModel
 
 ADAPTER_NAME = "drafter"
 DEFAULT_DRAFTER = "default"
-SHIPPED = Path(__file__).parent / "assets" / "default-drafter"  # the default model's, made by `cllm distill drafter-g1`
+SHIPPED = Path(__file__).parent / "assets" / "default-drafter"  # the default model's, made by `cllm distill drafter-g2`
 KIND_FILE = "drafter.json"
 KINDS = ("rows", "gated")
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "c_attn", "c_proj")
@@ -98,7 +98,7 @@ def _shipped_drafter(target: LoadedModel) -> GatedAdapter | SharedAdapter:
         raise CllmError(f"this installation has no shipped drafter ({SHIPPED} is missing): reinstall cllm")
     if target.source != str(converted_gguf_dir(default_gguf_path())):
         raise CllmError(f"--drafter default drafts for the default model ({DEFAULT_GGUF_FILE}), not {target.source}: "
-                        "make one for it with a copy of the drafter-g1 recipe whose `model:` is yours "
+                        "make one for it with a copy of the drafter-g2 recipe whose `model:` is yours "
                         "(`cllm distill --list`)")
     return adapter_drafter(SHIPPED, target.model)
 

@@ -126,7 +126,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
         out.print(f"[yellow]Some outputs differ from AR's: in {args.dtype} a forward of several columns rounds "
                   "differently from a one-token one, so near-ties can flip (each decoder is exact in float32, the "
                   "demo's default).[/yellow]")
-    out.print("[dim]A drafter of your own model: copy the drafter-g1 recipe (`cllm distill --list` says where it "
+    out.print("[dim]A drafter of your own model: copy the drafter-g2 recipe (`cllm distill --list` says where it "
               "is), set its `model:` to yours, and run `cllm distill COPY.yaml`.[/dim]")
     cllm = args.cllm or (
         str(quick_cllm()) if args.model == "default" and (quick_cllm() / "config.json").is_file() else None
