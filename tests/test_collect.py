@@ -277,3 +277,29 @@ def _open_and_write_as_rank(root_and_rank: tuple[str, int]) -> str | None:
     except (CllmError, OSError) as exc:
         return repr(exc)
     return None
+
+
+def test_a_drafters_collection_holds_its_own_states_and_the_targets_fixed_points(loaded, model_dir, tmp_path):
+    from tiny_models import save_tiny_adapter
+
+    from cllm.drafters import write_drafter_kind
+
+    adapter = save_tiny_adapter(model_dir, tmp_path / "adapter", seed=4)
+    write_drafter_kind(adapter, "gated")
+    prompts = records(4)
+    collect(loaded, prompts, config(model_dir), tmp_path / "plain")
+    collect(loaded, prompts, config(model_dir, drafter=str(adapter)), tmp_path / "drafted")
+    plain, drafted = (read_entries(tmp_path / name).to_pylist() for name in ("plain", "drafted"))
+    assert [(e["prompt_id"], e["block_index"]) for e in drafted] == [(e["prompt_id"], e["block_index"]) for e in plain]
+    for mine, target in zip(drafted, plain):
+        assert mine["fixed_point"] == target["fixed_point"] and mine["prefix_ids"] == target["prefix_ids"]
+        assert mine["states"][0] == target["states"][0] and mine["states"][-1] == mine["fixed_point"]
+        right = [next((i for i, (a, b) in enumerate(zip(s, mine["fixed_point"])) if a != b), len(s))
+                 for s in mine["states"]]
+        assert all(later > earlier for earlier, later in zip(right, right[1:]))  # each step fixes a token or more
+    assert any(m["states"] != t["states"] for m, t in zip(drafted, plain))  # the drafter's guesses, not the target's
+    collect(loaded, prompts, config(model_dir, drafter=str(adapter), init="lookup"), tmp_path / "lookup")
+    looked_up = read_entries(tmp_path / "lookup").to_pylist()  # the states drafted:N:lookup meets
+    assert [e["fixed_point"] for e in looked_up] == [e["fixed_point"] for e in plain]
+    with pytest.raises(CllmError, match="drafter"):  # resuming with another drafter (none) would mix two kinds
+        collect(loaded, prompts, config(model_dir), tmp_path / "drafted")

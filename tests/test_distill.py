@@ -163,3 +163,33 @@ def test_recipes_ship_in_the_package_and_are_found_by_name(capsys):
     assert resolve_recipe("quick") == SHIPPED / "quick.yaml" == resolve_recipe("quick.yaml")
     assert (Path(__file__).parents[1] / "recipes").resolve() == SHIPPED.resolve()
     assert main(["distill"]) == 2 and "or --list" in capsys.readouterr().err
+
+
+def test_a_larger_collect_limit_extends_a_finished_collection(tmp_path):
+    from cllm.distill import _collection_complete
+
+    collection = tmp_path / "trajectories"
+    collection.mkdir()
+    (collection / "cllm_manifest.json").write_text(json.dumps({"format": "cllm-trajectories", "config": {"limit": 64}}))
+    (collection / "summary-p000of001.json").write_text(
+        json.dumps({"prompts_total": 64, "prompts_collected": 60, "prompts_resumed": 4}))
+    assert _collection_complete(collection, 64)
+    assert not _collection_complete(collection, 128)  # the recipe now asks for more prompts: collect resumes
+    assert not _collection_complete(collection, None)  # no limit: the whole dataset
+    assert not _collection_complete(tmp_path / "missing", 64)
+
+
+def test_every_shipped_recipe_passes_only_flags_its_commands_take(tmp_path):
+    """A misspelt key in a recipe would fail minutes into `cllm distill`; here every stage's command
+    line of every shipped recipe parses."""
+    from cllm.cli import build_parser
+    from cllm.distill import SHIPPED, run_distill
+
+    parser = build_parser()
+    for path in sorted(SHIPPED.glob("*.yaml")):
+        recipe = yaml.safe_load(path.read_text()) | {"out": str(tmp_path / path.stem)}
+        calls: list[list[str]] = []
+        run_distill(recipe, calls.append, lambda message: None)
+        assert calls, path
+        for argv in calls:
+            parser.parse_args(argv)  # CllmError names the flag and the command

@@ -13,9 +13,11 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from tiny_models import generate_ids, tiny_model
+from tiny_models import generate_ids, save_tiny_model, tiny_model
+from transformers import AutoModelForCausalLM
 
 from cllm.cli import main
+from cllm.errors import CllmError
 
 CLLM = [sys.executable, "-m", "cllm.cli"]
 
@@ -384,3 +386,29 @@ def _check_custom_generate(model_dir: Path, out: Path) -> None:
     pad = model.generation_config.pad_token_id or 0
     for want, got in zip(greedy.tolist(), jacobi.tolist()):
         assert got[:len(want)] == want and set(got[len(want):]) <= {pad}
+
+
+def test_init_adapter_starts_from_the_saved_adapters_weights(tmp_path):
+    from tiny_models import save_tiny_adapter
+
+    from cllm.drafters import write_drafter_kind
+    from cllm.training import _with_lora
+
+    target = save_tiny_model(tmp_path / "target", arch="llama", seed=2)
+    saved = save_tiny_adapter(target, tmp_path / "adapter", seed=3, rank=4)
+    weights = load_file(saved / "adapter_model.safetensors")
+    model = _with_lora(AutoModelForCausalLM.from_pretrained(target), 4, "", str(saved))
+    loaded = {name: p for name, p in model.named_parameters() if "lora_" in name}
+    assert len(loaded) == len(weights) and all(p.requires_grad for p in loaded.values())
+    for name, tensor in weights.items():  # PEFT names them without the adapter's name
+        assert torch.equal(loaded[name.replace(".weight", ".default.weight")], tensor)
+    fresh = AutoModelForCausalLM.from_pretrained(target)
+    with pytest.raises(CllmError, match="pass the same --lora-rank"):
+        _with_lora(fresh, 8, "", str(saved))
+    with pytest.raises(CllmError, match="a rows drafter; train it without --gated"):
+        _with_lora(fresh, 4, "", str(saved), gated=True)
+    write_drafter_kind(saved, "gated")
+    with pytest.raises(CllmError, match="a gated drafter; train it with --gated"):
+        _with_lora(fresh, 4, "", str(saved))
+    with pytest.raises(CllmError, match="not a LoRA adapter directory"):
+        _with_lora(fresh, 4, "", str(tmp_path))

@@ -102,7 +102,7 @@ def run_distill(recipe: dict, run: Callable[[list[str]], None], say: Callable[[s
     collections |= {f"trajectories-{name}": options for name, options in (recipe.get("collect_more") or {}).items()}
     for directory, options in collections.items():
         trajectories = out / directory
-        if _collection_complete(trajectories):
+        if _collection_complete(trajectories, options.get("limit")):
             say(f"collect: done ({trajectories}), skipped")
         else:
             run(["collect", "--model", target, "--out", str(trajectories), *common, *flags(options)])
@@ -184,10 +184,12 @@ def _recorded_command(report: Path) -> str | None:
     return data.get("command") or data.get("meta", {}).get("command")
 
 
-def _collection_complete(trajectories: Path) -> bool:
-    """True when every shard's summary says all its prompts are in (collect writes it at the end)."""
+def _collection_complete(trajectories: Path, limit: int | None) -> bool:
+    """True when every shard's summary says all its prompts are in (collect writes it at the end)
+    and the collection was made with this `limit`: a recipe that asks for more prompts extends it."""
     summaries = list(trajectories.glob("summary-p*.json"))
-    if not summaries:
+    manifest = trajectories / "cllm_manifest.json"
+    if not summaries or not manifest.is_file() or json.loads(manifest.read_text())["config"].get("limit") != limit:
         return False
     shards = int(summaries[0].stem.split("of")[-1])
     done = [json.loads(p.read_text()) for p in summaries]

@@ -52,6 +52,10 @@ class TrainConfig:
     adapter_only: bool = flag(False, "with --lora: save the unmerged PEFT adapter (adapter_config.json and its "
                               "weights, a few MB; bf16 with --bf16) instead of the merged model: a drafter for "
                               "`--drafter`")
+    init_adapter: str = flag("", "with --lora: start from this LoRA adapter (a `--adapter-only` directory, or "
+                             "'default': the shipped drafter) instead of fresh weights, e.g. to train a drafter "
+                             "further on its own drafted states (`cllm collect --drafter`); its rank and "
+                             "projections are the adapter's (--lora-rank and --lora-targets must not differ)")
     gated: bool = flag(False, "with --adapter-only: train a gated drafter (cllm.decoding.drafting.GatedAdapter): the "
                        "adapter on at the block's columns only, over the target's own KV of the context; "
                        "consistency loss only, toward the target's fixed point (no teacher copy needed)")
@@ -98,6 +102,7 @@ class TrainConfig:
             (self.lora_rank >= 1, "--lora-rank must be >= 1"),
             (self.lora or not self.lora_targets, "--lora-targets needs --lora"),
             (self.lora or not self.adapter_only, "--adapter-only needs --lora"),
+            (self.lora or not self.init_adapter, "--init-adapter needs --lora"),
             (self.adapter_only or not self.gated, "--gated needs --lora --adapter-only (it trains a drafter)"),
             (not self.gated or (not self.teacher and self.distill_weight == 0 and not self.gradient_checkpointing),
              "--gated reads its targets from the target itself (the adapter off): without --teacher, "

@@ -214,13 +214,37 @@ class GatedDrafterTrainer(CllmTrainer):
         return (loss, {"logits": student_logits}) if return_outputs else loss
 
 
-def _with_lora(model, rank: int, targets: str = ""):
+def _with_lora(model, rank: int, targets: str = "", start: str = "", gated: bool = False):
+    """`model` with fresh LoRA adapters, or with the adapter in `start` (trainable) when given."""
     from peft import LoraConfig, get_peft_model
 
     from cllm.drafters import lora_targets
 
-    config = LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=lora_targets(model, targets), task_type="CAUSAL_LM")
+    modules = lora_targets(model, targets)
+    if start:
+        return _from_adapter(model, start, rank, modules, gated)
+    config = LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=modules, task_type="CAUSAL_LM")
     return get_peft_model(model, config)
+
+
+def _from_adapter(model, start: str, rank: int, modules: list[str], gated: bool):
+    from peft import PeftModel
+
+    from cllm.drafters import DEFAULT_DRAFTER, SHIPPED, drafter_kind
+
+    directory = SHIPPED if start == DEFAULT_DRAFTER else Path(start)
+    path = directory / "adapter_config.json"
+    if not path.is_file():
+        raise CllmError(f"--init-adapter: {start} is not a LoRA adapter directory (no adapter_config.json)")
+    saved = json.loads(path.read_text())
+    kind, theirs = drafter_kind(directory), sorted(saved.get("target_modules") or [])
+    if saved.get("r") != rank or theirs != sorted(modules):
+        raise CllmError(f"--init-adapter: {start} has rank {saved.get('r')} on {', '.join(theirs)}; pass the same "
+                        f"--lora-rank and --lora-targets (got {rank} on {', '.join(sorted(modules))})")
+    if (kind == "gated") != gated:
+        raise CllmError(f"--init-adapter: {start} is a {kind} drafter; train it "
+                        f"{'with' if kind == 'gated' else 'without'} --gated")
+    return PeftModel.from_pretrained(model, str(directory), is_trainable=True)
 
 
 def _packing(config: TrainConfig, model) -> str:
@@ -300,7 +324,7 @@ def train(config: TrainConfig) -> Path:
         if teacher is not None:
             _set_attention(teacher, config.attn_implementation)
     if config.lora:
-        model = _with_lora(model, config.lora_rank, config.lora_targets)
+        model = _with_lora(model, config.lora_rank, config.lora_targets, config.init_adapter, config.gated)
     args = TrainingArguments(
         output_dir=str(checkpoints),
         per_device_train_batch_size=config.batch_size,

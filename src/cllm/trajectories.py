@@ -10,6 +10,10 @@ A batch's shard is written to a temporary file and renamed into place, so a kill
 half-written shard; a re-run skips every batch whose shard exists. Batches are cut from the full
 prompt list (never from what is left), and every prompt's guesses are seeded by its own index,
 so an interrupted and resumed collection holds exactly the entries of an uninterrupted one.
+
+With a `drafter` the states are those of exact drafted Jacobi (the target verifies, the drafter
+proposes the next iterate, `init` may be lookup): the drafter's own states, to train it further on
+what it meets when it drafts. The fixed points are the target's greedy output either way.
 """
 
 from __future__ import annotations
@@ -82,6 +86,7 @@ class CollectConfig:
     engine: str = "kv"
     degenerate_span: int = 32
     max_prompt_chars: int | None = None
+    drafter: str | None = None
 
     def __post_init__(self) -> None:
         checks = [
@@ -91,9 +96,10 @@ class CollectConfig:
             (self.limit is None or self.limit >= 1, f"--limit must be >= 1, got {self.limit}"),
             (self.init in INIT_STRATEGIES, f"unknown --init {self.init!r}"),
             (
-                self.init != "lookup",
+                self.init != "lookup" or self.drafter is not None,
                 "--init lookup rewrites iterates mid-block, so its states are not Jacobi "
-                "trajectories: collect with prompt, repeat or pad",
+                "trajectories: collect with prompt, repeat or pad (with --drafter it may: a drafter's "
+                "states are what drafted:N:lookup meets)",
             ),
             (self.engine in ENGINES, f"unknown --engine {self.engine!r}; choose kv or nokv"),
             (self.template in ("chat", "raw"), f"unknown --template {self.template!r}; choose chat or raw"),
@@ -101,6 +107,7 @@ class CollectConfig:
                 self.engine == "kv" or self.batch_size == 1,
                 "--engine nokv decodes one prompt at a time: use --batch-size 1",
             ),
+            (self.engine == "kv" or self.drafter is None, "--drafter collects with --engine kv"),
         ]
         for ok, message in checks:
             if not ok:
@@ -261,15 +268,17 @@ class CollectionDir:
 
 
 def _decode_batch(
-    loaded: LoadedModel, config: CollectConfig, prompts: list[list[int]], seeds: list[int]
+    loaded: LoadedModel, config: CollectConfig, prompts: list[list[int]], seeds: list[int], drafter=None
 ) -> DecodeOutput:
     if config.engine == "nokv":  # the original code's reference loop, one prompt per batch
         return jacobi_no_cache(loaded.model, torch.tensor(prompts, device=loaded.model.device), seed=seeds,
                                block_size=config.block_size, max_new_tokens=config.max_new_tokens,
                                eos_token_id=loaded.eos_token_ids, pad_token_id=loaded.pad_token_id, init=config.init,
                                return_trajectory=True)
-    spec = DecoderSpec("jacobi", block_size=config.block_size, init=config.init)
-    return decode(loaded, spec, prompts, max_new_tokens=config.max_new_tokens, seed=seeds, return_trajectory=True)
+    kind = "jacobi" if drafter is None else "drafted"
+    spec = DecoderSpec(kind, block_size=config.block_size, init=config.init)
+    return decode(loaded, spec, prompts, max_new_tokens=config.max_new_tokens, seed=seeds, return_trajectory=True,
+                  draft_model=drafter)
 
 
 def process_shard(shard_index: int | None, num_shards: int | None) -> tuple[int, int]:
@@ -307,6 +316,7 @@ def collect(
     mine = shard_prompts(len(records), shard_index, num_shards)
     directory.set_limit(config, -(-len(mine) // config.batch_size))
     summary = CollectSummary(prompts_total=len(mine))
+    drafter = _drafter(config.drafter, loaded)
     start = time.perf_counter()
     for batch_number, first in enumerate(range(0, len(mine), config.batch_size)):
         indices = mine[first : first + config.batch_size]
@@ -318,7 +328,7 @@ def collect(
                 on_batch(len(batch), 0)
             continue
         prompt_ids = [loaded.encode_prompt(r.formatted(config.template), raw=config.template == "raw") for r in batch]
-        output = _decode_batch(loaded, config, prompt_ids, [config.prompt_seed(i) for i in indices])
+        output = _decode_batch(loaded, config, prompt_ids, [config.prompt_seed(i) for i in indices], drafter)
         entries = []
         for index, record, prompt, tokens, stats, blocks in zip(
             indices, batch, prompt_ids, output.token_ids, output.stats, output.trajectories
@@ -342,6 +352,15 @@ def collect(
     summary.seconds = time.perf_counter() - start
     directory.write_summary(summary)
     return summary
+
+
+def _drafter(path: str | None, loaded: LoadedModel):
+    if path is None:
+        return None
+    from cllm.drafters import load_drafter
+
+    drafter = load_drafter(path, loaded)
+    return drafter.model if isinstance(drafter, LoadedModel) else drafter
 
 
 def check_collection(root: Path, config: CollectConfig) -> bool:

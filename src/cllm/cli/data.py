@@ -60,6 +60,12 @@ def add_collect(commands) -> None:
         default="kv",
         help="kv: batched with a KV cache; nokv: the original style, batch 1 without a cache (default: %(default)s)",
     )
+    collect.add_argument(
+        "--drafter", metavar="DIR",
+        help="collect the states of exact drafted Jacobi with this drafter of --model (a `cllm train --lora "
+        "--adapter-only` directory, or 'default'): the drafter's own iterates, to train it further on what it "
+        "meets when it drafts; the fixed points stay the model's greedy output",
+    )
     collect.add_argument("--shard-index", type=int, help="this process's share of the prompts (default: $RANK or 0)")
     collect.add_argument("--num-shards", type=common.positive_int, help="number of shares (default: $WORLD_SIZE or 1)")
     common.add_model_args(collect)
@@ -84,6 +90,7 @@ def cmd_collect(args: argparse.Namespace) -> None:
         block_size=args.block_size, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
         limit=args.limit, init=args.init, seed=args.seed, augment=args.augment,
         drop_degenerate=args.drop_degenerate, engine=args.engine, max_prompt_chars=args.max_prompt_chars,
+        drafter=args.drafter,
     )
     shard_index, num_shards = process_shard(args.shard_index, args.num_shards)
     options = SourceOptions(

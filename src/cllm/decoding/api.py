@@ -98,8 +98,8 @@ def _check(kind: DecoderKind, spec: DecoderSpec, batch: int, control: BatchContr
     if spec.kind == "drafted" and spec.verified and not isinstance(draft_model, ADAPTER_DRAFTERS):
         raise CllmError(f"{spec.label}: n-gram candidates go with an adapter drafter (a LoRA adapter of the "
                         f"target); with a full model as the drafter use drafted:{spec.block_size}:{spec.init}")
-    if return_trajectory and spec.kind != "jacobi":
-        raise CllmError("trajectories are Jacobi iterates: decode them with jacobi")
+    if return_trajectory and (spec.kind not in ("jacobi", "drafted") or spec.verified):
+        raise CllmError("trajectories are Jacobi iterates: decode them with jacobi or drafted, without candidates")
     if batch < 1:
         raise CllmError("no prompts to decode")
     if batch > 1 and not kind.batched:
