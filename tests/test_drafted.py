@@ -112,6 +112,11 @@ def test_the_gate_switches_the_adapter_per_column():
     narrow.forward(context, torch.arange(5)[None], None)
     torch.testing.assert_close(narrow.forward(fed, torch.arange(5, 8)[None], None), target[:, 5:], rtol=0, atol=1e-12)
     torch.testing.assert_close(narrow.draft_logits, expected_drafts[:, :2], rtol=0, atol=1e-12)
+    lone = drafter.store(8)  # one block column: nothing worth drafting, the target's forward alone
+    lone.forward(context, torch.arange(5)[None], None)
+    torch.testing.assert_close(lone.forward(fed[:, :1], torch.arange(5, 6)[None], None), target[:, 5:6], rtol=0,
+                               atol=1e-12)
+    assert lone.draft_logits.shape[1] == 1 and lone.inner.cache.get_seq_length() == 6  # no draft column fed
 
 
 def test_a_bfloat16_target_drafts_through_its_float32_adapter_folded():

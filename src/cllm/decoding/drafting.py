@@ -108,6 +108,7 @@ class TokenGate:
         from peft.tuners.lora import LoraLayer
 
         self.value: torch.Tensor | None = None
+        self.first: int | None = None  # when set, `value` is 0 before this column and 1 from it on
         self.handles = [module.lora_A[adapter].register_forward_hook(self._scale) for module in model.modules()
                         if isinstance(module, LoraLayer) and adapter in module.lora_A]
         if not self.handles:
@@ -121,12 +122,14 @@ class TokenGate:
             handle.remove()
 
     @contextmanager
-    def on(self, value: torch.Tensor | None) -> Iterator[None]:
-        previous, self.value = self.value, value
+    def on(self, value: torch.Tensor | None, first: int | None = None) -> Iterator[None]:
+        """`first`: says that `value` is the adapter off before that column and on from it, so that
+        folded layers (`GatedLora`) run their products on those columns alone."""
+        previous, self.value, self.first = (self.value, self.first), value, first
         try:
             yield
         finally:
-            self.value = previous
+            self.value, self.first = previous
 
 
 class GatedLora(torch.nn.Module):
@@ -147,6 +150,11 @@ class GatedLora(torch.nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base_layer(x)
         if self.gate.value is None:
+            return y
+        first = self.gate.first
+        if first is not None:  # the draft columns alone: half the products of a gated step, no scaling
+            y[:, first:] += torch.nn.functional.linear(torch.nn.functional.linear(x[:, first:], self.lora_a),
+                                                       self.lora_b)
             return y
         delta = torch.nn.functional.linear(torch.nn.functional.linear(x, self.lora_a), self.lora_b)
         return y + delta * self.gate.value.to(y.dtype)
@@ -194,18 +202,22 @@ class GatedKV:
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor, mask: Mask,
                 logits_to_keep: int | torch.Tensor = 0) -> torch.Tensor:
         cached = self.inner.cache.get_seq_length()
-        if not cached:  # a prefill: the target reads the prompt, nothing is drafted yet
-            self.draft_logits = None
-            return self.inner.forward(tokens, positions, mask, logits_to_keep)
         batch, m = tokens.shape
         k = m if self.draft_width is None else min(m, self.draft_width)
+        if not cached or k == 1:
+            # a prefill: the target reads the prompt, nothing is drafted yet; one block column: its
+            # draft would guess the block's first position, which the target's own token settles
+            # (the last step of a block, about a quarter of drafted:4's steps), so the target alone
+            logits = self.inner.forward(tokens, positions, mask, logits_to_keep)
+            self.draft_logits = logits if cached else None
+            return logits
         allowed = _as_3d(mask, batch, m, cached, tokens.device)  # (B, m, S + m)
         verify = torch.cat([allowed, allowed.new_zeros((batch, m, k))], dim=2)
         draft = torch.cat([allowed[:, :k, :cached], allowed.new_zeros((batch, k, m)),
                            allowed[:, :k, cached : cached + k]], dim=2)
         # in the model's dtype: each of the layers that reads it would otherwise convert it again
         gate = torch.cat([torch.zeros(m), torch.ones(k)]).to(tokens.device, self.inner.model.dtype)[None, :, None]
-        with self.gate.on(gate):
+        with self.gate.on(gate, first=m):
             logits = self.inner.forward(torch.cat([tokens, tokens[:, :k]], dim=1),
                                         torch.cat([positions, positions[:, :k]], dim=1),
                                         torch.cat([verify, draft], dim=1), logits_to_keep)
