@@ -91,6 +91,12 @@ def load_drafter(path: str, target: LoadedModel) -> SharedAdapter | GatedAdapter
     return drafter
 
 
+def load_draft_model(path: str, target: LoadedModel):
+    """`load_drafter` as the decoders take it (`draft_model`): an adapter drafter, or the module of a model."""
+    drafter = load_drafter(path, target)
+    return drafter.model if isinstance(drafter, LoadedModel) else drafter
+
+
 def _shipped_drafter(target: LoadedModel) -> GatedAdapter | SharedAdapter:
     from cllm.models import DEFAULT_GGUF_FILE, converted_gguf_dir, default_gguf_path
 

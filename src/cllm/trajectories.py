@@ -33,6 +33,7 @@ import torch
 
 from cllm.data import PromptRecord
 from cllm.decoding import INIT_STRATEGIES, DecodeOutput, DecoderSpec, accepted_per_iteration, decode, jacobi_no_cache
+from cllm.drafters import load_draft_model
 from cllm.errors import CllmError
 from cllm.files import write_atomically
 from cllm.metrics import is_degenerate
@@ -316,7 +317,7 @@ def collect(
     mine = shard_prompts(len(records), shard_index, num_shards)
     directory.set_limit(config, -(-len(mine) // config.batch_size))
     summary = CollectSummary(prompts_total=len(mine))
-    drafter = _drafter(config.drafter, loaded)
+    drafter = None if config.drafter is None else load_draft_model(config.drafter, loaded)
     start = time.perf_counter()
     for batch_number, first in enumerate(range(0, len(mine), config.batch_size)):
         indices = mine[first : first + config.batch_size]
@@ -352,15 +353,6 @@ def collect(
     summary.seconds = time.perf_counter() - start
     directory.write_summary(summary)
     return summary
-
-
-def _drafter(path: str | None, loaded: LoadedModel):
-    if path is None:
-        return None
-    from cllm.drafters import load_drafter
-
-    drafter = load_drafter(path, loaded)
-    return drafter.model if isinstance(drafter, LoadedModel) else drafter
 
 
 def check_collection(root: Path, config: CollectConfig) -> bool:

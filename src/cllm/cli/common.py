@@ -283,11 +283,9 @@ def load_drafter(args: argparse.Namespace, loaded):
     """The --drafter for `loaded` (a SharedAdapter or a model), or None without the flag."""
     if not getattr(args, "drafter", None):
         return None
-    from cllm.drafters import load_drafter as load
-    from cllm.models import LoadedModel
+    from cllm.drafters import load_draft_model
 
-    drafter = load(args.drafter, loaded)
-    return drafter.model if isinstance(drafter, LoadedModel) else drafter
+    return load_draft_model(args.drafter, loaded)
 
 
 def progress() -> Progress:
