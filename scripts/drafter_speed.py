@@ -4,7 +4,7 @@ target's own jacobi:N:lookup, float32 with oneDNN linear layers, batch 1, 2 thre
 3 prompts and on 5 GSM8K test questions. Each drafter is one bench model over the same loaded
 target, so each has its own AR row; speedups are against it, run by run.
 
-    python scripts/drafter_speed.py --drafter default --drafter runs/drafter/g1/cllm [--block-size 4]
+    python scripts/drafter_speed.py --drafter default --drafter runs/drafter/g1/cllm [--block-sizes 3,4] [--sets demo]
 """
 
 from __future__ import annotations
@@ -25,20 +25,23 @@ from cllm.prompts import DEMO_PROMPTS
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--drafter", action="append", default=[])
-    parser.add_argument("--block-size", type=int, default=4)
+    parser.add_argument("--block-sizes", default="4", help="comma-separated n of the drafted and jacobi rows")
+    parser.add_argument("--sets", default="demo,gsm8k", help="demo (its 3 prompts), gsm8k (5 test questions)")
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(2)
     loaded = load_model(ModelConfig(dtype="float32", device="cpu", onednn=True))
     drafters = {path: load_drafter(path, loaded) for path in args.drafter}
-    n = args.block_size
-    specs = [DecoderSpec.parse(text) for text in ("ar", f"drafted:{n}:lookup", f"jacobi:{n}:lookup")]
-    gsm8k = [record.text for record in load_prompts("gsm8k", SourceOptions(split="test"), limit=5)]
+    sizes = [int(n) for n in args.block_sizes.split(",")]
+    specs = [DecoderSpec.parse("ar")] + [DecoderSpec.parse(f"{kind}:{n}:lookup") for n in sizes
+                                         for kind in ("drafted", "jacobi")]
+    sets = {"demo": lambda: DEMO_PROMPTS,
+            "gsm8k": lambda: [record.text for record in load_prompts("gsm8k", SourceOptions(split="test"), limit=5)]}
     print("| prompts | drafter | decoder | median tok/s | speedup vs ar | tokens/forward | identical to ar |")
     print("|---|---|---|---|---|---|---|")
-    for name, texts in {"demo": DEMO_PROMPTS, "gsm8k": gsm8k}.items():
-        prompts = encode_all(loaded, texts, False, args.max_new_tokens)
+    for name in args.sets.split(","):
+        prompts = encode_all(loaded, sets[name](), False, args.max_new_tokens)
         models = [BenchModel(path, loaded, prompts) for path in drafters]
         for model in models:
             model.drafter = drafters[model.name]
