@@ -296,7 +296,9 @@ def test_a_drafters_collection_holds_its_own_states_and_the_targets_fixed_points
         assert mine["states"][0] == target["states"][0] and mine["states"][-1] == mine["fixed_point"]
         right = [next((i for i, (a, b) in enumerate(zip(s, mine["fixed_point"])) if a != b), len(s))
                  for s in mine["states"]]
-        assert all(later > earlier for earlier, later in zip(right, right[1:]))  # each step fixes a token or more
+        # each step fixes a token or more; a state may equal the fixed point a step before the end,
+        # its last token guessed right (only the target's own forward settles it)
+        assert all(later > earlier or later == len(mine["fixed_point"]) for earlier, later in zip(right, right[1:]))
     assert any(m["states"] != t["states"] for m, t in zip(drafted, plain))  # the drafter's guesses, not the target's
     collect(loaded, prompts, config(model_dir, drafter=str(adapter), init="lookup"), tmp_path / "lookup")
     looked_up = read_entries(tmp_path / "lookup").to_pylist()  # the states drafted:N:lookup meets

@@ -105,18 +105,54 @@ def test_the_gate_switches_the_adapter_per_column():
     store.forward(context, torch.arange(5)[None], None)
     verified = store.forward(fed, torch.arange(5, 8)[None], None)
     torch.testing.assert_close(verified, target[:, 5:], rtol=0, atol=1e-12)
-    torch.testing.assert_close(store.draft_logits, expected_drafts, rtol=0, atol=1e-12)
+    # every column drafted but the last, whose draft no step reads: the target's own prediction there
+    torch.testing.assert_close(store.draft_logits[:, :2], expected_drafts[:, :2], rtol=0, atol=1e-12)
+    torch.testing.assert_close(store.draft_logits[:, 2], target[:, 7], rtol=0, atol=1e-12)
+    assert store.inner.cache.get_seq_length() == 5 + 3 + 2  # the verify columns, then two draft columns
     store.keep(2)
     assert store.inner.cache.get_seq_length() == 7  # the context and two verify columns, no draft column
-    narrow = drafter.store(8, draft_width=2)  # the block's two columns drafted, the one after only verified
-    narrow.forward(context, torch.arange(5)[None], None)
-    torch.testing.assert_close(narrow.forward(fed, torch.arange(5, 8)[None], None), target[:, 5:], rtol=0, atol=1e-12)
-    torch.testing.assert_close(narrow.draft_logits, expected_drafts[:, :2], rtol=0, atol=1e-12)
-    lone = drafter.store(8)  # one block column: nothing worth drafting, the target's forward alone
-    lone.forward(context, torch.arange(5)[None], None)
-    torch.testing.assert_close(lone.forward(fed[:, :1], torch.arange(5, 6)[None], None), target[:, 5:6], rtol=0,
-                               atol=1e-12)
-    assert lone.draft_logits.shape[1] == 1 and lone.inner.cache.get_seq_length() == 6  # no draft column fed
+    for width in (2, 1):  # two block columns or one (the one after them only verified): nothing worth drafting
+        narrow = drafter.store(8, draft_width=width)
+        narrow.forward(context, torch.arange(5)[None], None)
+        torch.testing.assert_close(narrow.forward(fed, torch.arange(5, 8)[None], None), target[:, 5:], rtol=0,
+                                   atol=1e-12)
+        torch.testing.assert_close(narrow.draft_logits, target[:, 5:], rtol=0, atol=1e-12)  # the target alone
+        assert narrow.inner.cache.get_seq_length() == 8  # no draft column fed
+
+
+@pytest.mark.parametrize("init", ("prompt", "lookup"))
+def test_a_gated_steps_first_and_last_draft_columns_are_never_read(monkeypatch, init):
+    """What a gated step leaves out or fills with the target's prediction (the block's last
+    column) and what it keeps only for the drafter's sake (column 0) never becomes a fed guess:
+    overwritten with noise, the decode takes the same forwards."""
+    import torch
+
+    from cllm.decoding.drafting import GatedKV
+
+    target = tiny_model("llama", seed=1)
+    drafter = tiny_adapter(target, random=False, gated=True)  # drafts what the target predicts: some hit
+    input_ids, attention_mask = left_pad([[5, 9, 2, 7], [3, 1], [8, 8, 4, 6, 2, 9, 1]], pad_token_id=0)
+    forward = GatedKV.forward
+    noise = torch.Generator().manual_seed(0)
+
+    def noisy(self, *args, **kwargs):
+        logits = forward(self, *args, **kwargs)
+        if self.draft_logits is not None and self.draft_logits.shape[1] > 1:
+            self.draft_logits = self.draft_logits.clone()  # alone, the target's logits are its drafts
+            for column in (0, self.draft_logits.shape[1] - 1):
+                self.draft_logits[:, column] = torch.randn(self.draft_logits[:, column].shape, generator=noise,
+                                                           dtype=self.draft_logits.dtype)
+        return logits
+
+    for n in (3, 4, 6):
+        common = dict(block_size=n, max_new_tokens=40, init=init, seed=3, draft_model=drafter)
+        clean = drafted(target, input_ids, attention_mask, **common)
+        with monkeypatch.context() as patch:
+            patch.setattr(GatedKV, "forward", noisy)
+            noised = drafted(target, input_ids, attention_mask, **common)
+        assert noised.token_ids == clean.token_ids
+        assert [s.forward_passes for s in noised.stats] == [s.forward_passes for s in clean.stats], n
+        assert sum(s.forward_passes for s in clean.stats) < sum(len(t) for t in clean.token_ids)  # some drafts hit
 
 
 def test_a_bfloat16_target_drafts_through_its_float32_adapter_folded():

@@ -12,7 +12,8 @@ the target has verified it, so the output is the target's whatever the drafter d
   rows are fed the same columns and keep the same accepted ones, so one store of 2B rows
   (`PairedKV`) holds both contexts, and the batch sees B rows.
 - `GatedAdapter`: a LoRA adapter switched on per token (`TokenGate`). The batch runs each row's
-  fed columns twice in ONE row under a 4-D mask (`GatedKV`):
+  fed columns twice in ONE row under a 4-D mask (`GatedKV`; the second time without the last,
+  whose draft no step reads):
 
       columns    [ context b | fed columns (adapter off) | fed columns again (adapter on) ]
       verify     sees the context and the verify columns before it   -> the output
@@ -187,9 +188,9 @@ class GatedAdapter:
 
 
 class GatedKV:
-    """The target's KV store, whose `forward` also drafts: it feeds the m columns twice (verify,
-    then draft; see the module docstring) and returns the verify columns' logits, keeping the
-    draft columns' in `draft_logits`. Only verify columns come first, so keeping the first
+    """The target's KV store, whose `forward` also drafts: it feeds the m columns (verify), then
+    the block's columns but its last again (draft; see the module docstring) and returns the verify
+    columns' logits, keeping the draft columns' in `draft_logits`. Only verify columns come first, so keeping the first
     columns (`keep`, `keep_columns`) never keeps a draft column."""
 
     def __init__(self, inner: DynamicKV, gate: TokenGate, draft_width: int | None = None) -> None:
@@ -204,24 +205,28 @@ class GatedKV:
         cached = self.inner.cache.get_seq_length()
         batch, m = tokens.shape
         k = m if self.draft_width is None else min(m, self.draft_width)
-        if not cached or k == 1:
-            # a prefill: the target reads the prompt, nothing is drafted yet; one block column: its
-            # draft would guess the block's first position, which the target's own token settles
-            # (the last step of a block, about a quarter of drafted:4's steps), so the target alone
+        # The drafts become the next step's fed guesses: a step that accepts a >= 1 tokens next
+        # feeds the guesses predicted at columns a..k-2. Column k-1 predicts the block's last
+        # unfixed position, which is predicted again but never fed, so it is not drafted; column 0
+        # is never read either, but the drafter was trained with it (draft column 1 reads its keys
+        # and values). Two block columns or one: nothing would be read, the target runs alone.
+        if not cached or k <= 2:  # or a prefill: the target reads the prompt, nothing drafted yet
             logits = self.inner.forward(tokens, positions, mask, logits_to_keep)
             self.draft_logits = logits if cached else None
             return logits
+        d = k - 1
         allowed = _as_3d(mask, batch, m, cached, tokens.device)  # (B, m, S + m)
-        verify = torch.cat([allowed, allowed.new_zeros((batch, m, k))], dim=2)
-        draft = torch.cat([allowed[:, :k, :cached], allowed.new_zeros((batch, k, m)),
-                           allowed[:, :k, cached : cached + k]], dim=2)
+        verify = torch.cat([allowed, allowed.new_zeros((batch, m, d))], dim=2)
+        draft = torch.cat([allowed[:, :d, :cached], allowed.new_zeros((batch, d, m)),
+                           allowed[:, :d, cached : cached + d]], dim=2)
         # in the model's dtype: each of the layers that reads it would otherwise convert it again
-        gate = torch.cat([torch.zeros(m), torch.ones(k)]).to(tokens.device, self.inner.model.dtype)[None, :, None]
+        gate = torch.cat([torch.zeros(m), torch.ones(d)]).to(tokens.device, self.inner.model.dtype)[None, :, None]
         with self.gate.on(gate, first=m):
-            logits = self.inner.forward(torch.cat([tokens, tokens[:, :k]], dim=1),
-                                        torch.cat([positions, positions[:, :k]], dim=1),
+            logits = self.inner.forward(torch.cat([tokens, tokens[:, :d]], dim=1),
+                                        torch.cat([positions, positions[:, :d]], dim=1),
                                         torch.cat([verify, draft], dim=1), logits_to_keep)
-        self.draft_logits = logits[:, m:]
+        # column k-1, never read, holds the target's own prediction
+        self.draft_logits = torch.cat([logits[:, m:], logits[:, k - 1 : k]], dim=1)
         return logits[:, :m]
 
     def empty(self, capacity: int) -> GatedKV:
