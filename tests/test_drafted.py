@@ -111,6 +111,11 @@ def test_the_gate_switches_the_adapter_per_column():
     assert store.inner.cache.get_seq_length() == 5 + 3 + 2  # the verify columns, then two draft columns
     store.keep(2)
     assert store.inner.cache.get_seq_length() == 7  # the context and two verify columns, no draft column
+    candidate = torch.cat([fed, torch.tensor([[5]])], dim=1)  # the block's 3 columns, then a candidate's
+    beside = drafter.store(8, draft_width=3)
+    beside.forward(context, torch.arange(5)[None], None)
+    beside.forward(candidate, torch.arange(5, 9)[None], None)
+    torch.testing.assert_close(beside.draft_logits, store.draft_logits, rtol=0, atol=1e-12)  # the candidate not drafted
     for width in (2, 1):  # two block columns or one (the one after them only verified): nothing worth drafting
         narrow = drafter.store(8, draft_width=width)
         narrow.forward(context, torch.arange(5)[None], None)

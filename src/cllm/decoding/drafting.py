@@ -193,9 +193,9 @@ class GatedAdapter:
 
 class GatedKV:
     """The target's KV store, whose `forward` also drafts: it feeds the m columns (verify), then
-    the block's columns but its last again (draft; see the module docstring) and returns the verify
-    columns' logits, keeping the draft columns' in `draft_logits`. Only verify columns come first, so keeping the first
-    columns (`keep`, `keep_columns`) never keeps a draft column."""
+    the block's columns but its last again (draft; see the module docstring) and returns the
+    verify columns' logits, keeping the draft columns' in `draft_logits`. Only verify columns come
+    first, so keeping the first columns (`keep`, `keep_columns`) never keeps a draft column."""
 
     def __init__(self, inner: DynamicKV, gate: TokenGate, draft_width: int | None = None) -> None:
         self.inner, self.gate = inner, gate
