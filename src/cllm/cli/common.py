@@ -118,7 +118,9 @@ SINGLE_MODEL_DECODERS = [name for name in DECODER_NAMES if not KINDS[name].needs
 
 
 def add_decoding_args(parser: argparse.ArgumentParser, max_new_tokens: int,
-                       max_new_tokens_help: str = "tokens to generate at most") -> None:
+                       max_new_tokens_help: str = "tokens to generate at most",
+                       block_size: int | None = 16, block_size_help: str = "Jacobi block size n") -> None:
+    """`block_size` None: the command picks n per decoder (`block_size_help` then says which)."""
     parser.add_argument(
         "--max-new-tokens",
         type=positive_int,
@@ -126,7 +128,8 @@ def add_decoding_args(parser: argparse.ArgumentParser, max_new_tokens: int,
         help=max_new_tokens_help + " (default: %(default)s)",
     )
     parser.add_argument(
-        "--block-size", type=positive_int, default=16, help="Jacobi block size n (default: %(default)s)"
+        "--block-size", type=positive_int, default=block_size,
+        help=block_size_help + ("" if block_size is None else " (default: %(default)s)")
     )
     lookahead = parser.add_argument_group("lookahead (--decoder lookahead) and multi-candidate Jacobi")
     lookahead.add_argument(

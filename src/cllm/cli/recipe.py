@@ -49,17 +49,16 @@ def add_demo(commands) -> None:
         "and speedup, measured side by side in this process. A lossy CLLM in $CLLM_HOME/quick/cllm (made by "
         "`cllm distill quick`), or --cllm, is then shown beside the target with its fidelity.",
     )
-    common.add_decoding_args(demo, max_new_tokens=64)
+    common.add_decoding_args(demo, max_new_tokens=64, block_size=None,
+                             block_size_help=f"block size n of the Jacobi rows (default: {DEMO_DRAFTED_BLOCK_SIZE} "
+                             f"drafted, {DEMO_JACOBI_BLOCK_SIZE} the target's own)")
     demo.add_argument(
         "--cllm", help="a CLLM of --model to compare with it (default: $CLLM_HOME/quick/cllm if it exists)"
     )
     common.add_drafter_arg(demo, what="(default for the default model: 'default'.) The demo then shows")
     common.add_model_args(demo)
     common.add_onednn_arg(demo, default=None)
-    demo.set_defaults(block_size=None, dtype=DEMO_DTYPE)
-    block_size = next(action for action in demo._actions if action.dest == "block_size")
-    block_size.help = (f"block size n of the Jacobi rows (default: {DEMO_DRAFTED_BLOCK_SIZE} drafted, "
-                       f"{DEMO_JACOBI_BLOCK_SIZE} the target's own)")
+    demo.set_defaults(dtype=DEMO_DTYPE)
 
 
 def cmd_distill(args: argparse.Namespace) -> None:
