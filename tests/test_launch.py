@@ -4,6 +4,7 @@ own so that these subprocess-heavy tests run beside the rest under pytest-xdist.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -13,6 +14,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import psutil
 import pytest
 import torch
 from tiny_models import generate_ids, save_tiny_model
@@ -44,16 +46,25 @@ def free_port() -> str:
 
 
 def launch(command: list[str], env: dict[str, str], timeout: float = 150) -> subprocess.CompletedProcess:
-    """Run a multi-process launch; a run that hangs gets SIGABRT on its whole process group, so that
-    faulthandler prints every rank's Python stack into the failure instead of a bare timeout."""
+    """Run a multi-process launch; a run that hangs gets SIGABRT on the launcher and every worker, so
+    that faulthandler prints each rank's Python stack into the failure instead of a bare timeout.
+    torch's elastic agent starts each worker in a session of its own: signalling the launcher's
+    process group alone would leave them running and holding the pipes."""
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                env=env | {"PYTHONFAULTHANDLER": "1"}, start_new_session=True)
     try:
         stdout, stderr = process.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGABRT)
-        stdout, stderr = process.communicate(timeout=30)
-        pytest.fail(f"the launch hung for {timeout} s; stacks at the abort:\n{stderr[-6000:]}")
+        family = psutil.Process(process.pid).children(recursive=True) + [psutil.Process(process.pid)]
+        for member in family:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                member.send_signal(signal.SIGABRT)
+        psutil.wait_procs(family, timeout=20)
+        for member in family:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                member.kill()
+        stdout, stderr = process.communicate()
+        pytest.fail(f"the launch hung for {timeout} s; stacks at the abort:\n{stderr[-12000:]}")
     return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
 
 
