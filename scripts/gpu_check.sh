@@ -15,6 +15,8 @@
 #            on GSM8K test and MT-bench
 #         3. a 1-GPU `accelerate launch` training of a gated drafter (a few steps), whose float32 drafted
 #            output must equal ar's
+#         4. a 1-GPU FSDP `accelerate launch` training of the whole model with a teacher (sharded by
+#            FSDP), whose saved model's float32 jacobi output must equal its ar
 #   scripts/gpu_check.sh drafters DIR OUT  there: train gated drafters of the default model on the
 #       bundle's prompts (one collection, one training per VARIANTS entry: rank, adapted projections),
 #       bench each one's acceptance in float32, and pack each as OUT/drafter-NAME.tar.
@@ -131,6 +133,34 @@ import json, sys
 ar, drafted = ([json.loads(line)["token_ids"] for line in open(path)] for path in sys.argv[1:])
 same = sum(a == b for a, b in zip(ar, drafted))
 print(f"trained drafter: drafted output == ar on {same}/{len(ar)} prompts (float32)")
+sys.exit(0 if same == len(ar) else 1)
+EOF
+  } || status=1
+
+  echo "== 4. accelerate launch with FSDP: the whole model beside a sharded teacher, $steps steps"
+  {
+    "$python" -m accelerate.commands.launch --config_file "$here/src/cllm/configs/accelerate-fsdp.yaml" \
+      --num_processes 1 --mixed_precision no -m cllm.cli train --trajectories /tmp/gpu-check/trajectories \
+      --out /tmp/gpu-check/fsdp --teacher --distill-weight 0.5 --lr 1e-5 --max-steps "$steps" --batch-size 4 \
+      --logging-steps 5 &&
+    "$python" - /tmp/gpu-check/fsdp/train_summary.json "$device" <<'EOF'
+import json, sys
+summary = json.load(open(sys.argv[1]))
+facts = (summary["engine"], summary["teacher"])
+print(f"FSDP launch: engine {facts[0]}, teacher {facts[1]}, train loss {summary['train_loss']}")
+# accelerate applies FSDP on GPUs only: a CPU dry run trains as one plain process
+sys.exit(0 if facts == (("fsdp", "sharded") if sys.argv[2] != "cpu" else ("single", "replica")) else 1)
+EOF
+    "${cllm[@]}" generate --model /tmp/gpu-check/fsdp --device "$device" --dtype float32 \
+      --file /tmp/gpu-check/prompts.jsonl --json --max-new-tokens 48 --decoder ar > /tmp/gpu-check/fsdp-ar.jsonl &&
+    "${cllm[@]}" generate --model /tmp/gpu-check/fsdp --device "$device" --dtype float32 \
+      --file /tmp/gpu-check/prompts.jsonl --json --max-new-tokens 48 --decoder jacobi --block-size 8 \
+      > /tmp/gpu-check/fsdp-jacobi.jsonl &&
+    "$python" - /tmp/gpu-check/fsdp-ar.jsonl /tmp/gpu-check/fsdp-jacobi.jsonl <<'EOF'
+import json, sys
+ar, jacobi = ([json.loads(line)["token_ids"] for line in open(path)] for path in sys.argv[1:])
+same = sum(a == b for a, b in zip(ar, jacobi))
+print(f"FSDP-trained model: jacobi == ar on {same}/{len(ar)} prompts (float32)")
 sys.exit(0 if same == len(ar) else 1)
 EOF
   } || status=1

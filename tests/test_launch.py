@@ -111,3 +111,42 @@ def test_a_collection_over_two_launched_processes_equals_the_single_process_one(
         assert result.returncode == 0, result.stderr[-3000:]
     two, one = (read_entries(tmp_path / name).to_pylist() for name in ("two", "one"))
     assert len(one) > 9 and sorted(two, key=json.dumps) == sorted(one, key=json.dumps)
+
+
+SHARDED_TEACHER = """
+import json, sys
+import torch, torch.distributed as dist
+from torch.distributed.tensor import DTensor
+sys.path.insert(0, sys.argv[1])
+from tiny_models import tiny_model
+from cllm.training import shard_for_inference
+
+dist.init_process_group("gloo")
+replica = tiny_model("llama").eval()
+sharded = shard_for_inference(tiny_model("llama").eval().requires_grad_(False))
+ids = torch.randint(2, 40, (2, 9), generator=torch.Generator().manual_seed(1))
+with torch.no_grad():
+    same = [torch.equal(replica(ids).logits, sharded(ids).logits) for _ in range(2)]
+held = sum((p.to_local() if isinstance(p, DTensor) else p).numel() for p in sharded.parameters())
+report = {"same": same, "held": held, "total": sum(p.numel() for p in replica.parameters()),
+          "all_sharded": all(isinstance(p, DTensor) for p in sharded.parameters())}
+open(f"{sys.argv[2]}/rank{dist.get_rank()}.json", "w").write(json.dumps(report))
+dist.barrier()
+dist.destroy_process_group()
+"""
+
+
+def test_a_teacher_sharded_over_two_processes_gives_the_replicas_logits(tmp_path):
+    """Under FSDP the trainer shards its frozen teacher (cllm.training.shard_for_inference): each of
+    2 CPU processes holds half the weights, gathered per forward, and gets the same float64 logits
+    as a full replica, forward after forward (accelerate runs no FSDP on CPUs, torch's FSDP2 does)."""
+    script = tmp_path / "sharded_teacher.py"
+    script.write_text(SHARDED_TEACHER)
+    torchrun = str(Path(sys.executable).parent / "torchrun")
+    result = launch([torchrun, "--nproc_per_node", "2", "--master_port", free_port(), str(script),
+                     str(Path(__file__).parent), str(tmp_path)], os.environ | {"OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    reports = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in (0, 1)]
+    for report in reports:
+        assert report["same"] == [True, True] and report["all_sharded"]
+        assert report["held"] <= 0.55 * report["total"]

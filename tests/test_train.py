@@ -43,6 +43,8 @@ def test_train_saves_a_model_every_command_loads(collection, tmp_path, capsys, e
     facts = json.loads((out / "config.json").read_text())["cllm"]  # what the directory is, for other tools
     assert (facts["kind"], facts["target"], facts["block_sizes"], facts["steps"]) == ("cllm", str(model), [4], 4)
     assert "cllm eval fidelity --model THIS_DIR" in (out / "README.md").read_text()
+    summary = json.loads((out / "train_summary.json").read_text())
+    assert summary["teacher"] == ("replica" if "--teacher" in extra else None)  # "sharded" under FSDP only
     assert generate_ids(out, "jacobi", capsys) == generate_ids(out, "ar", capsys)
     trained, base = load_file(out / "model.safetensors"), load_file(model / "model.safetensors")
     assert any(not torch.equal(trained[name], base[name]) for name in base), "training changed no weight"

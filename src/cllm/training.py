@@ -61,7 +61,7 @@ class CllmTrainer(Trainer):
         super().__init__(*args, **kwargs)
         if distill_weight > 0 and teacher is None:
             raise ValueError("a distillation weight needs a teacher")
-        self.teacher = None if teacher is None else teacher.to(self.args.device).eval().requires_grad_(False)
+        self.teacher = None if teacher is None else self._place_teacher(teacher)
         self.distill_weight = distill_weight
         self.ar_weight = ar_weight
         self.distance = distance
@@ -71,6 +71,14 @@ class CllmTrainer(Trainer):
         self.tokens_processed = 0  # real tokens through the forwards, this process
         self.attention = self.model.config._attn_implementation  # the packed mask's format depends on it
         self._log_window = _empty_log_window()
+
+    def _place_teacher(self, teacher: torch.nn.Module) -> torch.nn.Module:
+        teacher = teacher.to(self.args.device).eval().requires_grad_(False)
+        return shard_for_inference(teacher) if self.is_fsdp_enabled else teacher
+
+    @property
+    def teacher_placement(self) -> str | None:
+        return None if self.teacher is None else "sharded" if self.is_fsdp_enabled else "replica"
 
     def get_batch_samples(self, epoch_iterator, num_batches, device):
         batches, _ = super().get_batch_samples(epoch_iterator, num_batches, device)
@@ -405,11 +413,27 @@ def train(config: TrainConfig) -> Path:
             "processes": trainer.args.world_size,
             "engine": "fsdp" if trainer.is_fsdp_enabled else "deepspeed" if trainer.is_deepspeed_enabled else
             "ddp" if trainer.args.world_size > 1 else "single",
+            "teacher": trainer.teacher_placement,
         }
         summary["seconds_per_step"] = round(seconds / max(1, summary["steps_this_run"]), 3)
         write_atomically(out / "train_summary.json", json.dumps(summary | {"config": asdict(config)}, indent=2))
     _leave_process_group()
     return out
+
+
+def shard_for_inference(model: torch.nn.Module) -> torch.nn.Module:
+    """A frozen model sharded over the process group with FSDP2's `fully_shard`: one unit per
+    decoder layer (the model's `_no_split_modules`) and one for the rest, each gathered for its
+    forward and resharded after it, so that a rank holds 1/world of the weights instead of a
+    replica. Its all-gathers are collectives: every rank must run every forward."""
+    from torch.distributed.fsdp import fully_shard
+
+    layers = set(getattr(model, "_no_split_modules", None) or ())
+    for module in model.modules():
+        if type(module).__name__ in layers:
+            fully_shard(module, reshard_after_forward=True)
+    fully_shard(model, reshard_after_forward=True)  # the root would otherwise stay gathered for a backward
+    return model
 
 
 def _set_attention(model, implementation: str) -> None:
