@@ -150,3 +150,31 @@ def test_a_teacher_sharded_over_two_processes_gives_the_replicas_logits(tmp_path
     for report in reports:
         assert report["same"] == [True, True] and report["all_sharded"]
         assert report["held"] <= 0.55 * report["total"]
+
+
+def test_deepspeed_zero3_shards_the_teacher_and_trains_as_zero2_does(collection, tmp_path, capsys):
+    """The shipped DeepSpeed configs on 2 CPU processes (DeepSpeed's CPU accelerator, gloo), a LoRA
+    student beside a teacher: ZeRO-2 keeps the teacher a replica per rank, ZeRO-3 partitions it like
+    the student, gathers the adapter to save it and merges it on rank 0. The first step's loss
+    (teacher and student as loaded) is the same under both; each saved model decodes exactly."""
+    model, trajectories = collection
+    configs = Path(__file__).resolve().parents[1] / "src" / "cllm" / "configs"
+    runs = {}
+    for stage, teacher in (("zero2", "replica"), ("zero3", "sharded")):
+        out = tmp_path / stage
+        command = [str(Path(sys.executable).parent / "accelerate"), "launch", "--config_file",
+                   str(configs / f"accelerate-deepspeed-{stage}.yaml"), "--num_processes", "2",
+                   "--mixed_precision", "no", "--main_process_port", free_port(), "-m", "cllm.cli", "train",
+                   "--model", str(model), "--trajectories", str(trajectories), "--out", str(out), "--max-steps", "3",
+                   "--batch-size", "2", "--lr", "1e-3", "--logging-steps", "1", "--lora", "--lora-rank", "4",
+                   "--teacher", "--distill-weight", "0.5"]
+        result = launch(command, os.environ | {"OMP_NUM_THREADS": "1"})
+        assert result.returncode == 0, result.stderr[:3000] + " ... " + result.stderr[-1000:]
+        summary = json.loads((out / "train_summary.json").read_text())
+        assert (summary["processes"], summary["engine"], summary["teacher"]) == (2, "deepspeed", teacher)
+        assert not (out / "adapter_config.json").exists(), "the adapter is merged into the saved model"
+        assert generate_ids(out, "jacobi", capsys) == generate_ids(out, "ar", capsys)
+        history = json.loads((out / "checkpoints" / "checkpoint-3" / "trainer_state.json").read_text())["log_history"]
+        runs[stage] = [entry["loss"] for entry in history if "loss" in entry]
+    assert len(runs["zero3"]) == 3
+    assert runs["zero3"][0] == pytest.approx(runs["zero2"][0], rel=1e-5)

@@ -61,6 +61,7 @@ class CllmTrainer(Trainer):
         super().__init__(*args, **kwargs)
         if distill_weight > 0 and teacher is None:
             raise ValueError("a distillation weight needs a teacher")
+        self.teacher_placement: str | None = None  # "sharded" or "replica", for train_summary.json
         self.teacher = None if teacher is None else self._place_teacher(teacher)
         self.distill_weight = distill_weight
         self.ar_weight = ar_weight
@@ -73,12 +74,18 @@ class CllmTrainer(Trainer):
         self._log_window = _empty_log_window()
 
     def _place_teacher(self, teacher: torch.nn.Module) -> torch.nn.Module:
-        teacher = teacher.to(self.args.device).eval().requires_grad_(False)
-        return shard_for_inference(teacher) if self.is_fsdp_enabled else teacher
+        """The frozen teacher on this rank's device: sharded like the student where the engine
+        shards (FSDP, DeepSpeed ZeRO-3), else a replica."""
+        from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
 
-    @property
-    def teacher_placement(self) -> str | None:
-        return None if self.teacher is None else "sharded" if self.is_fsdp_enabled else "replica"
+        teacher = teacher.to(self.args.device).eval().requires_grad_(False)
+        self.teacher_placement = "sharded"
+        if self.is_fsdp_enabled:
+            return shard_for_inference(teacher)
+        if self.is_deepspeed_enabled and is_deepspeed_zero3_enabled():
+            return _zero3_inference_engine(teacher, self.accelerator.state.deepspeed_plugin.deepspeed_config)
+        self.teacher_placement = "replica"
+        return teacher
 
     def get_batch_samples(self, epoch_iterator, num_batches, device):
         batches, _ = super().get_batch_samples(epoch_iterator, num_batches, device)
@@ -436,6 +443,23 @@ def shard_for_inference(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
+def _zero3_inference_engine(model: torch.nn.Module, training_config: dict):
+    """A frozen model partitioned over the ranks by DeepSpeed ZeRO-3: an engine with no optimizer,
+    from the run's own DeepSpeed config, whose forwards gather each layer's weights in turn. The
+    values the Trainer fills only at train() ("auto") are left to DeepSpeed's defaults."""
+    import deepspeed
+
+    def settled(value):
+        if isinstance(value, dict):
+            return {key: settled(item) for key, item in value.items() if item != "auto"}
+        return value
+
+    config = {key: item for key, item in settled(training_config).items() if key not in ("optimizer", "scheduler")}
+    engine, *_ = deepspeed.initialize(model=model, config=config)
+    engine.eval()  # DeepSpeedEngine.eval returns None, not the engine
+    return engine
+
+
 def _set_attention(model, implementation: str) -> None:
     try:
         model.set_attn_implementation(implementation)
@@ -451,9 +475,13 @@ def _save_sharded(trainer: Trainer, config: TrainConfig, out: Path) -> None:
     if not config.lora or config.adapter_only or not trainer.is_world_process_zero():
         return
     from peft import PeftModel
+    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
     from cllm.models import ModelConfig, load_model
 
+    # Under ZeRO-3, from_pretrained would partition the base (deepspeed.zero.Init), a collective
+    # that rank 0 runs alone here: a hang. Training is over, so this process leaves ZeRO-3.
+    unset_hf_deepspeed_config()
     base = load_model(ModelConfig(name=config.model, dtype=config.dtype, device="cpu")).model
     PeftModel.from_pretrained(base, str(out)).merge_and_unload().save_pretrained(out)
     for name in ("adapter_config.json", "adapter_model.safetensors", "adapter_model.bin"):
