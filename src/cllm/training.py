@@ -489,9 +489,9 @@ def _save_sharded(trainer: Trainer, config: TrainConfig, out: Path) -> None:
 
 
 def _leave_process_group() -> None:
-    """Under torchrun: wait for rank 0's save, then shut the process group down before exit. A rank
-    that exits with its communication threads still running aborts ("terminate called without an
-    active exception"), intermittently, as measured on 2 CPU processes."""
+    """Under torchrun: wait for rank 0's save, then shut the process group down before exit (its
+    communication threads still running at exit abort a rank; `cllm train` also skips the
+    interpreter's teardown under a launcher, cllm.cli.train._end_launched_process)."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()
