@@ -1,5 +1,5 @@
 """The frozen teacher sharded like the student, on 2 CPU processes: FSDP2's sharding on its own
-(torchrun, gloo) and DeepSpeed ZeRO-2 / ZeRO-3 trainings through the shipped accelerate configs.
+(torchrun, gloo) and a DeepSpeed ZeRO-3 training through the shipped accelerate config.
 Apart from test_launch.py so that pytest-xdist runs the two files' launches side by side."""
 
 from __future__ import annotations
@@ -55,29 +55,25 @@ def test_a_teacher_sharded_over_two_processes_gives_the_replicas_logits(tmp_path
         assert report["held"] <= 0.55 * report["total"]
 
 
-def test_deepspeed_zero3_shards_the_teacher_and_trains_as_zero2_does(collection, tmp_path, capsys):
-    """The shipped DeepSpeed configs on 2 CPU processes (DeepSpeed's CPU accelerator, gloo), a LoRA
-    student beside a teacher: ZeRO-2 keeps the teacher a replica per rank, ZeRO-3 partitions it like
-    the student, gathers the adapter to save it and merges it on rank 0. The first step's loss
-    (teacher and student as loaded) is the same under both; each saved model decodes exactly."""
+def test_deepspeed_zero3_shards_the_teacher_gathers_and_merges_the_adapter(collection, tmp_path, capsys):
+    """The shipped ZeRO-3 config on 2 CPU processes (DeepSpeed's CPU accelerator, gloo), a LoRA
+    student beside a teacher: both partitioned over the ranks, the adapter gathered to save it and
+    merged on rank 0. The LoRA starts at zero, so the student is the teacher at the first step: the
+    distillation KL is 0 there only if the sharded teacher's logits are right; it grows after."""
     model, trajectories = collection
-    configs = Path(__file__).resolve().parents[1] / "src" / "cllm" / "configs"
-    runs = {}
-    for stage, teacher in (("zero2", "replica"), ("zero3", "sharded")):
-        out = tmp_path / stage
-        command = [str(Path(sys.executable).parent / "accelerate"), "launch", "--config_file",
-                   str(configs / f"accelerate-deepspeed-{stage}.yaml"), "--num_processes", "2",
-                   "--mixed_precision", "no", "--main_process_port", free_port(), "-m", "cllm.cli", "train",
-                   "--model", str(model), "--trajectories", str(trajectories), "--out", str(out), "--max-steps", "3",
-                   "--batch-size", "2", "--lr", "1e-3", "--logging-steps", "1", "--lora", "--lora-rank", "4",
-                   "--teacher", "--distill-weight", "0.5"]
-        result = launch(command, os.environ | {"OMP_NUM_THREADS": "1"})
-        assert result.returncode == 0, result.stderr[:3000] + " ... " + result.stderr[-1000:]
-        summary = json.loads((out / "train_summary.json").read_text())
-        assert (summary["processes"], summary["engine"], summary["teacher"]) == (2, "deepspeed", teacher)
-        assert not (out / "adapter_config.json").exists(), "the adapter is merged into the saved model"
-        assert generate_ids(out, "jacobi", capsys) == generate_ids(out, "ar", capsys)
-        history = json.loads((out / "checkpoints" / "checkpoint-3" / "trainer_state.json").read_text())["log_history"]
-        runs[stage] = [entry["loss"] for entry in history if "loss" in entry]
-    assert len(runs["zero3"]) == 3
-    assert runs["zero3"][0] == pytest.approx(runs["zero2"][0], rel=1e-5)
+    config = Path(__file__).resolve().parents[1] / "src" / "cllm" / "configs" / "accelerate-deepspeed-zero3.yaml"
+    out = tmp_path / "zero3"
+    command = [str(Path(sys.executable).parent / "accelerate"), "launch", "--config_file", str(config),
+               "--num_processes", "2", "--mixed_precision", "no", "--main_process_port", free_port(),
+               "-m", "cllm.cli", "train", "--model", str(model), "--trajectories", str(trajectories),
+               "--out", str(out), "--max-steps", "3", "--batch-size", "2", "--lr", "1e-2", "--logging-steps", "1",
+               "--lora", "--lora-rank", "4", "--teacher", "--distill-weight", "0.5"]
+    result = launch(command, os.environ | {"OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[:3000] + " ... " + result.stderr[-1000:]
+    summary = json.loads((out / "train_summary.json").read_text())
+    assert (summary["processes"], summary["engine"], summary["teacher"]) == (2, "deepspeed", "sharded")
+    assert not (out / "adapter_config.json").exists(), "the adapter is merged into the saved model"
+    assert generate_ids(out, "jacobi", capsys) == generate_ids(out, "ar", capsys)
+    history = json.loads((out / "checkpoints" / "checkpoint-3" / "trainer_state.json").read_text())["log_history"]
+    kl = [entry["distill_loss"] for entry in history if "distill_loss" in entry]
+    assert len(kl) == 3 and kl[0] < 1e-4 and max(kl[1:]) > 1e-3, kl
