@@ -79,12 +79,12 @@ class CllmTrainer(Trainer):
         from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
 
         teacher = teacher.to(self.args.device).eval().requires_grad_(False)
-        self.teacher_placement = "sharded"
+        zero3 = self.is_deepspeed_enabled and is_deepspeed_zero3_enabled()
+        self.teacher_placement = "sharded" if self.is_fsdp_enabled or zero3 else "replica"
         if self.is_fsdp_enabled:
             return shard_for_inference(teacher)
-        if self.is_deepspeed_enabled and is_deepspeed_zero3_enabled():
+        if zero3:
             return _zero3_inference_engine(teacher, self.accelerator.state.deepspeed_plugin.deepspeed_config)
-        self.teacher_placement = "replica"
         return teacher
 
     def get_batch_samples(self, epoch_iterator, num_batches, device):
